@@ -1,0 +1,1 @@
+//! Builds and reads repair images.

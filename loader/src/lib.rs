@@ -1,0 +1,1 @@
+//! Attaches to a guest, traps its crashes, runs the repair kernel, resumes it.

@@ -1,0 +1,180 @@
+//! The kernel layout the repair kernel works from: symbol addresses and
+//! struct member offsets of one kernel build, as a flat table of numbers.
+//!
+//! The table of [`ITEMS`] is the single list of what the repair kernel needs
+//! from a vmlinux. The builder looks every item up in the `symbols` profile and
+//! fills a [`KernelLayout`]; the repair kernel reads it back by [`Item`]. An
+//! item the kernel build does not have is [`ABSENT`]; layout drift (for
+//! example `task_struct.__state` versus `state`) is handled by asking for both
+//! and using whichever is present.
+
+/// Value of an item the kernel build does not have.
+pub const ABSENT: u64 = u64::MAX;
+
+/// What kind of number an item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Link-time virtual address of a symbol (add the KASLR slide at run time).
+    Symbol,
+    /// Offset of a per-CPU variable inside each CPU's per-CPU area.
+    PerCpu,
+    /// Size in bytes of a type.
+    Size,
+    /// Byte offset of a member (a dotted path for nested members) in a type.
+    Offset,
+    /// Size in bytes of a member.
+    MemberSize,
+}
+
+/// One entry of the table: what to look up, and whether the repair kernel can
+/// work without it.
+#[derive(Clone, Copy, Debug)]
+pub struct ItemSpec {
+    pub kind: Kind,
+    /// The type (`task_struct`), or the symbol name for `Symbol`/`PerCpu`.
+    pub ty: &'static str,
+    /// The member path (`thread.sp`); empty for symbols and sizes.
+    pub member: &'static str,
+    /// False where an alternative item exists (`__state` or `state`) or the
+    /// repair kernel degrades gracefully without it.
+    pub required: bool,
+}
+
+macro_rules! items {
+    ($( $name:ident = $kind:ident($ty:literal $(, $member:literal)?) $(, $opt:ident)? ;)*) => {
+        /// Index into [`ITEMS`] and [`KernelLayout::values`].
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u16)]
+        #[allow(non_camel_case_types)]
+        pub enum Item { $($name,)* }
+
+        /// Every item the repair kernel reads, in [`Item`] order.
+        pub const ITEMS: &[ItemSpec] = &[
+            $(ItemSpec {
+                kind: Kind::$kind,
+                ty: $ty,
+                member: items!(@member $($member)?),
+                required: items!(@req $($opt)?),
+            },)*
+        ];
+    };
+    (@member) => { "" };
+    (@member $m:literal) => { $m };
+    (@req) => { true };
+    (@req optional) => { false };
+}
+
+items! {
+    // --- symbols (link-time addresses) ---
+    SymInitTask = Symbol("init_task");
+    SymPerCpuOffset = Symbol("__per_cpu_offset");
+    SymPanic = Symbol("panic");
+    SymOopsEnd = Symbol("oops_end");
+    SymRewindStackAndMakeDead = Symbol("rewind_stack_and_make_dead");
+    SymMakeTaskDead = Symbol("make_task_dead");
+    SymPageOffsetBase = Symbol("page_offset_base");
+    SymPhysBase = Symbol("phys_base");
+    SymPrb = Symbol("prb");
+    SymNrCpuIds = Symbol("nr_cpu_ids");
+    SymCpuOnlineMask = Symbol("__cpu_online_mask");
+    SymLinuxBanner = Symbol("linux_banner");
+    SymStext = Symbol("_stext");
+    SymEtext = Symbol("_etext");
+    SymStartRodata = Symbol("__start_rodata");
+    SymEndRodata = Symbol("__end_rodata");
+    SymStartJumpTable = Symbol("__start___jump_table");
+    SymStopJumpTable = Symbol("__stop___jump_table");
+    SymPanicCpu = Symbol("panic_cpu"), optional;
+    SymStartText = Symbol("_text");
+    // --- per-CPU variables (offsets in the per-CPU area) ---
+    PcpuHot = PerCpu("pcpu_hot"), optional;
+    PcpuCurrentTask = PerCpu("current_task"), optional;
+    PcpuPreemptCount = PerCpu("__preempt_count"), optional;
+    PcpuRunqueues = PerCpu("runqueues");
+    // --- struct task_struct ---
+    TaskSize = Size("task_struct");
+    TaskPid = Offset("task_struct", "pid");
+    TaskTgid = Offset("task_struct", "tgid");
+    TaskComm = Offset("task_struct", "comm");
+    TaskTasks = Offset("task_struct", "tasks");
+    TaskStateNew = Offset("task_struct", "__state"), optional;
+    TaskStateOld = Offset("task_struct", "state"), optional;
+    TaskFlags = Offset("task_struct", "flags");
+    TaskExitState = Offset("task_struct", "exit_state");
+    TaskStack = Offset("task_struct", "stack");
+    TaskMm = Offset("task_struct", "mm");
+    TaskRealParent = Offset("task_struct", "real_parent");
+    TaskOnCpu = Offset("task_struct", "on_cpu");
+    TaskThreadSp = Offset("task_struct", "thread.sp");
+    // --- struct list_head ---
+    ListNext = Offset("list_head", "next");
+    ListPrev = Offset("list_head", "prev");
+    // --- struct rq ---
+    RqCurr = Offset("rq", "curr");
+    RqNrSwitches = Offset("rq", "nr_switches");
+    // --- struct pcpu_hot (6.2+, backported to some 6.1 builds) ---
+    PcpuHotCurrentTask = Offset("pcpu_hot", "current_task"), optional;
+    PcpuHotPreemptCount = Offset("pcpu_hot", "preempt_count"), optional;
+    // --- printk ring buffer ---
+    PrbDescRing = Offset("printk_ringbuffer", "desc_ring");
+    PrbTextDataRing = Offset("printk_ringbuffer", "text_data_ring");
+    DescRingCountBits = Offset("prb_desc_ring", "count_bits");
+    DescRingDescs = Offset("prb_desc_ring", "descs");
+    DescRingInfos = Offset("prb_desc_ring", "infos");
+    DescRingHeadId = Offset("prb_desc_ring", "head_id");
+    DescRingTailId = Offset("prb_desc_ring", "tail_id");
+    DataRingSizeBits = Offset("prb_data_ring", "size_bits");
+    DataRingData = Offset("prb_data_ring", "data");
+    DescSize = Size("prb_desc");
+    DescStateVar = Offset("prb_desc", "state_var");
+    DescTextBlkLpos = Offset("prb_desc", "text_blk_lpos");
+    LposBegin = Offset("prb_data_blk_lpos", "begin");
+    LposNext = Offset("prb_data_blk_lpos", "next");
+    InfoSize = Size("printk_info");
+    InfoSeq = Offset("printk_info", "seq");
+    InfoTsNsec = Offset("printk_info", "ts_nsec");
+    InfoTextLen = Offset("printk_info", "text_len");
+    InfoCallerId = Offset("printk_info", "caller_id");
+    // --- struct pt_regs ---
+    PtRegsSize = Size("pt_regs");
+    PtRegsIp = Offset("pt_regs", "ip");
+    PtRegsSp = Offset("pt_regs", "sp");
+    PtRegsCs = Offset("pt_regs", "cs");
+    PtRegsFlags = Offset("pt_regs", "flags");
+}
+
+/// Number of items in the table.
+pub const ITEM_COUNT: usize = ITEMS.len();
+
+/// The filled table: one `u64` per [`Item`], [`ABSENT`] where missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub values: [u64; ITEM_COUNT],
+}
+
+impl Default for KernelLayout {
+    fn default() -> Self {
+        Self { values: [ABSENT; ITEM_COUNT] }
+    }
+}
+
+impl KernelLayout {
+    /// The item's value, or `None` where the kernel build lacks it.
+    pub fn get(&self, item: Item) -> Option<u64> {
+        match self.values[item as usize] {
+            ABSENT => None,
+            v => Some(v),
+        }
+    }
+
+    /// Sets an item (used by the builder and by tests).
+    pub fn set(&mut self, item: Item, value: u64) {
+        self.values[item as usize] = value;
+    }
+
+    /// The spec of an item.
+    pub fn spec(item: Item) -> &'static ItemSpec {
+        &ITEMS[item as usize]
+    }
+}

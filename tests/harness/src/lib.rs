@@ -1,0 +1,1 @@
+//! The shared harness of the real-guest tests.
