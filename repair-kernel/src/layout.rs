@@ -24,6 +24,9 @@ pub enum Kind {
     Offset,
     /// Size in bytes of a member.
     MemberSize,
+    /// Size in bytes of a symbol (`st_size` of a function or object), named
+    /// by `ty`.
+    SymbolSize,
 }
 
 /// One entry of the table: what to look up, and whether the repair kernel can
@@ -141,6 +144,9 @@ items! {
     PtRegsSp = Offset("pt_regs", "sp");
     PtRegsCs = Offset("pt_regs", "cs");
     PtRegsFlags = Offset("pt_regs", "flags");
+    // --- appended by the repair-kernel library ---
+    // Bounds `oops_end` so a panic's return address can be placed in it.
+    SymOopsEndSize = SymbolSize("oops_end"), optional;
 }
 
 /// Number of items in the table.

@@ -1,0 +1,315 @@
+//! The decision: may the crashed context be repaired by killing the task
+//! that crashed, and with what register state?
+//!
+//! [`decide`] is pure: it reads a [`CrashContext`] the walkers filled and
+//! returns a [`Verdict`] whose explanation an operator can act on. The
+//! facts it rests on are DESIGN.md §3: `rewind_stack_and_make_dead(signr)`
+//! is what `oops_end` itself does without `panic_on_oops`, and
+//! `make_task_dead` panics in interrupt context or for pid 0, while
+//! `do_exit` of init panics.
+
+use core::fmt::{self, Write};
+
+use crate::contract::{Action, CpuState};
+use crate::fmtbuf::FmtBuf;
+use crate::mem::{Error, Gva};
+use crate::percpu::{HARDIRQ_MASK, NMI_MASK, SOFTIRQ_MASK, SOFTIRQ_OFFSET, PREEMPT_MASK};
+use crate::task::{TaskInfo, PF_EXITING, PF_IDLE, PF_KTHREAD};
+use crate::arch::x86_64::RFLAGS_IF;
+
+/// `SIGKILL`.
+pub const SIGKILL: u64 = 9;
+
+/// What kind of crash was trapped (`ContractOut::crash_kind`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashKind {
+    /// Not classified (the run did not get that far).
+    Unknown = 0,
+    /// The vCPU was not stopped at the entry of `panic`.
+    NotAtPanic = 1,
+    /// `panic("Fatal exception")` from `oops_end` (an oops with `panic_on_oops`).
+    OopsPanic = 2,
+    /// `panic("Fatal exception in interrupt")` from `oops_end`.
+    OopsInInterrupt = 3,
+    /// `panic()` called directly by kernel code.
+    DirectPanic = 4,
+    /// `panic("sysrq triggered crash")` from `sysrq_handle_crash`.
+    SysrqCrash = 5,
+    /// The soft-lockup detector's panic (`softlockup_panic`).
+    SoftLockup = 6,
+    /// The hung-task detector's panic (`hung_task_panic`).
+    HungTask = 7,
+}
+
+impl CrashKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        use CrashKind::*;
+        Some(match v {
+            0 => Unknown, 1 => NotAtPanic, 2 => OopsPanic, 3 => OopsInInterrupt,
+            4 => DirectPanic, 5 => SysrqCrash, 6 => SoftLockup, 7 => HungTask,
+            _ => return None,
+        })
+    }
+
+    /// Classifies a panic from its caller and message.
+    pub fn classify(at_panic: bool, from_oops_end: bool, message: &[u8]) -> Self {
+        if !at_panic {
+            return CrashKind::NotAtPanic;
+        }
+        let m = message;
+        if m.starts_with(b"Fatal exception in interrupt") {
+            CrashKind::OopsInInterrupt
+        } else if from_oops_end || m.starts_with(b"Fatal exception") {
+            CrashKind::OopsPanic
+        } else if m.starts_with(b"sysrq triggered crash") {
+            CrashKind::SysrqCrash
+        } else if m.starts_with(b"softlockup: hung tasks") {
+            CrashKind::SoftLockup
+        } else if m.starts_with(b"hung_task: blocked tasks") {
+            CrashKind::HungTask
+        } else {
+            CrashKind::DirectPanic
+        }
+    }
+}
+
+impl fmt::Display for CrashKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CrashKind::Unknown => "unknown",
+            CrashKind::NotAtPanic => "not stopped at panic()",
+            CrashKind::OopsPanic => "oops with panic_on_oops",
+            CrashKind::OopsInInterrupt => "oops in interrupt context",
+            CrashKind::DirectPanic => "direct panic()",
+            CrashKind::SysrqCrash => "sysrq-c crash",
+            CrashKind::SoftLockup => "soft lockup panic",
+            CrashKind::HungTask => "hung task panic",
+        })
+    }
+}
+
+/// Why a verdict was reached (`ContractOut::reason_code`). Codes below 16
+/// are kills, 16 and up declines.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    None = 0,
+    /// Panic from `oops_end` in process context: do what the kernel does
+    /// without `panic_on_oops`.
+    KillAfterOops = 1,
+    /// A direct panic in process context (sysrq-c, a driver's `panic()`).
+    KillDirectPanic = 2,
+    /// The contract or the kernel layout is unusable.
+    DeclineBadInput = 16,
+    /// The vCPU was not stopped at `panic`'s entry.
+    DeclineNotAtPanic = 17,
+    /// The crashed CPU's current task or preempt count cannot be read.
+    DeclineUnreadable = 18,
+    /// Another CPU is already panicking, or this is a panic within a panic.
+    DeclinePanicInProgress = 19,
+    DeclineNmi = 20,
+    DeclineHardirq = 21,
+    DeclineSoftirq = 22,
+    /// Bottom halves disabled: `in_interrupt()` is true, `make_task_dead`
+    /// would panic.
+    DeclineBhDisabled = 23,
+    DeclineIdleTask = 24,
+    DeclineInit = 25,
+    DeclineKernelThread = 26,
+    /// `PF_EXITING`: a fault during exit, possibly after an earlier repair.
+    DeclineExiting = 27,
+    /// The task list is corrupt: `do_exit` would walk into it.
+    DeclineTaskListCorrupt = 28,
+    /// Kernel text or read-only data differs from the snapshot and cannot
+    /// be restored.
+    DeclineCorruptKernel = 29,
+    /// The repair kernel itself faulted (set by the unikernel).
+    DeclineFaulted = 30,
+}
+
+impl Reason {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        use Reason::*;
+        Some(match v {
+            0 => None, 1 => KillAfterOops, 2 => KillDirectPanic,
+            16 => DeclineBadInput, 17 => DeclineNotAtPanic, 18 => DeclineUnreadable,
+            19 => DeclinePanicInProgress, 20 => DeclineNmi, 21 => DeclineHardirq,
+            22 => DeclineSoftirq, 23 => DeclineBhDisabled, 24 => DeclineIdleTask,
+            25 => DeclineInit, 26 => DeclineKernelThread, 27 => DeclineExiting,
+            28 => DeclineTaskListCorrupt, 29 => DeclineCorruptKernel, 30 => DeclineFaulted,
+            _ => return Option::None,
+        })
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::None => "no verdict",
+            Reason::KillAfterOops => "kill: oops in process context",
+            Reason::KillDirectPanic => "kill: panic in process context",
+            Reason::DeclineBadInput => "decline: unusable input",
+            Reason::DeclineNotAtPanic => "decline: not at panic entry",
+            Reason::DeclineUnreadable => "decline: crashed context unreadable",
+            Reason::DeclinePanicInProgress => "decline: panic already in progress",
+            Reason::DeclineNmi => "decline: NMI context",
+            Reason::DeclineHardirq => "decline: hardirq context",
+            Reason::DeclineSoftirq => "decline: softirq context",
+            Reason::DeclineBhDisabled => "decline: bottom halves disabled",
+            Reason::DeclineIdleTask => "decline: idle task",
+            Reason::DeclineInit => "decline: init",
+            Reason::DeclineKernelThread => "decline: kernel thread",
+            Reason::DeclineExiting => "decline: task already exiting",
+            Reason::DeclineTaskListCorrupt => "decline: task list corrupt",
+            Reason::DeclineCorruptKernel => "decline: kernel text/rodata corrupt",
+            Reason::DeclineFaulted => "decline: repair kernel faulted",
+        })
+    }
+}
+
+/// Everything the decision looks at, filled by the walkers.
+#[derive(Clone, Copy, Debug)]
+pub struct CrashContext {
+    /// The crashed vCPU and its registers at the trap.
+    pub cpu: u32,
+    pub regs: CpuState,
+    /// Run-time address of `rewind_stack_and_make_dead`, if known.
+    pub rewind: Option<Gva>,
+    /// Stopped at the first instruction of `panic`.
+    pub at_panic_entry: bool,
+    /// `panic`'s return address lies in `oops_end`.
+    pub from_oops_end: bool,
+    pub kind: CrashKind,
+    /// `preempt_count()` of the crashed CPU (NEED_RESCHED masked), or why not.
+    pub preempt_count: Result<u32, Error>,
+    /// The crashed CPU's current task, or why not.
+    pub current: Result<TaskInfo, Error>,
+    /// `panic_cpu`, when the layout has it.
+    pub panic_cpu: Option<Result<i32, Error>>,
+    /// The process-list walk: number of processes, or why it failed.
+    pub task_list: Result<u32, Error>,
+    /// Kernel pages still differing from the snapshot after any restore.
+    pub corrupt_pages: u32,
+}
+
+/// The decision.
+#[derive(Clone, Copy, Debug)]
+pub struct Verdict {
+    pub action: Action,
+    pub reason: Reason,
+    /// For `Kill`: the state to resume the crashed vCPU with.
+    pub resume: CpuState,
+}
+
+impl Verdict {
+    fn decline(reason: Reason) -> Self {
+        Self { action: Action::Decline, reason, resume: CpuState::default() }
+    }
+}
+
+/// Decides, writing the operator's explanation into `why`.
+pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
+    let r = &ctx.regs;
+    let Some(rewind) = ctx.rewind else {
+        let _ = write!(why, "the kernel layout lacks rewind_stack_and_make_dead: rebuild the repair image with a complete profile; letting the panic complete");
+        return Verdict::decline(Reason::DeclineBadInput);
+    };
+    if !ctx.at_panic_entry {
+        let _ = write!(why, "vCPU {} is at rip {:#x}, not at the entry of panic(): the repair kernel only repairs a trapped panic; the guest is left as it was", ctx.cpu, r.rip);
+        return Verdict::decline(Reason::DeclineNotAtPanic);
+    }
+    let pc = match ctx.preempt_count {
+        Ok(pc) => pc,
+        Err(e) => {
+            let _ = write!(why, "cannot read the preempt count of CPU {}: {e}; without it interrupt context cannot be ruled out; letting the panic complete", ctx.cpu);
+            return Verdict::decline(Reason::DeclineUnreadable);
+        }
+    };
+    let cur = match &ctx.current {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = write!(why, "cannot read the current task of CPU {}: {e}; there is nothing safe to kill; letting the panic complete", ctx.cpu);
+            return Verdict::decline(Reason::DeclineUnreadable);
+        }
+    };
+    match ctx.panic_cpu {
+        Some(Ok(-1)) | None => {}
+        Some(Ok(c)) if c >= 0 && c as u32 == ctx.cpu => {
+            let _ = write!(why, "panic within a panic on CPU {c} (panic_cpu is already this CPU): the first panic's state is unknown; letting the panic complete");
+            return Verdict::decline(Reason::DeclinePanicInProgress);
+        }
+        Some(Ok(c)) => {
+            let _ = write!(why, "CPU {c} is already panicking (panic_cpu={c}) and may have stopped the other CPUs; resuming this one cannot bring the guest back; letting the panic complete");
+            return Verdict::decline(Reason::DeclinePanicInProgress);
+        }
+        Some(Err(e)) => {
+            let _ = write!(why, "cannot read panic_cpu: {e}; letting the panic complete");
+            return Verdict::decline(Reason::DeclineUnreadable);
+        }
+    }
+    let ctxs: [(u32, Reason, &str); 3] = [
+        (NMI_MASK, Reason::DeclineNmi, "NMI"),
+        (HARDIRQ_MASK, Reason::DeclineHardirq, "hardirq"),
+        (SOFTIRQ_OFFSET, Reason::DeclineSoftirq, "softirq"),
+    ];
+    for (mask, reason, name) in ctxs {
+        if pc & mask != 0 {
+            let _ = write!(why, "panic in {name} context (preempt_count={pc:#x}): killing a task cannot unwind an interrupt; letting the panic complete");
+            return Verdict::decline(reason);
+        }
+    }
+    if ctx.kind == CrashKind::OopsInInterrupt {
+        let _ = write!(why, "oops_end found the oops in interrupt context (\"Fatal exception in interrupt\", preempt_count={pc:#x}): killing a task cannot unwind an interrupt; letting the panic complete");
+        return Verdict::decline(Reason::DeclineHardirq);
+    }
+    if pc & SOFTIRQ_MASK != 0 {
+        let _ = write!(why, "panic with bottom halves disabled (preempt_count={pc:#x}): in_interrupt() is true, so make_task_dead would panic anyway; letting the panic complete");
+        return Verdict::decline(Reason::DeclineBhDisabled);
+    }
+    let comm = cur.comm_str();
+    if cur.pid == 0 || cur.flags & PF_IDLE != 0 {
+        let _ = write!(why, "the crashed task is the idle task of CPU {} (pid {}, {comm}): it cannot exit; letting the panic complete", ctx.cpu, cur.pid);
+        return Verdict::decline(Reason::DeclineIdleTask);
+    }
+    if cur.tgid == 1 {
+        let _ = write!(why, "the crashed task is init (pid {}, {comm}): its exit panics the kernel; letting the panic complete", cur.pid);
+        return Verdict::decline(Reason::DeclineInit);
+    }
+    if cur.flags & PF_KTHREAD != 0 {
+        let _ = write!(why, "the crashed task is kernel thread {comm} (pid {}): others may wait on it forever; letting the panic complete", cur.pid);
+        return Verdict::decline(Reason::DeclineKernelThread);
+    }
+    if cur.flags & PF_EXITING != 0 || cur.exit_state != 0 {
+        let _ = write!(why, "pid {} ({comm}) crashed while already exiting (flags={:#x}, exit_state={:#x}): a recursive fault, perhaps after an earlier repair; letting the panic complete", cur.pid, cur.flags, cur.exit_state);
+        return Verdict::decline(Reason::DeclineExiting);
+    }
+    if let Err(e) = ctx.task_list {
+        let _ = write!(why, "the task list is corrupt ({e}): do_exit of pid {} would walk into it; letting the panic complete", cur.pid);
+        return Verdict::decline(Reason::DeclineTaskListCorrupt);
+    }
+    if ctx.corrupt_pages != 0 {
+        let _ = write!(why, "{} kernel text/rodata pages differ from the healthy snapshot and were not restored: the next caller would crash again; rebuild the image with pristine pages; letting the panic complete", ctx.corrupt_pages);
+        return Verdict::decline(Reason::DeclineCorruptKernel);
+    }
+
+    let reason = if ctx.from_oops_end || ctx.kind == CrashKind::OopsPanic {
+        let _ = write!(why, "killing pid {} ({comm}) with SIGKILL: the oops came from process context, so rewind_stack_and_make_dead is what the kernel does without panic_on_oops", cur.pid);
+        Reason::KillAfterOops
+    } else {
+        let _ = write!(why, "killing pid {} ({comm}) with SIGKILL: {} in process context; rewind_stack_and_make_dead ends the task", cur.pid, ctx.kind);
+        Reason::KillDirectPanic
+    };
+    if pc & PREEMPT_MASK != 0 {
+        let _ = write!(why, "; preempt_count={pc:#x} (a lock or RCU read section may be held; make_task_dead resets the count)");
+    }
+    if r.rflags & RFLAGS_IF == 0 && !ctx.from_oops_end {
+        let _ = write!(why, "; IRQs were off (make_task_dead re-enables them)");
+    }
+    // A function entry: rewind_stack_and_make_dead switches to the task's
+    // stack top itself, so every other register stays as at the trap.
+    let mut resume = *r;
+    resume.rip = rewind.0;
+    resume.rdi = SIGKILL;
+    Verdict { action: Action::Kill, reason, resume }
+}
