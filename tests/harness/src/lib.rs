@@ -1,1 +1,500 @@
-//! The shared harness of the real-guest tests.
+//! The shared harness of the real-guest tests: boots a kernel of the guest kit
+//! (`scripts/guest-kit`) under QEMU with TCG, and drives the busybox init of
+//! the kit's initramfs over a second serial port.
+//!
+//! ```no_run
+//! use harness::{Guest, GuestConfig, Kernel};
+//! use std::time::Duration;
+//! let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian)).unwrap();
+//! assert!(guest.verify_bystander().unwrap().ok);
+//! let child = guest.crash("sysrq-c").unwrap();
+//! let panic = guest.wait_panic(Duration::from_secs(60)).unwrap();
+//! assert_eq!(panic.pid, child.pid);
+//! ```
+//!
+//! Every QEMU is killed when its [`Guest`] drops (a test failing or
+//! panicking included), and again by the kernel if the test process itself
+//! dies (`PR_SET_PDEATHSIG`).
+
+mod console;
+mod kit;
+
+pub use console::{parse_panic, PanicInfo};
+pub use kit::{Kernel, Kit};
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What went wrong with a guest, with the context a test failure needs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest kit incomplete: {0} is missing; run scripts/guest-kit (or set CRASH_REPAIR_KIT to a kit directory)")]
+    KitMissing(PathBuf),
+    #[error("cannot start QEMU ({qemu}): {source}; install it with `apt-get install qemu-system-x86` (scripts/guest-kit does)")]
+    QemuSpawn {
+        qemu: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited ({status}) before {waiting_for}; its stderr:\n{stderr}\nconsole tail:\n{tail}")]
+    QemuExited {
+        status: String,
+        waiting_for: String,
+        stderr: String,
+        tail: String,
+    },
+    #[error("timed out after {secs:.1} s waiting for {waiting_for}; console tail:\n{tail}")]
+    Timeout {
+        secs: f64,
+        waiting_for: String,
+        tail: String,
+    },
+    #[error("guest command channel: {0}")]
+    Channel(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to boot a guest.
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    pub kernel: Kernel,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    /// Extra kernel command-line words (`oops=panic`, `nokaslr`, ...).
+    pub append: Vec<String>,
+    /// Back guest RAM by a shared file the loader can map
+    /// ([`Guest::ram_file`]), in /dev/shm when it exists.
+    pub ram_file: bool,
+    /// Extra QEMU arguments.
+    pub qemu_args: Vec<String>,
+    /// How long the boot to the init's ready marker may take.
+    pub boot_timeout: Duration,
+    /// The kit directory; `None` for [`Kit::locate`]'s default.
+    pub kit_dir: Option<PathBuf>,
+}
+
+impl GuestConfig {
+    /// 2 vCPUs, 512 MiB, KASLR on (the kernels' default).
+    pub fn new(kernel: Kernel) -> Self {
+        Self {
+            kernel,
+            cpus: 2,
+            mem_mib: 512,
+            append: Vec::new(),
+            ram_file: false,
+            qemu_args: Vec::new(),
+            boot_timeout: Duration::from_secs(120),
+            kit_dir: None,
+        }
+    }
+
+    pub fn append(mut self, word: &str) -> Self {
+        self.append.push(word.to_string());
+        self
+    }
+
+    pub fn with_ram_file(mut self) -> Self {
+        self.ram_file = true;
+        self
+    }
+}
+
+/// The result of a command run in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    pub status: i32,
+    pub output: Vec<String>,
+}
+
+/// The bystander's data as the guest verified it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verify {
+    pub ok: bool,
+    pub records: u64,
+    pub detail: String,
+}
+
+/// A running guest. Dropping it kills QEMU.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    dir: tempfile::TempDir,
+    ram_dir: Option<tempfile::TempDir>,
+    console_path: PathBuf,
+    stderr_path: PathBuf,
+    cmd_writer: UnixStream,
+    cmd_reader: BufReader<UnixStream>,
+    next_id: u64,
+    kernel: Kernel,
+}
+
+/// The QEMU binary; `QEMU` overrides.
+fn qemu_binary() -> String {
+    std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+impl Guest {
+    /// Boots a kit kernel and waits for its init's ready marker.
+    pub fn boot(cfg: &GuestConfig) -> Result<Guest> {
+        let kit = match &cfg.kit_dir {
+            Some(dir) => Kit { dir: dir.clone() },
+            None => Kit::locate()?,
+        };
+        let (kernel_image, _) = kit.kernel(cfg.kernel)?;
+        let initrd = kit.initramfs()?;
+        let dir = tempfile::Builder::new().prefix("guest-").tempdir()?;
+        let console_path = dir.path().join("console.log");
+        let stderr_path = dir.path().join("qemu.stderr");
+        let cmd_sock = dir.path().join("cmd.sock");
+        let mut append = vec![
+            "console=ttyS0,115200".to_string(),
+            "rdinit=/init".to_string(),
+            "panic=0".to_string(),
+        ];
+        append.extend(cfg.append.iter().cloned());
+
+        let qemu = qemu_binary();
+        let mut cmd = Command::new(&qemu);
+        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args(["-smp", &cfg.cpus.to_string()])
+            .args(["-m", &format!("{}M", cfg.mem_mib)])
+            .arg("-kernel")
+            .arg(&kernel_image)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &append.join(" ")])
+            .args(["-chardev", &format!("file,id=con0,path={}", console_path.display())])
+            .args(["-serial", "chardev:con0"])
+            .args([
+                "-chardev",
+                &format!("socket,id=cmd0,path={},server=on,wait=off", cmd_sock.display()),
+            ])
+            .args(["-serial", "chardev:cmd0"])
+            .args([
+                "-chardev",
+                &format!(
+                    "socket,id=gdb0,path={},server=on,wait=off",
+                    dir.path().join("gdb.sock").display()
+                ),
+            ])
+            .args(["-gdb", "chardev:gdb0"])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", dir.path().join("qmp.sock").display()),
+            ])
+            .args(["-device", "pvpanic"]);
+        let mut ram_dir = None;
+        if cfg.ram_file {
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() { shm.to_path_buf() } else { dir.path().to_path_buf() };
+            let rd = tempfile::Builder::new().prefix("guest-ram-").tempdir_in(base)?;
+            cmd.args([
+                "-object",
+                &format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    cfg.mem_mib,
+                    rd.path().join("ram").display()
+                ),
+            ])
+            .args(["-machine", "memory-backend=ram0"]);
+            ram_dir = Some(rd);
+        }
+        cmd.args(&cfg.qemu_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path)?);
+        // SAFETY: the closure only calls prctl, which is async-signal-safe,
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| Error::QemuSpawn { qemu, source })?;
+
+        // Connect the command channel as soon as QEMU listens.
+        let start = Instant::now();
+        let mut guest_child = Some(child);
+        let stream = loop {
+            match UnixStream::connect(&cmd_sock) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    if let Some(status) = guest_child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                        return Err(Error::QemuExited {
+                            status: status.to_string(),
+                            waiting_for: "its command socket".into(),
+                            stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                            tail: String::new(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(Error::Channel(format!("connect {}: {e}", cmd_sock.display()))),
+            }
+        };
+        let child = guest_child.take().expect("child present");
+        let reader = BufReader::new(stream.try_clone()?);
+        let mut guest = Guest {
+            child,
+            dir,
+            ram_dir,
+            console_path,
+            stderr_path,
+            cmd_writer: stream,
+            cmd_reader: reader,
+            next_id: 1,
+            kernel: cfg.kernel,
+        };
+        guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
+        Ok(guest)
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// `unix:PATH` of the gdbstub.
+    pub fn gdb_addr(&self) -> String {
+        format!("unix:{}", self.dir.path().join("gdb.sock").display())
+    }
+
+    /// `unix:PATH` of the QMP socket.
+    pub fn qmp_addr(&self) -> String {
+        format!("unix:{}", self.dir.path().join("qmp.sock").display())
+    }
+
+    /// The file backing guest RAM, when booted [`GuestConfig::with_ram_file`].
+    pub fn ram_file(&self) -> Option<PathBuf> {
+        self.ram_dir.as_ref().map(|d| d.path().join("ram"))
+    }
+
+    /// QEMU's process id.
+    pub fn qemu_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A scratch directory that lives as long as the guest.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the guest printed on its console so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console_path)
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+            .unwrap_or_default()
+    }
+
+    /// The last `n` lines of the console.
+    pub fn console_tail(&self, n: usize) -> String {
+        let text = self.console();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    fn check_alive(&mut self, waiting_for: &str) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            return Err(Error::QemuExited {
+                status: status.to_string(),
+                waiting_for: waiting_for.to_string(),
+                stderr: std::fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+                tail: self.console_tail(40),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until a console line contains `pattern` (after `from` bytes of
+    /// the console) and returns that line.
+    pub fn wait_for_console_from(&mut self, from: usize, pattern: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            let text = self.console();
+            if let Some(rest) = text.get(from..) {
+                if let Some(line) = rest.lines().find(|l| l.contains(pattern)) {
+                    return Ok(line.to_string());
+                }
+            }
+            self.check_alive(&format!("console line {pattern:?}"))?;
+            if start.elapsed() > timeout {
+                return Err(Error::Timeout {
+                    secs: timeout.as_secs_f64(),
+                    waiting_for: format!("console line {pattern:?}"),
+                    tail: self.console_tail(40),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until a console line contains `pattern`; returns the line.
+    pub fn wait_for_console(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_console_from(0, pattern, timeout)
+    }
+
+    /// Current length of the console, to wait for lines after this point.
+    pub fn console_len(&self) -> usize {
+        self.console().len()
+    }
+
+    fn send(&mut self, verb: &str) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        writeln!(self.cmd_writer, "{id} {verb}")?;
+        self.cmd_writer.flush()?;
+        Ok(id)
+    }
+
+    /// Reads reply lines for `id` until `done` says a line ends the reply.
+    fn read_reply(&mut self, id: u64, timeout: Duration, mut done: impl FnMut(&str) -> bool) -> Result<Vec<String>> {
+        let start = Instant::now();
+        let prefix = format!("{id} ");
+        let mut lines = Vec::new();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    secs: timeout.as_secs_f64(),
+                    waiting_for: format!("reply to command {id} (got {lines:?})"),
+                    tail: self.console_tail(40),
+                });
+            }
+            self.cmd_reader
+                .get_ref()
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
+            let mut line = String::new();
+            match self.cmd_reader.read_line(&mut line) {
+                Ok(0) => {
+                    self.check_alive("a command reply")?;
+                    return Err(Error::Channel("command channel closed".into()));
+                }
+                Ok(_) => {
+                    let line = line.trim_end_matches(['\r', '\n']).to_string();
+                    if let Some(body) = line.strip_prefix(&prefix) {
+                        let body = body.to_string();
+                        let end = done(&body);
+                        lines.push(body);
+                        if end {
+                            return Ok(lines);
+                        }
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    self.check_alive("a command reply")?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs `command` in the guest as a new process (`sh -c`); returns its
+    /// exit status and output.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<RunResult> {
+        let id = self.send(&format!("run {command}"))?;
+        let lines = self.read_reply(id, timeout, |l| l.starts_with("exit "))?;
+        let mut output = Vec::new();
+        let mut status = None;
+        for l in lines {
+            if let Some(o) = l.strip_prefix("out ") {
+                output.push(o.to_string());
+            } else if let Some(s) = l.strip_prefix("exit ") {
+                status = s.trim().parse().ok();
+            }
+        }
+        let status = status.ok_or_else(|| Error::Channel("no exit status in reply".into()))?;
+        Ok(RunResult { status, output })
+    }
+
+    /// Crashes the guest kernel from a new child process: `sysrq-c`, or an
+    /// LKDTM type (`EXCEPTION`, `BUG`, ...). Returns the child's pid, which it
+    /// announces before it crashes. Follow with [`Guest::wait_panic`] or, when
+    /// a repair is expected, [`Guest::wait_crash_exit`].
+    pub fn crash(&mut self, kind: &str) -> Result<CrashHandle> {
+        let id = self.send(&format!("crash {kind}"))?;
+        let lines = self.read_reply(id, Duration::from_secs(30), |l| l.starts_with("crashing pid "))?;
+        let pid = lines
+            .last()
+            .and_then(|l| l.strip_prefix("crashing pid "))
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| Error::Channel(format!("bad crash reply {lines:?}")))?;
+        Ok(CrashHandle { id, pid })
+    }
+
+    /// After a repair: waits for the crashing child's exit status as its
+    /// parent saw it (137 for SIGKILL).
+    pub fn wait_crash_exit(&mut self, crash: &CrashHandle, timeout: Duration) -> Result<i32> {
+        let lines = self.read_reply(crash.id, timeout, |l| l.starts_with("exit "))?;
+        lines
+            .last()
+            .and_then(|l| l.strip_prefix("exit "))
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Channel(format!("bad exit reply {lines:?}")))
+    }
+
+    /// Waits for the guest's own panic report to finish on the console and
+    /// parses it.
+    pub fn wait_panic(&mut self, timeout: Duration) -> Result<PanicInfo> {
+        self.wait_for_console("---[ end Kernel panic", timeout)?;
+        let text = self.console();
+        parse_panic(&text).ok_or_else(|| Error::Channel(format!(
+            "the console has an end-of-panic marker but no parsable report:\n{}",
+            self.console_tail(60)
+        )))
+    }
+
+    /// Liveness: the init answers and the bystander's record count.
+    pub fn ping(&mut self, timeout: Duration) -> Result<u64> {
+        let id = self.send("ping")?;
+        let lines = self.read_reply(id, timeout, |l| l.starts_with("pong "))?;
+        lines
+            .last()
+            .and_then(|l| l.strip_prefix("pong "))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| Error::Channel(format!("bad ping reply {lines:?}")))
+    }
+
+    /// Has the guest verify the bystander's file: consecutive record numbers
+    /// from 1, every checksum right.
+    pub fn verify_bystander(&mut self) -> Result<Verify> {
+        let id = self.send("verify")?;
+        let lines = self.read_reply(id, Duration::from_secs(60), |l| l.starts_with("verify "))?;
+        let body = lines.last().and_then(|l| l.strip_prefix("verify ")).unwrap_or("");
+        let mut it = body.splitn(3, ' ');
+        let ok = it.next() == Some("ok");
+        let records = it.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let detail = it.next().unwrap_or("").to_string();
+        Ok(Verify { ok, records, detail })
+    }
+
+    /// Stops QEMU and waits for it.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.kill();
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A crash in flight: the command it came from and the crashing child's pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashHandle {
+    pub id: u64,
+    pub pid: u32,
+}

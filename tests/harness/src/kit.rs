@@ -1,0 +1,76 @@
+//! Where the guest kit lives and what is in it (see `scripts/guest-kit`).
+
+use crate::{Error, Result};
+use std::path::PathBuf;
+
+/// The two kernels of the kit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Debian's stock `linux-image-6.1.0-N-cloud-amd64`.
+    Debian,
+    /// 6.1 from `linux-source-6.1` with LKDTM (`guest/lkdtm.config`).
+    Lkdtm,
+}
+
+impl Kernel {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Kernel::Debian => "debian",
+            Kernel::Lkdtm => "lkdtm",
+        }
+    }
+}
+
+/// The kit directory: `$CRASH_REPAIR_KIT`, else
+/// `${XDG_CACHE_HOME:-~/.cache}/crash-repair/kit`.
+#[derive(Clone, Debug)]
+pub struct Kit {
+    pub dir: PathBuf,
+}
+
+impl Kit {
+    pub fn locate() -> Result<Kit> {
+        let dir = if let Some(d) = std::env::var_os("CRASH_REPAIR_KIT") {
+            PathBuf::from(d)
+        } else {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from("/tmp"));
+            cache.join("crash-repair").join("kit")
+        };
+        Ok(Kit { dir })
+    }
+
+    fn file(&self, rel: &str) -> Result<PathBuf> {
+        let p = self.dir.join(rel);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::KitMissing(p))
+        }
+    }
+
+    /// The bootable image and the debug vmlinux of a kernel.
+    pub fn kernel(&self, k: Kernel) -> Result<(PathBuf, PathBuf)> {
+        let boot = match k {
+            Kernel::Debian => "debian/vmlinuz",
+            Kernel::Lkdtm => "lkdtm/bzImage",
+        };
+        Ok((self.file(boot)?, self.vmlinux(k)?))
+    }
+
+    /// The debug vmlinux (ELF + DWARF) of a kernel.
+    pub fn vmlinux(&self, k: Kernel) -> Result<PathBuf> {
+        self.file(&format!("{}/vmlinux", k.dir_name()))
+    }
+
+    /// The System.map of a kernel.
+    pub fn system_map(&self, k: Kernel) -> Result<PathBuf> {
+        self.file(&format!("{}/System.map", k.dir_name()))
+    }
+
+    pub fn initramfs(&self) -> Result<PathBuf> {
+        self.file("initramfs.cpio.gz")
+    }
+}
