@@ -1,3 +1,62 @@
-//! Reads a Linux `vmlinux` (ELF + DWARF) into a compact kernel [profile]: the
-//! build identity, the addresses of the symbols the repair kernel needs, and
-//! the layouts of the structs it walks.
+//! Reads a Linux `vmlinux` (ELF + DWARF) into a compact kernel [`Profile`]:
+//! the build identity, the addresses of the symbols the repair kernel needs,
+//! per-CPU variable offsets, and the layouts of the structs it walks.
+//!
+//! ```no_run
+//! use symbols::{Profile, DEFAULT_WANTED};
+//! let p = Profile::from_vmlinux("vmlinux".as_ref(), &DEFAULT_WANTED)?;
+//! let sp = p.offset("task_struct", "thread.sp");
+//! let state = p.offset("task_struct", "__state").or(p.offset("task_struct", "state"));
+//! println!("{} {:?} {:?}", p.release, sp, state);
+//! # Ok::<(), symbols::Error>(())
+//! ```
+//!
+//! What to extract is data, a [`Wanted`] table; [`DEFAULT_WANTED`] is the
+//! repair kernel's. Layout drift is decided by which members exist
+//! (`__state` versus `state`), never by kernel version.
+//!
+//! # JSON shape
+//!
+//! [`Profile::to_json`] writes (field names are stable):
+//!
+//! ```text
+//! {
+//!   "build_id": "hex",                      GNU build-id
+//!   "banner":   "Linux version ...\n",       linux_banner up to its NUL
+//!   "release":  "6.1.0-56-cloud-amd64",      from the banner
+//!   "arch":     "x86_64",
+//!   "text":     {"start": N, "end": N},      [_stext, _etext)
+//!   "rodata":   {"start": N, "end": N},      [__start_rodata, __end_rodata)
+//!   "symbols":  {name: {"address": N, "size": N}},   link-time addresses
+//!   "percpu":   {name: N},                   offset in the per-CPU area
+//!   "types":    {name: {"size": N,
+//!                       "members": {path: {"offset": N, "size": N,
+//!                                          "bit_offset": N?, "bit_size": N?}}}}
+//! }
+//! ```
+//!
+//! Numbers are decimal JSON integers. Member paths are dotted (`thread.sp`);
+//! members of anonymous structs and unions appear under their own names, as
+//! C spells them. Bitfields give the storage unit in `offset`/`size` and the
+//! bits inside it in `bit_offset` (from the least significant bit) and
+//! `bit_size`, as `pahole` prints them.
+//!
+//! # How it is fast
+//!
+//! The file is mmapped and read zero-copy. `.debug_info` is scanned unit by
+//! unit looking only at top-level DIEs, skipping over everything else by
+//! sibling pointers, and the scan stops as soon as every wanted type is
+//! found; pages it has passed are dropped from the process. See
+//! `symbols/DESIGN.md`.
+
+mod dwarf;
+mod elf;
+mod error;
+mod profile;
+mod system_map;
+mod wanted;
+
+pub use error::{Error, Missing};
+pub use profile::{from_bytes_strict, read_build_id, Member, Profile, Range, Symbol, TypeLayout};
+pub use system_map::parse_system_map;
+pub use wanted::{Wanted, DEFAULT_WANTED};

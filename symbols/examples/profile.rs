@@ -1,0 +1,43 @@
+//! Extracts the default profile from a vmlinux and prints it as JSON.
+//!
+//! `cargo run --release -p symbols --example profile -- VMLINUX [OUT.json]`
+//! (the benchmark in `bench/symbols/run` times this binary).
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let Some(path) = args.next() else {
+        eprintln!("usage: profile VMLINUX [OUT.json]");
+        return ExitCode::from(2);
+    };
+    let out = args.next();
+    let start = std::time::Instant::now();
+    match symbols::Profile::from_vmlinux(path.as_ref(), &symbols::DEFAULT_WANTED) {
+        Ok(p) => {
+            let json = p.to_json();
+            eprintln!(
+                "{}: {} symbols, {} per-cpu, {} types in {:.3} s",
+                p.release,
+                p.symbols.len(),
+                p.percpu.len(),
+                p.types.len(),
+                start.elapsed().as_secs_f64()
+            );
+            match out {
+                Some(o) => {
+                    if let Err(e) = std::fs::write(&o, json) {
+                        eprintln!("cannot write {}: {e}", o.to_string_lossy());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                None => println!("{json}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The [`Profile`]: what one kernel build looks like to the repair kernel.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dwarf::{Scanner, TypeRequest, R};
+use crate::elf::{release_from_banner, Elf};
+use crate::error::{Error, Missing};
+use crate::wanted::{Group, Wanted};
+
+/// A half-open range of link-time addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// An ELF symbol: link-time address (add the KASLR slide at run time) and size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Symbol {
+    pub address: u64,
+    pub size: u64,
+}
+
+/// Where a member sits in its type.
+///
+/// For a bitfield, `offset` and `size` give the storage unit holding it (the
+/// member type's size, aligned to it), and `bit_offset` counts from that
+/// unit's least significant bit (little-endian), as `pahole` prints them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub offset: u64,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bit_offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bit_size: Option<u64>,
+}
+
+/// A struct or union: its size and its members by path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeLayout {
+    pub size: u64,
+    pub members: BTreeMap<String, Member>,
+}
+
+/// A kernel profile. Its JSON form (see the crate docs) has the same field
+/// names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// GNU build-id, lower-case hex.
+    pub build_id: String,
+    /// The bytes of `linux_banner` up to its NUL (ends with a newline).
+    pub banner: String,
+    /// The release from the banner (`6.1.0-56-cloud-amd64`).
+    pub release: String,
+    /// `uname -m` style architecture (`x86_64`).
+    pub arch: String,
+    /// Kernel text, `[_stext, _etext)`.
+    pub text: Range,
+    /// Read-only data, `[__start_rodata, __end_rodata)`.
+    pub rodata: Range,
+    pub symbols: BTreeMap<String, Symbol>,
+    /// Per-CPU variables: offset inside each CPU's per-CPU area.
+    pub percpu: BTreeMap<String, u64>,
+    pub types: BTreeMap<String, TypeLayout>,
+}
+
+/// Symbols every profile reads for its identity and ranges.
+const IDENTITY: [&str; 5] = ["linux_banner", "_stext", "_etext", "__start_rodata", "__end_rodata"];
+
+impl Profile {
+    /// Reads `path` and extracts `wanted`; every missing required item is
+    /// listed in one [`Error::Missing`].
+    pub fn from_vmlinux(path: &Path, wanted: &Wanted<'_>) -> Result<Profile, Error> {
+        let (profile, missing) = Self::from_vmlinux_lenient(path, wanted)?;
+        check(path, profile, missing)
+    }
+
+    /// Like [`Profile::from_vmlinux`], but returns what was found together
+    /// with the list of missing required items, for callers that treat some
+    /// of them as optional. Malformed input is still an error.
+    pub fn from_vmlinux_lenient(
+        path: &Path,
+        wanted: &Wanted<'_>,
+    ) -> Result<(Profile, Vec<Missing>), Error> {
+        let io = |source| Error::Io { path: path.to_owned(), source };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this call; a vmlinux
+        // is not expected to change while it is read (if truncated by
+        // another process meanwhile, reads may fault, as with any mmap).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let mut release = |file_start: usize, range: std::ops::Range<usize>| {
+            let page = 4096;
+            let from = (file_start + range.start).div_ceil(page) * page;
+            let to = (file_start + range.end) / page * page;
+            if to > from && to <= map.len() {
+                // SAFETY: the mapping is a read-only shared file mapping.
+                // MADV_DONTNEED only drops this process's page-table entries;
+                // later reads fault the same file contents back in, so every
+                // slice borrowed from the map stays valid and unchanged.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+                };
+            }
+        };
+        extract(&map, path, wanted, &mut release)
+    }
+
+    /// Extracts from an in-memory ELF image (tests, fuzzing, callers that
+    /// already hold the file).
+    pub fn from_bytes(data: &[u8], wanted: &Wanted<'_>) -> Result<(Profile, Vec<Missing>), Error> {
+        extract(data, Path::new("<memory>"), wanted, &mut |_, _| {})
+    }
+
+    /// The profile as pretty JSON with the documented field names.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a profile always serializes")
+    }
+
+    /// Reads a profile back from [`Profile::to_json`] output.
+    pub fn from_json(text: &str) -> Result<Profile, Error> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Link-time address of a symbol.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols.get(name).map(|s| s.address)
+    }
+
+    /// Offset of a per-CPU variable in the per-CPU area.
+    pub fn percpu_offset(&self, name: &str) -> Option<u64> {
+        self.percpu.get(name).copied()
+    }
+
+    /// Byte offset of a member (dotted path) in a type.
+    pub fn offset(&self, ty: &str, member_path: &str) -> Option<u64> {
+        self.member(ty, member_path).map(|m| m.offset)
+    }
+
+    /// A member's full placement.
+    pub fn member(&self, ty: &str, member_path: &str) -> Option<&Member> {
+        self.types.get(ty)?.members.get(member_path)
+    }
+
+    /// Size in bytes of a type.
+    pub fn size(&self, ty: &str) -> Option<u64> {
+        self.types.get(ty).map(|t| t.size)
+    }
+}
+
+fn check(path: &Path, profile: Profile, missing: Vec<Missing>) -> Result<Profile, Error> {
+    if missing.is_empty() {
+        Ok(profile)
+    } else {
+        Err(Error::Missing { path: path.to_owned(), missing })
+    }
+}
+
+/// Strict extraction from memory: [`Profile::from_bytes`] with missing items
+/// as an error.
+pub fn from_bytes_strict(data: &[u8], wanted: &Wanted<'_>) -> Result<Profile, Error> {
+    let (p, m) = Profile::from_bytes(data, wanted)?;
+    check(Path::new("<memory>"), p, m)
+}
+
+/// The GNU build-id of a vmlinux, without reading its DWARF.
+pub fn read_build_id(path: &Path) -> Result<Option<String>, Error> {
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: as in `from_vmlinux_lenient`: read-only map, dropped on return.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    Elf::parse(&map, path)?.build_id(path)
+}
+
+fn extract(
+    data: &[u8],
+    path: &Path,
+    wanted: &Wanted<'_>,
+    release: &mut dyn FnMut(usize, std::ops::Range<usize>),
+) -> Result<(Profile, Vec<Missing>), Error> {
+    let elf = Elf::parse(data, path)?;
+    if !elf.has_section(".debug_info") {
+        return Err(Error::NoDebugInfo { path: path.to_owned(), section: ".debug_info" });
+    }
+    let mut missing = Vec::new();
+    let mut profile = Profile { arch: elf.arch(), ..Default::default() };
+    match elf.build_id(path)? {
+        Some(id) => profile.build_id = id,
+        None => missing.push(Missing::BuildId),
+    }
+
+    // Symbols and per-CPU variables: one pass over .symtab.
+    let sym_groups: Vec<Group> = wanted.symbols.iter().map(|s| Group::parse(s)).collect();
+    let pcpu_groups: Vec<Group> = wanted.percpu.iter().map(|s| Group::parse(s)).collect();
+    let mut names: HashSet<&str> = IDENTITY.into_iter().collect();
+    for g in sym_groups.iter().chain(&pcpu_groups) {
+        names.extend(g.alternatives.iter().copied());
+    }
+    let syms = elf.symbols(&names, path)?;
+    let identity = IDENTITY.map(|n| Group { text: n, alternatives: vec![n], optional: false });
+    for g in sym_groups.iter().chain(identity.iter()) {
+        let mut any = false;
+        for &name in &g.alternatives {
+            if let Some(s) = syms.get(name) {
+                profile.symbols.insert(name.to_owned(), Symbol { address: s.address, size: s.size });
+                any = true;
+            }
+        }
+        let item = Missing::Symbol(g.text.to_owned());
+        if !any && !g.optional && !missing.contains(&item) {
+            missing.push(item);
+        }
+    }
+    let percpu = elf.percpu_section();
+    for g in &pcpu_groups {
+        let mut any = false;
+        for &name in &g.alternatives {
+            let Some(s) = syms.get(name) else { continue };
+            match percpu {
+                Some((index, base)) if s.section == Some(index) => {
+                    profile.percpu.insert(name.to_owned(), s.address.wrapping_sub(base));
+                    any = true;
+                }
+                _ => {}
+            }
+        }
+        if !any && !g.optional {
+            missing.push(Missing::PerCpu(g.text.to_owned()));
+        }
+    }
+    let range = |a: &str, b: &str| match (syms.get(a), syms.get(b)) {
+        (Some(a), Some(b)) => Range { start: a.address, end: b.address },
+        _ => Range::default(),
+    };
+    profile.text = range("_stext", "_etext");
+    profile.rodata = range("__start_rodata", "__end_rodata");
+    if let Some(bytes) = syms.get("linux_banner").and_then(|s| elf.symbol_bytes(s)) {
+        profile.banner = String::from_utf8_lossy(bytes).into_owned();
+        profile.release = release_from_banner(&profile.banner).unwrap_or_default();
+    }
+
+    // Types: one scan of .debug_info.
+    let type_groups: Vec<(Group, Vec<Group>)> = wanted
+        .types
+        .iter()
+        .map(|(t, ms)| (Group::parse(t), ms.iter().map(|m| Group::parse(m)).collect()))
+        .collect();
+    let mut requests = Vec::new();
+    for (tg, mgs) in &type_groups {
+        let paths: Vec<&str> = mgs.iter().flat_map(|g| g.alternatives.iter().copied()).collect();
+        for &name in &tg.alternatives {
+            requests.push(TypeRequest { name, paths: paths.clone() });
+        }
+    }
+    if !requests.is_empty() {
+        let endian = if elf.little_endian() {
+            gimli::RunTimeEndian::Little
+        } else {
+            gimli::RunTimeEndian::Big
+        };
+        let sections = gimli::DwarfSections::load(|id| elf.dwarf_section(id.name(), path))?;
+        let dwarf = sections.borrow(|s| R::new(s, endian));
+        let info_file_off = elf.debug_info_file_offset().and_then(|o| usize::try_from(o).ok());
+        let scanner = Scanner::new(dwarf, endian);
+        let mut progress = |range: std::ops::Range<usize>| {
+            if let Some(base) = info_file_off {
+                release(base, range);
+            }
+        };
+        let found = scanner.scan(&requests, &mut progress).map_err(|(offset, source)| {
+            Error::Dwarf { path: path.to_owned(), offset, source }
+        })?;
+        profile.types = found;
+    }
+    for (tg, mgs) in &type_groups {
+        let layouts: Vec<&TypeLayout> =
+            tg.alternatives.iter().filter_map(|n| profile.types.get(*n)).collect();
+        if layouts.is_empty() {
+            if !tg.optional {
+                missing.push(Missing::Type(tg.text.to_owned()));
+            }
+            continue;
+        }
+        for mg in mgs {
+            let present = layouts
+                .iter()
+                .any(|l| mg.alternatives.iter().any(|a| l.members.contains_key(*a)));
+            if !present && !mg.optional {
+                missing.push(Missing::Member { ty: tg.text.to_owned(), path: mg.text.to_owned() });
+            }
+        }
+    }
+    Ok((profile, missing))
+}
