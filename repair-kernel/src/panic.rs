@@ -142,7 +142,7 @@ pub fn vsnprintf(
         let mut bits = 32u32;
         while i < fmt.len() {
             match fmt[i] {
-                b'l' | b'z' | b't' | b'j' | b'L' | b'q' => bits = 64,
+                b'l' | b'z' | b't' | b'j' | b'L' => bits = 64,
                 b'h' => bits = bits.min(16),
                 _ => break,
             }
