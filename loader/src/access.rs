@@ -1,0 +1,381 @@
+//! The guest-access trait: everything the repair flow needs from a guest,
+//! whatever runs it (QEMU's gdbstub, in-process KVM, an in-memory test
+//! guest). The flow is written once over [`GuestAccess`].
+//!
+//! ```no_run
+//! use loader::access::{BpKind, GuestAccess, Gva, VcpuId};
+//! use loader::gdb::GdbGuest;
+//! # fn main() -> Result<(), loader::access::AccessError> {
+//! let mut g = GdbGuest::connect("unix:/tmp/gdb.sock".parse()?)?;
+//! g.set_breakpoint(Gva(0xffff_ffff_8100_0000), BpKind::Hardware)?;
+//! g.resume()?;
+//! let stop = loop {
+//!     if let Some(s) = g.wait_stop(Some(std::time::Duration::from_millis(200)))? {
+//!         break s;
+//!     }
+//! };
+//! let regs = g.get_regs(stop.vcpu)?;
+//! # let _ = regs; Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+pub use repair_kernel::contract::CpuState;
+
+/// A guest-physical address.
+///
+/// Same shape as `repair_kernel::mem::Gpa`; becomes a re-export of it once
+/// that module is public.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Gpa(pub u64);
+
+/// A guest-virtual address (run-time, as a vCPU sees it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Gva(pub u64);
+
+impl std::fmt::Display for Gpa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl std::fmt::Display for Gva {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#018x}", self.0)
+    }
+}
+
+/// A vCPU, by its 0-based index (Linux's CPU number on x86 guests with
+/// QEMU's default topology; the gdbstub's thread id is index + 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct VcpuId(pub u32);
+
+impl std::fmt::Display for VcpuId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vCPU {}", self.0)
+    }
+}
+
+/// Breakpoint flavour. Under TCG both are unlimited and behave the same;
+/// under KVM hardware breakpoints use the 4 debug registers and leave
+/// guest memory untouched, software ones patch `int3` into guest text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BpKind {
+    /// `Z0`
+    Software,
+    /// `Z1`
+    Hardware,
+}
+
+/// Why the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A breakpoint or single step (SIGTRAP).
+    Trap,
+    /// Stopped on request ([`GuestAccess::pause`], SIGINT).
+    Interrupted,
+    /// Any other signal number the stub reported.
+    Signal(u8),
+}
+
+/// A stop of the guest: every vCPU is stopped; `vcpu` is the one that
+/// caused it, at `rip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopEvent {
+    pub vcpu: VcpuId,
+    pub rip: Gva,
+    pub reason: StopReason,
+}
+
+/// How [`GuestAccess::run_vcpu_until`] ended. In every case the guest is
+/// stopped again when it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The vCPU reached the requested address.
+    Reached(StopEvent),
+    /// It stopped elsewhere first (another breakpoint, a signal).
+    StoppedElsewhere(StopEvent),
+    /// The timeout expired; the vCPU was interrupted where it was.
+    TimedOut(StopEvent),
+}
+
+/// Errors of guest access. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("bad guest address `{0}`: use unix:PATH or tcp:HOST:PORT")]
+    BadAddress(String),
+    #[error("cannot connect to {what} at {addr}: {source}; is QEMU running with {hint}?")]
+    Connect {
+        what: &'static str,
+        addr: String,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error talking to {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest went away ({0}); QEMU exited or closed the connection")]
+    GuestGone(String),
+    #[error("{what} did not answer within {after:?}; the guest or QEMU is wedged (check QEMU's CPU usage, or raise the timeout)")]
+    Timeout { what: String, after: Duration },
+    #[error("unexpected reply from {what} to `{request}`: {reply}")]
+    Protocol { what: &'static str, request: String, reply: String },
+    #[error("the gdbstub refused `{request}` with error E{code:02x}{}", explain_errno(*.code))]
+    Remote { request: String, code: u8 },
+    #[error("QMP command `{command}` failed: {class}: {desc}")]
+    Qmp { command: String, class: String, desc: String },
+    #[error("{0} is not supported by this backend")]
+    Unsupported(String),
+    #[error("{vcpu} does not exist (the guest has {count} vCPUs)")]
+    NoSuchVcpu { vcpu: VcpuId, count: usize },
+    #[error("guest-physical range {gpa}+{len:#x} is outside guest RAM")]
+    OutOfRam { gpa: Gpa, len: usize },
+    #[error("guest-virtual address {0} is not mapped on that vCPU")]
+    NotMapped(Gva),
+    #[error("the guest is running; pause it first (this operation needs every vCPU stopped)")]
+    Running,
+    #[error("the guest is already stopped; nothing to wait for (resume it first)")]
+    NotRunning,
+    #[error("{0}")]
+    Other(String),
+}
+
+fn explain_errno(code: u8) -> &'static str {
+    match code {
+        0x0e => " (bad address: not mapped, or outside RAM)",
+        0x16 => " (invalid argument: request too large for the stub, or malformed)",
+        0x01 => " (operation not permitted)",
+        _ => "",
+    }
+}
+
+/// Everything the repair flow needs from a guest. Methods other than
+/// [`GuestAccess::wait_stop`], [`GuestAccess::pause`] and
+/// [`GuestAccess::is_running`] require the guest to be stopped.
+pub trait GuestAccess {
+    /// Reads guest-physical memory.
+    fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError>;
+    /// Writes guest-physical memory.
+    fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError>;
+    /// Reads through `vcpu`'s current page tables.
+    fn read_virt(&mut self, vcpu: VcpuId, gva: Gva, buf: &mut [u8]) -> Result<(), AccessError>;
+    /// Writes through `vcpu`'s current page tables.
+    fn write_virt(&mut self, vcpu: VcpuId, gva: Gva, data: &[u8]) -> Result<(), AccessError>;
+
+    /// The vCPUs, in index order.
+    fn vcpus(&mut self) -> Result<Vec<VcpuId>, AccessError>;
+    fn get_regs(&mut self, vcpu: VcpuId) -> Result<CpuState, AccessError>;
+    /// Sets the registers of `vcpu`. Backends write only the registers
+    /// that differ from the current ones: rewriting a segment selector
+    /// would reload its descriptor from the guest's GDT.
+    fn set_regs(&mut self, vcpu: VcpuId, regs: &CpuState) -> Result<(), AccessError>;
+
+    /// Stops every vCPU (no-op when stopped). Returns the stop, if one
+    /// was produced by this call.
+    fn pause(&mut self) -> Result<Option<StopEvent>, AccessError>;
+    /// Continues every vCPU. A vCPU sitting on one of our breakpoints
+    /// steps over it first instead of trapping again at once.
+    fn resume(&mut self) -> Result<(), AccessError>;
+    /// True between [`GuestAccess::resume`] and the next stop.
+    fn is_running(&self) -> bool;
+    /// After [`GuestAccess::resume`]: waits for the next stop. `Ok(None)`
+    /// when `timeout` passed with the guest still running; an error when
+    /// the guest went away. `None` waits forever.
+    fn wait_stop(&mut self, timeout: Option<Duration>) -> Result<Option<StopEvent>, AccessError>;
+
+    /// Continues only `vcpu` (the others stay stopped) until it executes
+    /// the instruction at `stop_at`, stops elsewhere, or `timeout` passes.
+    /// A breakpoint at `stop_at` is set for the run and removed after,
+    /// unless one was already set there.
+    fn run_vcpu_until(&mut self, vcpu: VcpuId, stop_at: Gva, timeout: Duration) -> Result<RunOutcome, AccessError>;
+    /// Executes one instruction on `vcpu` (the others stay stopped).
+    fn step_vcpu(&mut self, vcpu: VcpuId) -> Result<StopEvent, AccessError>;
+
+    fn set_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError>;
+    fn clear_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError>;
+}
+
+/// Plain physical memory, for backends that have no CPU (a RAM file).
+pub trait PhysAccess {
+    fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError>;
+    fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError>;
+    /// First guest-physical address past the last RAM byte it reaches.
+    fn ram_end(&self) -> u64;
+}
+
+/// Reads a little-endian `u64` of guest-physical memory.
+pub fn read_phys_u64<A: GuestAccess + ?Sized>(a: &mut A, gpa: Gpa) -> Result<u64, AccessError> {
+    let mut b = [0u8; 8];
+    a.read_phys(gpa, &mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// 4- or 5-level x86_64 page walk over guest-physical memory, for
+/// backends that have no native virtual access. `Ok(None)`: not mapped.
+pub fn translate<F>(read_u64: &mut F, cr3: u64, cr4: u64, gva: Gva) -> Result<Option<Gpa>, AccessError>
+where
+    F: FnMut(Gpa) -> Result<u64, AccessError>,
+{
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let levels: u32 = if cr4 & (1 << 12) != 0 { 5 } else { 4 };
+    let bits = 12 + 9 * levels;
+    let shift = 64 - bits;
+    if (((gva.0 << shift) as i64) >> shift) as u64 != gva.0 {
+        return Ok(None);
+    }
+    let mut table = cr3 & ADDR;
+    for level in (1..=levels).rev() {
+        let idx = (gva.0 >> (12 + 9 * (level - 1))) & 511;
+        let pte = read_u64(Gpa(table + idx * 8))?;
+        if pte & 1 == 0 {
+            return Ok(None);
+        }
+        if (level == 2 || level == 3) && pte & (1 << 7) != 0 {
+            let size = 1u64 << (12 + 9 * (level - 1));
+            return Ok(Some(Gpa((pte & ADDR & !(size - 1)) | (gva.0 & (size - 1)))));
+        }
+        table = pte & ADDR;
+    }
+    Ok(Some(Gpa(table | (gva.0 & 0xfff))))
+}
+
+/// Where a QEMU socket is: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = AccessError;
+    fn from_str(s: &str) -> Result<Self, AccessError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if !p.is_empty() {
+                return Ok(Self::Unix(p.into()));
+            }
+        } else if let Some(hp) = s.strip_prefix("tcp:") {
+            if let Some((h, p)) = hp.rsplit_once(':') {
+                if !h.is_empty() && p.parse::<u16>().is_ok() {
+                    return Ok(Self::Tcp(hp.to_string()));
+                }
+            }
+        }
+        Err(AccessError::BadAddress(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connected socket to QEMU, either kind.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Stream {
+    pub(crate) fn connect(ep: &Endpoint, timeout: Duration) -> std::io::Result<Self> {
+        Ok(match ep {
+            Endpoint::Unix(p) => Self::Unix(std::os::unix::net::UnixStream::connect(p)?),
+            Endpoint::Tcp(a) => {
+                use std::net::ToSocketAddrs;
+                let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+                let mut found = None;
+                for sa in a.to_socket_addrs()? {
+                    match std::net::TcpStream::connect_timeout(&sa, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or(last)?;
+                s.set_nodelay(true)?;
+                Self::Tcp(s)
+            }
+        })
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Unix(s) => s.set_read_timeout(t),
+            Self::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Unix(s) => s.set_write_timeout(t),
+            Self::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl std::io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf),
+            Self::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write(buf),
+            Self::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!("unix:/tmp/x".parse::<Endpoint>().unwrap(), Endpoint::Unix("/tmp/x".into()));
+        assert_eq!("tcp:localhost:1234".parse::<Endpoint>().unwrap(), Endpoint::Tcp("localhost:1234".into()));
+        assert_eq!("tcp:[::1]:1234".parse::<Endpoint>().unwrap(), Endpoint::Tcp("[::1]:1234".into()));
+        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:99999", "/tmp/x", "localhost:1234"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn translates_4_level_with_large_pages() {
+        use std::collections::HashMap;
+        let mut mem: HashMap<u64, u64> = HashMap::new();
+        // cr3 = 0x1000; PML4[511] -> 0x2000; PDPT[510] -> 0x3000; PD[0] 2 MiB page at 0x20_0000.
+        mem.insert(0x1000 + 511 * 8, 0x2003);
+        mem.insert(0x2000 + 510 * 8, 0x3003);
+        mem.insert(0x3000, 0x20_0083);
+        // PD[1] -> PT at 0x4000; PT[5] -> 0x9000.
+        mem.insert(0x3008, 0x4003);
+        mem.insert(0x4000 + 5 * 8, 0x9003);
+        let mut rd = |g: Gpa| Ok(*mem.get(&g.0).unwrap_or(&0));
+        let t = |rd: &mut dyn FnMut(Gpa) -> Result<u64, AccessError>, va: u64| {
+            translate(&mut |g| rd(g), 0x1000, 0, Gva(va)).unwrap()
+        };
+        assert_eq!(t(&mut rd, 0xffff_ffff_8001_2345), Some(Gpa(0x21_2345)));
+        assert_eq!(t(&mut rd, 0xffff_ffff_8020_5abc), Some(Gpa(0x9abc)));
+        assert_eq!(t(&mut rd, 0xffff_ffff_8040_0000), None);
+        assert_eq!(t(&mut rd, 0x8000_0000_0000_0000), None);
+    }
+}

@@ -1,0 +1,2 @@
+//! Architecture-specific pieces of the loader.
+pub mod x86_64;

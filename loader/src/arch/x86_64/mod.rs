@@ -1,0 +1,2 @@
+//! x86_64: the gdbstub register file.
+pub mod regs;

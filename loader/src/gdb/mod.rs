@@ -1,0 +1,818 @@
+//! A client of the GDB remote serial protocol, as QEMU's gdbstub speaks it,
+//! and [`GdbGuest`]: the [`GuestAccess`] backend over it.
+//!
+//! QEMU facts this relies on (QEMU 7.2, measured by `tests/gdb_qemu.rs`):
+//! - connecting stops the VM; thread ids are vCPU index + 1;
+//! - `Qqemu.PhyMemMode:1` makes `m`/`M` physical (a global switch);
+//! - `m` takes at most PacketSize/2 bytes (larger: `E22`);
+//! - `vCont;c:<tid>` resumes only that vCPU, the others stay stopped;
+//! - any byte sent while the VM runs stops it, so nothing is sent then
+//!   except the `0x03` of [`GuestAccess::pause`].
+
+mod packet;
+
+pub use packet::{checksum, decode, frame, DecodeError};
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::access::{
+    AccessError, BpKind, CpuState, Endpoint, GuestAccess, Gpa, Gva, RunOutcome, StopEvent, StopReason, Stream,
+    VcpuId,
+};
+use crate::arch::x86_64::regs::{field, RegLayout, CPU_STATE_REGS};
+use packet::{error_code, from_hex, parse_hex_u64, to_hex, Deframer, Frame};
+
+const WHAT: &str = "the gdbstub";
+
+/// A stop reply, as the stub sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReply {
+    /// `T`/`S`: stopped with a signal, in `thread` if named.
+    Signal { signal: u8, thread: Option<u32> },
+    /// `W`: the guest exited with a status.
+    Exited(u8),
+    /// `X`: the guest was terminated by a signal.
+    Terminated(u8),
+}
+
+/// Parses a stop reply (`T05thread:p01.02;`, `S05`, `W00`, `X09`).
+pub fn parse_stop_reply(r: &[u8]) -> Option<StopReply> {
+    let code = r.get(1..3).and_then(parse_hex_u64)? as u8;
+    match r[0] {
+        b'S' => Some(StopReply::Signal { signal: code, thread: None }),
+        b'W' => Some(StopReply::Exited(code)),
+        b'X' => Some(StopReply::Terminated(code)),
+        b'T' => {
+            let mut thread = None;
+            for kv in r[3..].split(|&b| b == b';') {
+                if let Some(v) = kv.strip_prefix(b"thread:") {
+                    thread = parse_thread_id(v);
+                }
+            }
+            Some(StopReply::Signal { signal: code, thread })
+        }
+        _ => None,
+    }
+}
+
+/// A thread id, plain (`02`) or multiprocess (`p01.02`).
+pub fn parse_thread_id(v: &[u8]) -> Option<u32> {
+    let t = match v.strip_prefix(b"p") {
+        Some(rest) => rest.split(|&b| b == b'.').nth(1)?,
+        None => v,
+    };
+    parse_hex_u64(t).and_then(|t| u32::try_from(t).ok())
+}
+
+/// The packet layer: one connection to a gdbstub.
+#[derive(Debug)]
+pub struct Client {
+    stream: Stream,
+    deframer: Deframer,
+    pending: std::collections::VecDeque<Frame>,
+    no_ack: bool,
+    /// The stub's `PacketSize` (QEMU: 4096).
+    pub packet_size: usize,
+    /// How long a request may take before [`AccessError::Timeout`].
+    pub timeout: Duration,
+    features: String,
+}
+
+impl Client {
+    /// Connects and negotiates `qSupported` and no-ack mode.
+    pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Self, AccessError> {
+        let stream = Stream::connect(ep, timeout).map_err(|source| AccessError::Connect {
+            what: WHAT,
+            addr: ep.to_string(),
+            hint: "-gdb unix:PATH,server=on,wait=off (or -s for tcp::1234)",
+            source,
+        })?;
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        let mut c =
+            Self { stream, deframer: Deframer::default(), pending: Default::default(), no_ack: false, packet_size: 4096, timeout, features: String::new() };
+        // Some stubs want to see an ack before the first packet.
+        c.write_raw(b"+")?;
+        let reply = c.request("qSupported:xmlRegisters=i386;vContSupported+")?;
+        c.features = String::from_utf8_lossy(&reply).into_owned();
+        for f in c.features.split(';') {
+            if let Some(v) = f.strip_prefix("PacketSize=") {
+                if let Some(n) = parse_hex_u64(v.as_bytes()) {
+                    c.packet_size = (n as usize).clamp(64, 1 << 20);
+                }
+            }
+        }
+        // QEMU 7.2 accepts QStartNoAckMode without advertising it.
+        if c.request("QStartNoAckMode")? == b"OK" {
+            c.no_ack = true;
+        }
+        Ok(c)
+    }
+
+    /// True when the stub announced `feature+` in `qSupported`.
+    pub fn supports(&self, feature: &str) -> bool {
+        self.features.split(';').any(|f| f.strip_suffix('+') == Some(feature))
+    }
+
+    /// True once `QStartNoAckMode` is in effect.
+    pub fn no_ack(&self) -> bool {
+        self.no_ack
+    }
+
+    fn write_raw(&mut self, b: &[u8]) -> Result<(), AccessError> {
+        self.stream.write_all(b).map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                AccessError::GuestGone(format!("gdbstub connection: {e}"))
+            }
+            _ => io_err(e),
+        })
+    }
+
+    /// Reads the next frame; `Ok(None)` at the deadline.
+    fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>, AccessError> {
+        let mut buf = [0u8; 16384];
+        if let Some(f) = self.pending.pop_front() {
+            return Ok(Some(f));
+        }
+        loop {
+            if let Some(f) = self.deframer.next_frame() {
+                return Ok(Some(f));
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    Some((d - now).max(Duration::from_millis(1)))
+                }
+                None => None,
+            };
+            self.stream.set_read_timeout(wait).map_err(io_err)?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(AccessError::GuestGone("the gdbstub closed the connection".into())),
+                Ok(n) => self.deframer.push(&buf[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(AccessError::GuestGone(format!("gdbstub connection: {e}")))
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+    }
+
+    /// Sends one packet; in ack mode, waits for its `+` (resending on `-`).
+    pub fn send(&mut self, payload: &[u8]) -> Result<(), AccessError> {
+        let framed = frame(payload);
+        self.write_raw(&framed)?;
+        if self.no_ack {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut tries = 0;
+        loop {
+            match self.next_frame(Some(deadline))? {
+                Some(Frame::Ack) => return Ok(()),
+                Some(Frame::Nack) if tries < 5 => {
+                    tries += 1;
+                    self.write_raw(&framed)?;
+                }
+                Some(Frame::Nack) => {
+                    return Err(protocol(payload, "the stub rejected the packet 5 times (line noise?)"))
+                }
+                // A reply before the ack: the ack got lost; keep the reply.
+                Some(f @ Frame::Packet(_)) => {
+                    self.pending.push_back(f);
+                    return Ok(());
+                }
+                Some(_) => {}
+                None => {
+                    return Err(AccessError::Timeout { what: format!("{WHAT} (ack of `{}`)", show(payload)), after: self.timeout })
+                }
+            }
+        }
+    }
+
+    /// Receives the next packet, decoded; `Ok(None)` at the deadline.
+    pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Vec<u8>>, AccessError> {
+        loop {
+            match self.next_frame(deadline)? {
+                None => return Ok(None),
+                Some(Frame::Packet(body)) => {
+                    if !self.no_ack {
+                        self.write_raw(b"+")?;
+                    }
+                    return decode(&body)
+                        .map(Some)
+                        .map_err(|e| protocol(b"(reply)", &format!("malformed packet: {e}")));
+                }
+                Some(Frame::BadChecksum) => {
+                    if !self.no_ack {
+                        self.write_raw(b"-")?;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply (`E NN` becomes
+    /// [`AccessError::Remote`]).
+    pub fn request(&mut self, payload: &str) -> Result<Vec<u8>, AccessError> {
+        self.request_bytes(payload.as_bytes())
+    }
+
+    pub fn request_bytes(&mut self, payload: &[u8]) -> Result<Vec<u8>, AccessError> {
+        self.send(payload)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let r = self.recv(Some(deadline))?.ok_or_else(|| AccessError::Timeout {
+                what: format!("{WHAT} (reply to `{}`)", show(payload)),
+                after: self.timeout,
+            })?;
+            // Console output packets (`O...`) may come before a reply; QEMU
+            // sends them only for `qRcmd`, whose own reply ends in `OK`.
+            if r.len() > 1 && r[0] == b'O' && r != b"OK" && !payload.starts_with(b"qRcmd") {
+                continue;
+            }
+            if let Some(code) = error_code(&r) {
+                return Err(AccessError::Remote { request: show(payload), code });
+            }
+            return Ok(r);
+        }
+    }
+
+    /// Sends the `0x03` interrupt byte.
+    pub fn interrupt(&mut self) -> Result<(), AccessError> {
+        self.write_raw(&[0x03])
+    }
+
+    /// Reads a whole `qXfer:<object>:read:<annex>` document.
+    pub fn qxfer_read(&mut self, object: &str, annex: &str) -> Result<Vec<u8>, AccessError> {
+        let mut out = Vec::new();
+        let chunk = self.packet_size.saturating_sub(16).max(64);
+        loop {
+            let req = format!("qXfer:{object}:read:{annex}:{:x},{chunk:x}", out.len());
+            let r = self.request(&req)?;
+            match r.first() {
+                Some(b'm') => out.extend_from_slice(&r[1..]),
+                Some(b'l') => {
+                    out.extend_from_slice(&r[1..]);
+                    return Ok(out);
+                }
+                _ => return Err(protocol(req.as_bytes(), &String::from_utf8_lossy(&r))),
+            }
+            if r.len() == 1 {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn show(p: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&p[..p.len().min(48)]).into_owned();
+    if p.len() > 48 { s + "..." } else { s }
+}
+
+fn io_err(source: std::io::Error) -> AccessError {
+    AccessError::Io { what: WHAT, source }
+}
+
+fn protocol(request: &[u8], reply: &str) -> AccessError {
+    AccessError::Protocol { what: WHAT, request: show(request), reply: reply.to_string() }
+}
+
+/// The [`GuestAccess`] backend over a QEMU gdbstub.
+#[derive(Debug)]
+pub struct GdbGuest {
+    client: Client,
+    layout: RegLayout,
+    /// gdb thread ids, index = [`VcpuId`].
+    tids: Vec<u32>,
+    /// Thread selected for `g`/`p`/`m` (`Hg`), if known.
+    selected: Option<u32>,
+    /// Whether `m`/`M` are physical, if known.
+    phys_mode: Option<bool>,
+    breakpoints: BTreeSet<(u64, BpKind)>,
+    running: bool,
+    vcont: bool,
+}
+
+impl GdbGuest {
+    /// Connects with a 5 s request timeout. QEMU stops the guest when a
+    /// debugger connects; [`GuestAccess::resume`] lets it go on.
+    pub fn connect(ep: Endpoint) -> Result<Self, AccessError> {
+        Self::connect_timeout(ep, Duration::from_secs(5))
+    }
+
+    pub fn connect_timeout(ep: Endpoint, timeout: Duration) -> Result<Self, AccessError> {
+        let mut client = Client::connect(&ep, timeout)?;
+        let layout = if client.supports("qXfer:features:read") {
+            let mut fetch = |annex: &str| {
+                client.qxfer_read("features", annex).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| e.to_string())
+            };
+            match RegLayout::from_target_xml(&mut fetch) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("cannot use the target description ({e}); assuming QEMU 7.2's x86_64 layout");
+                    RegLayout::qemu_x86_64()
+                }
+            }
+        } else {
+            RegLayout::qemu_x86_64()
+        };
+        let missing = layout.missing();
+        if !missing.is_empty() {
+            return Err(AccessError::Unsupported(format!(
+                "a gdbstub without registers {missing:?} (is this an x86_64 QEMU, qemu-system-x86_64?)"
+            )));
+        }
+        let vcont = client.request("vCont?").map(|r| r.starts_with(b"vCont") && r.windows(2).any(|w| w == b";c")).unwrap_or(false);
+        let mut g = Self {
+            client,
+            layout,
+            tids: Vec::new(),
+            selected: None,
+            phys_mode: None,
+            breakpoints: BTreeSet::new(),
+            running: false,
+            vcont,
+        };
+        // The stop QEMU made on connect (or an exit, if the guest is gone).
+        let r = g.client.request("?")?;
+        match parse_stop_reply(&r) {
+            Some(StopReply::Signal { .. }) => {}
+            Some(StopReply::Exited(c)) => return Err(AccessError::GuestGone(format!("guest exited with status {c}"))),
+            Some(StopReply::Terminated(s)) => return Err(AccessError::GuestGone(format!("guest terminated by signal {s}"))),
+            None => return Err(protocol(b"?", &String::from_utf8_lossy(&r))),
+        }
+        g.tids = g.thread_list()?;
+        Ok(g)
+    }
+
+    /// The packet layer, for requests this type does not wrap.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// The register layout in use.
+    pub fn layout(&self) -> &RegLayout {
+        &self.layout
+    }
+
+    fn thread_list(&mut self) -> Result<Vec<u32>, AccessError> {
+        let mut tids = Vec::new();
+        let mut r = self.client.request("qfThreadInfo")?;
+        for _ in 0..4096 {
+            match r.first() {
+                Some(b'm') => {
+                    for t in r[1..].split(|&b| b == b',') {
+                        tids.push(parse_thread_id(t).ok_or_else(|| protocol(b"qfThreadInfo", &String::from_utf8_lossy(&r)))?);
+                    }
+                }
+                Some(b'l') => break,
+                _ => return Err(protocol(b"qsThreadInfo", &String::from_utf8_lossy(&r))),
+            }
+            r = self.client.request("qsThreadInfo")?;
+        }
+        tids.sort_unstable();
+        tids.dedup();
+        if tids.is_empty() {
+            return Err(protocol(b"qfThreadInfo", "no threads"));
+        }
+        Ok(tids)
+    }
+
+    fn tid(&self, vcpu: VcpuId) -> Result<u32, AccessError> {
+        self.tids.get(vcpu.0 as usize).copied().ok_or(AccessError::NoSuchVcpu { vcpu, count: self.tids.len() })
+    }
+
+    fn vcpu_of(&self, tid: u32) -> VcpuId {
+        VcpuId(self.tids.iter().position(|&t| t == tid).unwrap_or(0) as u32)
+    }
+
+    fn stopped(&self) -> Result<(), AccessError> {
+        if self.running { Err(AccessError::Running) } else { Ok(()) }
+    }
+
+    fn select(&mut self, tid: u32) -> Result<(), AccessError> {
+        if self.selected != Some(tid) {
+            expect_ok(&mut self.client, &format!("Hg{tid:x}"))?;
+            self.selected = Some(tid);
+        }
+        Ok(())
+    }
+
+    fn set_phys_mode(&mut self, on: bool) -> Result<(), AccessError> {
+        if self.phys_mode != Some(on) {
+            let r = self.client.request(&format!("Qqemu.PhyMemMode:{}", u8::from(on)))?;
+            if r != b"OK" {
+                return Err(AccessError::Unsupported(
+                    "physical memory access (Qqemu.PhyMemMode); this needs QEMU's own gdbstub, 4.1 or newer".into(),
+                ));
+            }
+            self.phys_mode = Some(on);
+        }
+        Ok(())
+    }
+
+    /// Largest `m` request: QEMU refuses more than PacketSize/2 bytes.
+    fn read_chunk(&self) -> usize {
+        (self.client.packet_size / 2).max(16)
+    }
+
+    /// Largest `M` request: the whole packet must fit in PacketSize.
+    fn write_chunk(&self) -> usize {
+        (self.client.packet_size.saturating_sub(48) / 2).max(16)
+    }
+
+    fn read_mem(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let chunk = self.read_chunk();
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
+            let a = addr.wrapping_add((i * chunk) as u64);
+            let req = format!("m{a:x},{:x}", part.len());
+            let r = self.client.request(&req)?;
+            let bytes = from_hex(&r).filter(|b| b.len() == part.len()).ok_or_else(|| {
+                protocol(req.as_bytes(), &format!("{} hex bytes for {} requested", r.len() / 2, part.len()))
+            })?;
+            part.copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    fn write_mem(&mut self, addr: u64, data: &[u8]) -> Result<(), AccessError> {
+        let chunk = self.write_chunk();
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let a = addr.wrapping_add((i * chunk) as u64);
+            expect_ok(&mut self.client, &format!("M{a:x},{:x}:{}", part.len(), to_hex(part)))?;
+        }
+        Ok(())
+    }
+
+    fn read_reg(&mut self, tid: u32, name: &str) -> Result<u64, AccessError> {
+        let r = self.layout.get(name).cloned().ok_or_else(|| AccessError::Unsupported(format!("register {name}")))?;
+        self.select(tid)?;
+        let req = format!("p{:x}", r.regnum);
+        let reply = self.client.request(&req)?;
+        let b = from_hex(&reply).ok_or_else(|| protocol(req.as_bytes(), &String::from_utf8_lossy(&reply)))?;
+        let mut v = [0u8; 8];
+        let n = b.len().min(8);
+        v[..n].copy_from_slice(&b[..n]);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    fn write_reg(&mut self, tid: u32, name: &str, value: u64) -> Result<(), AccessError> {
+        let r = self.layout.get(name).cloned().ok_or_else(|| AccessError::Unsupported(format!("register {name}")))?;
+        self.select(tid)?;
+        let n = (r.bitsize as usize / 8).min(8);
+        expect_ok(&mut self.client, &format!("P{:x}={}", r.regnum, to_hex(&value.to_le_bytes()[..n])))
+    }
+
+    /// Reads any register the target describes, by name (`cr8`, `mxcsr`).
+    pub fn read_register(&mut self, vcpu: VcpuId, name: &str) -> Result<u64, AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        self.read_reg(tid, name)
+    }
+
+    /// Writes one register by name.
+    pub fn write_register(&mut self, vcpu: VcpuId, name: &str, value: u64) -> Result<(), AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        self.write_reg(tid, name, value)
+    }
+
+    fn insert_bp(&mut self, addr: u64, kind: BpKind) -> Result<(), AccessError> {
+        let z = if kind == BpKind::Software { 0 } else { 1 };
+        let r = self.client.request(&format!("Z{z},{addr:x},1"))?;
+        if r.is_empty() {
+            return Err(AccessError::Unsupported(format!("{kind:?} breakpoints (Z{z})")));
+        }
+        if r != b"OK" {
+            return Err(protocol(format!("Z{z}").as_bytes(), &String::from_utf8_lossy(&r)));
+        }
+        Ok(())
+    }
+
+    fn remove_bp(&mut self, addr: u64, kind: BpKind) -> Result<(), AccessError> {
+        let z = if kind == BpKind::Software { 0 } else { 1 };
+        expect_ok(&mut self.client, &format!("z{z},{addr:x},1"))
+    }
+
+    /// Waits for a stop reply and turns it into a [`StopEvent`].
+    fn wait_reply(&mut self, deadline: Option<Instant>) -> Result<Option<StopEvent>, AccessError> {
+        loop {
+            let Some(r) = self.client.recv(deadline)? else { return Ok(None) };
+            if r.first() == Some(&b'O') && r.len() > 1 {
+                continue; // console output
+            }
+            self.running = false;
+            self.selected = None;
+            match parse_stop_reply(&r) {
+                Some(StopReply::Signal { signal, thread }) => {
+                    let tid = match thread {
+                        Some(t) => t,
+                        None => {
+                            let q = self.client.request("qC")?;
+                            q.strip_prefix(b"QC").and_then(parse_thread_id).unwrap_or(self.tids[0])
+                        }
+                    };
+                    let rip = self.read_reg(tid, "rip")?;
+                    let reason = match signal {
+                        5 => StopReason::Trap,
+                        2 => StopReason::Interrupted,
+                        s => StopReason::Signal(s),
+                    };
+                    return Ok(Some(StopEvent { vcpu: self.vcpu_of(tid), rip: Gva(rip), reason }));
+                }
+                Some(StopReply::Exited(c)) => return Err(AccessError::GuestGone(format!("guest exited with status {c}"))),
+                Some(StopReply::Terminated(s)) => {
+                    return Err(AccessError::GuestGone(format!("guest terminated by signal {s}")))
+                }
+                None => return Err(protocol(b"(stop reply)", &String::from_utf8_lossy(&r))),
+            }
+        }
+    }
+
+    /// Addresses of our breakpoints at `addr`, any kind.
+    fn bps_at(&self, addr: u64) -> Vec<(u64, BpKind)> {
+        self.breakpoints.iter().copied().filter(|&(a, _)| a == addr).collect()
+    }
+
+    /// If `tid` sits on one of our breakpoints, single-steps it past it
+    /// with the breakpoint lifted (the other vCPUs stay stopped, so none
+    /// can run through the gap).
+    fn step_over(&mut self, tid: u32) -> Result<(), AccessError> {
+        if self.breakpoints.is_empty() {
+            return Ok(());
+        }
+        let rip = self.read_reg(tid, "rip")?;
+        let here = self.bps_at(rip);
+        if here.is_empty() {
+            return Ok(());
+        }
+        for &(a, k) in &here {
+            self.remove_bp(a, k)?;
+        }
+        let stepped = self.step_tid(tid);
+        for &(a, k) in &here {
+            self.insert_bp(a, k)?;
+        }
+        stepped.map(|_| ())
+    }
+
+    fn step_tid(&mut self, tid: u32) -> Result<StopEvent, AccessError> {
+        let req = if self.vcont { format!("vCont;s:{tid:x}") } else { self.select_c(tid)? };
+        self.client.send(req.as_bytes())?;
+        self.running = true;
+        let deadline = Instant::now() + self.client.timeout;
+        match self.wait_reply(Some(deadline))? {
+            Some(s) => Ok(s),
+            None => {
+                self.interrupt_and_wait()?;
+                Err(AccessError::Timeout { what: format!("a single step of thread {tid}"), after: self.client.timeout })
+            }
+        }
+    }
+
+    /// Fallback without vCont: `Hc` then `s`.
+    fn select_c(&mut self, tid: u32) -> Result<String, AccessError> {
+        expect_ok(&mut self.client, &format!("Hc{tid:x}"))?;
+        Ok("s".into())
+    }
+
+    fn interrupt_and_wait(&mut self) -> Result<StopEvent, AccessError> {
+        self.client.interrupt()?;
+        let deadline = Instant::now() + self.client.timeout;
+        self.wait_reply(Some(deadline))?.ok_or_else(|| AccessError::Timeout {
+            what: "the guest to stop after an interrupt (0x03)".into(),
+            after: self.client.timeout,
+        })
+    }
+
+    /// Detaches (`D`): QEMU removes every breakpoint and resumes the guest.
+    pub fn detach(mut self) -> Result<(), AccessError> {
+        if self.running {
+            self.interrupt_and_wait()?;
+        }
+        self.breakpoints.clear();
+        let r = self.client.request("D");
+        self.running = true; // nothing more to clean up in Drop
+        r.map(|_| ())
+    }
+}
+
+impl Drop for GdbGuest {
+    fn drop(&mut self) {
+        // Leave no breakpoint of ours behind for the next debugger to trip
+        // over; a running guest would stop on our bytes, so skip then.
+        if !self.running {
+            self.client.timeout = Duration::from_millis(500);
+            for (a, k) in std::mem::take(&mut self.breakpoints) {
+                let _ = self.remove_bp(a, k);
+            }
+        }
+    }
+}
+
+fn expect_ok(c: &mut Client, req: &str) -> Result<(), AccessError> {
+    let r = c.request(req)?;
+    if r == b"OK" {
+        Ok(())
+    } else if r.is_empty() {
+        Err(AccessError::Unsupported(format!("the request `{}`", show(req.as_bytes()))))
+    } else {
+        Err(protocol(req.as_bytes(), &String::from_utf8_lossy(&r)))
+    }
+}
+
+impl GuestAccess for GdbGuest {
+    fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.stopped()?;
+        self.set_phys_mode(true)?;
+        self.read_mem(gpa.0, buf).map_err(|e| match e {
+            AccessError::Remote { code: 0x0e, .. } => AccessError::OutOfRam { gpa, len: buf.len() },
+            e => e,
+        })
+    }
+
+    fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError> {
+        self.stopped()?;
+        self.set_phys_mode(true)?;
+        self.write_mem(gpa.0, data).map_err(|e| match e {
+            AccessError::Remote { code: 0x0e, .. } => AccessError::OutOfRam { gpa, len: data.len() },
+            e => e,
+        })
+    }
+
+    fn read_virt(&mut self, vcpu: VcpuId, gva: Gva, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        self.set_phys_mode(false)?;
+        self.select(tid)?;
+        self.read_mem(gva.0, buf).map_err(|e| match e {
+            AccessError::Remote { code: 0x0e, .. } => AccessError::NotMapped(gva),
+            e => e,
+        })
+    }
+
+    fn write_virt(&mut self, vcpu: VcpuId, gva: Gva, data: &[u8]) -> Result<(), AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        self.set_phys_mode(false)?;
+        self.select(tid)?;
+        self.write_mem(gva.0, data).map_err(|e| match e {
+            AccessError::Remote { code: 0x0e, .. } => AccessError::NotMapped(gva),
+            e => e,
+        })
+    }
+
+    fn vcpus(&mut self) -> Result<Vec<VcpuId>, AccessError> {
+        Ok((0..self.tids.len() as u32).map(VcpuId).collect())
+    }
+
+    fn get_regs(&mut self, vcpu: VcpuId) -> Result<CpuState, AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        self.select(tid)?;
+        let r = self.client.request("g")?;
+        let b = from_hex(&r).ok_or_else(|| protocol(b"g", &show(&r)))?;
+        if b.len() < self.layout.get("efer").map_or(0, |e| e.offset + 8) {
+            return Err(protocol(b"g", &format!("{} bytes of registers, fewer than the target description's", b.len())));
+        }
+        Ok(self.layout.decode_g(&b))
+    }
+
+    fn set_regs(&mut self, vcpu: VcpuId, regs: &CpuState) -> Result<(), AccessError> {
+        let now = self.get_regs(vcpu)?;
+        let tid = self.tid(vcpu)?;
+        // Control registers and EFER first: they change how QEMU reads the
+        // rest (segment loads depend on CR0.PE and EFER.LMA).
+        let order = ["cr0", "cr4", "efer", "cr3", "cr2"].into_iter().chain(CPU_STATE_REGS.iter().copied());
+        let mut done = BTreeSet::new();
+        for name in order {
+            if !done.insert(name) {
+                continue;
+            }
+            let (want, have) = (field(regs, name), field(&now, name));
+            if want != have {
+                self.write_reg(tid, name, want.unwrap_or(0))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<Option<StopEvent>, AccessError> {
+        if !self.running {
+            return Ok(None);
+        }
+        self.interrupt_and_wait().map(Some)
+    }
+
+    fn resume(&mut self) -> Result<(), AccessError> {
+        self.stopped()?;
+        let tids = self.tids.clone();
+        for tid in tids {
+            self.step_over(tid)?;
+        }
+        self.client.send(if self.vcont { b"vCont;c" } else { b"c" })?;
+        self.running = true;
+        self.selected = None;
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.running
+    }
+
+    fn wait_stop(&mut self, timeout: Option<Duration>) -> Result<Option<StopEvent>, AccessError> {
+        if !self.running {
+            return Err(AccessError::NotRunning);
+        }
+        self.wait_reply(timeout.map(|t| Instant::now() + t))
+    }
+
+    fn run_vcpu_until(&mut self, vcpu: VcpuId, stop_at: Gva, timeout: Duration) -> Result<RunOutcome, AccessError> {
+        self.stopped()?;
+        if !self.vcont {
+            return Err(AccessError::Unsupported("running one vCPU alone (the stub lacks vCont)".into()));
+        }
+        let tid = self.tid(vcpu)?;
+        let temp = self.bps_at(stop_at.0).is_empty();
+        self.step_over(tid)?;
+        if temp {
+            self.insert_bp(stop_at.0, BpKind::Hardware)?;
+            self.breakpoints.insert((stop_at.0, BpKind::Hardware));
+        }
+        let run = (|| {
+            self.client.send(format!("vCont;c:{tid:x}").as_bytes())?;
+            self.running = true;
+            self.selected = None;
+            match self.wait_reply(Some(Instant::now() + timeout))? {
+                Some(s) if s.vcpu == vcpu && s.rip == stop_at && s.reason == StopReason::Trap => Ok(RunOutcome::Reached(s)),
+                Some(s) => Ok(RunOutcome::StoppedElsewhere(s)),
+                None => self.interrupt_and_wait().map(RunOutcome::TimedOut),
+            }
+        })();
+        if temp && !self.running {
+            self.breakpoints.remove(&(stop_at.0, BpKind::Hardware));
+            self.remove_bp(stop_at.0, BpKind::Hardware)?;
+        }
+        run
+    }
+
+    fn step_vcpu(&mut self, vcpu: VcpuId) -> Result<StopEvent, AccessError> {
+        self.stopped()?;
+        let tid = self.tid(vcpu)?;
+        let rip = self.read_reg(tid, "rip")?;
+        let here = self.bps_at(rip);
+        for &(a, k) in &here {
+            self.remove_bp(a, k)?;
+        }
+        let s = self.step_tid(tid);
+        for &(a, k) in &here {
+            self.insert_bp(a, k)?;
+        }
+        s
+    }
+
+    fn set_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError> {
+        self.stopped()?;
+        if self.breakpoints.contains(&(addr.0, kind)) {
+            return Ok(());
+        }
+        self.insert_bp(addr.0, kind)?;
+        self.breakpoints.insert((addr.0, kind));
+        Ok(())
+    }
+
+    fn clear_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError> {
+        self.stopped()?;
+        if self.breakpoints.remove(&(addr.0, kind)) {
+            self.remove_bp(addr.0, kind)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stop_replies() {
+        assert_eq!(parse_stop_reply(b"T05thread:p01.02;"), Some(StopReply::Signal { signal: 5, thread: Some(2) }));
+        assert_eq!(parse_stop_reply(b"T02thread:01;"), Some(StopReply::Signal { signal: 2, thread: Some(1) }));
+        assert_eq!(
+            parse_stop_reply(b"T05watch:ffff8000;thread:0a;"),
+            Some(StopReply::Signal { signal: 5, thread: Some(10) })
+        );
+        assert_eq!(parse_stop_reply(b"S05"), Some(StopReply::Signal { signal: 5, thread: None }));
+        assert_eq!(parse_stop_reply(b"W00"), Some(StopReply::Exited(0)));
+        assert_eq!(parse_stop_reply(b"X0f"), Some(StopReply::Terminated(15)));
+        assert_eq!(parse_stop_reply(b"OK"), None);
+        assert_eq!(parse_stop_reply(b""), None);
+    }
+}
