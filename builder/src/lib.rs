@@ -1,1 +1,154 @@
-//! Builds and reads repair images.
+//! Builds and reads repair images: everything the loader needs to repair one
+//! kernel build, in one checksummed file.
+//!
+//! ```no_run
+//! use builder::{build_from_vmlinux, BuildOptions, RepairImage};
+//! let image = build_from_vmlinux("vmlinux".as_ref(), &BuildOptions::default())?;
+//! image.write("repair.img".as_ref())?;
+//! let back = RepairImage::read("repair.img".as_ref())?;
+//! back.check_kernel(None, &image.kernel.banner)?;
+//! let plan = builder::StagePlan::new(&back, 0x10000, 0x80000, 512 << 20)?;
+//! println!("entry {:#x}, cr3 {:#x}", plan.entry_rip, plan.cr3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! - [`image`]: the container ([`RepairImage`]) and its format;
+//! - [`layout`]: from a `symbols` profile to the repair kernel's layout;
+//! - [`elf`]: the embedded repair kernel ELF, and vmlinux pages;
+//! - [`stage`]: where everything goes in the guest ([`StagePlan`]).
+//!
+//! `build.rs` builds the bare-metal repair kernel
+//! (`repair-kernel/unikernel`) and this crate embeds it, so one
+//! `cargo build` yields a self-contained `build-repair-image`.
+
+pub mod elf;
+pub mod image;
+pub mod inspect;
+pub mod layout;
+pub mod stage;
+
+use std::path::{Path, PathBuf};
+
+pub use elf::{builtin_unikernel, UNIKERNEL_ELF, UNIKERNEL_LINK_BASE};
+pub use image::{FileInfo, ImageError, KernelId, RepairImage, Segment, SnapshotSource, Unikernel};
+pub use layout::{layout_from_profile, LayoutError, WantedNames};
+pub use stage::{StageError, StagePlan};
+
+use repair_kernel::layout::{Kind, ITEMS};
+use symbols::Profile;
+
+/// Options of [`build_from_vmlinux`].
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// Also carry the pristine text/rodata pages (restores, not only checks).
+    pub keep_pristine: bool,
+    /// A `System.map` to cross-check symbol addresses against.
+    pub system_map: Option<PathBuf>,
+}
+
+/// Why an image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Profile(#[from] symbols::Error),
+    #[error("{path}: {source}")]
+    Layout {
+        path: PathBuf,
+        #[source]
+        source: LayoutError,
+    },
+    #[error("{path}: {msg}")]
+    Vmlinux { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    SystemMap { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+/// Extracts the profile the repair kernel needs from a vmlinux (missing
+/// items are reported by [`layout_from_profile`], not here).
+pub fn profile_from_vmlinux(vmlinux: &Path) -> Result<Profile, BuildError> {
+    let names = WantedNames::for_repair_kernel();
+    let (profile, _missing) = names.with(|w| Profile::from_vmlinux_lenient(vmlinux, w))?;
+    Ok(profile)
+}
+
+/// Builds a repair image from the vmlinux alone: profile, layout, the
+/// embedded repair kernel, and the text/rodata snapshot as the file has it.
+pub fn build_from_vmlinux(vmlinux: &Path, opts: &BuildOptions) -> Result<RepairImage, BuildError> {
+    let profile = profile_from_vmlinux(vmlinux)?;
+    build_from_profile(vmlinux, profile, opts)
+}
+
+/// [`build_from_vmlinux`] with a profile already extracted from `vmlinux`.
+pub fn build_from_profile(
+    vmlinux: &Path,
+    mut profile: Profile,
+    opts: &BuildOptions,
+) -> Result<RepairImage, BuildError> {
+    if let Some(map) = &opts.system_map {
+        cross_check_system_map(&mut profile, map)?;
+    }
+    let layout = layout_from_profile(&profile)
+        .map_err(|source| BuildError::Layout { path: vmlinux.to_owned(), source })?;
+    let vm_err = |msg: String| BuildError::Vmlinux { path: vmlinux.to_owned(), msg };
+    let build_id = image::unhex(&profile.build_id)
+        .ok_or_else(|| vm_err(format!("build-id {:?} is not hex", profile.build_id)))?;
+    let kernel = KernelId {
+        build_id,
+        banner: profile.banner.clone(),
+        release: profile.release.clone(),
+    };
+    let mut image = RepairImage {
+        kernel,
+        profile_json: profile.to_json(),
+        layout,
+        unikernel: builtin_unikernel()?,
+        snapshot_source: SnapshotSource::VmlinuxFile,
+        page_hashes: Default::default(),
+        pristine: Default::default(),
+    };
+
+    let file = std::fs::File::open(vmlinux).map_err(|e| vm_err(e.to_string()))?;
+    // SAFETY: a read-only private map, dropped before return; a vmlinux is
+    // not expected to change while it is read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| vm_err(e.to_string()))?;
+    let pages = elf::VmlinuxPages::new(&map).map_err(vm_err)?;
+    let ranges = [profile.text, profile.rodata];
+    if ranges.iter().any(|r| r.end <= r.start) {
+        return Err(vm_err("empty kernel text or rodata range in the profile".into()));
+    }
+    let all = ranges.iter().flat_map(|r| pages.pages(r.start, r.end));
+    image.set_snapshot_from(all, opts.keep_pristine, SnapshotSource::VmlinuxFile);
+    Ok(image)
+}
+
+/// Checks that the profile's symbols agree with `System.map`; fills symbols
+/// the profile lacks from it.
+fn cross_check_system_map(profile: &mut Profile, path: &Path) -> Result<(), BuildError> {
+    let err = |msg: String| BuildError::SystemMap { path: path.to_owned(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let map = symbols::parse_system_map(&text);
+    if map.is_empty() {
+        return Err(err("no symbols found (is this a System.map?)".into()));
+    }
+    let mut wrong = Vec::new();
+    for spec in ITEMS.iter().filter(|s| s.kind == Kind::Symbol) {
+        match (profile.symbol(spec.ty), map.get(spec.ty)) {
+            (Some(a), Some(&b)) if a != b => {
+                wrong.push(format!("{} is {a:#x} in the vmlinux, {b:#x} here", spec.ty))
+            }
+            (None, Some(&b)) => {
+                profile.symbols.insert(spec.ty.to_owned(), symbols::Symbol { address: b, size: 0 });
+            }
+            _ => {}
+        }
+    }
+    if !wrong.is_empty() {
+        return Err(err(format!(
+            "does not match the vmlinux ({}); pass the System.map of the same kernel build",
+            wrong.join("; ")
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Where the repair kernel goes in the guest: a pure plan of guest-physical
+//! writes and the registers to start it with, made from an image and a
+//! borrowed guest-physical range. The loader saves the range, performs the
+//! writes, fills the contract, sets the registers, runs, and restores.
+//!
+//! Inside the borrowed range `[base_gpa, base_gpa + size)`, 4 KiB pages are
+//! handed out in order: the root table first (so `cr3 == base_gpa`), then
+//! the repair kernel's segment pages (with `.bss` and the stack zeroed), the
+//! contract pages, and the page tables as the mappings need them.
+//!
+//! The address space built:
+//! - PML4 slot 0: guest RAM identity-mapped, `[0, min(ram_end rounded up to
+//!   2 MiB, 4 GiB))`, 2 MiB pages, supervisor, writable;
+//! - the repair kernel's window at its link base (PML4 slot 1): each segment
+//!   page with 4 KiB pages (writable only for `PF_W` segments), then one
+//!   unmapped guard page, then the contract page(s), writable.
+//!
+//! No NX bit is used (it would be a reserved bit if the guest runs with
+//! `EFER.NXE` clear), and accessed/dirty bits are preset so the CPU has no
+//! reason to write to the tables.
+
+use std::collections::BTreeMap;
+
+use repair_kernel::contract::Contract;
+
+use crate::image::{RepairImage, PAGE_SIZE, PF_W};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const MIB2: u64 = 2 << 20;
+/// The identity map stops here (the loader's tables map no more).
+pub const IDENTITY_LIMIT: u64 = 4 << 30;
+
+/// Page-table entry bits.
+pub const PTE_P: u64 = 1 << 0;
+pub const PTE_RW: u64 = 1 << 1;
+pub const PTE_US: u64 = 1 << 2;
+pub const PTE_A: u64 = 1 << 5;
+pub const PTE_D: u64 = 1 << 6;
+pub const PTE_PS: u64 = 1 << 7;
+/// Physical address bits of an entry.
+pub const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// The paging mode the loader will run the repair kernel in: it must match
+/// the guest's `CR4.LA57`, which the loader leaves unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Paging {
+    #[default]
+    FourLevel,
+    FiveLevel,
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StageError {
+    #[error("borrowed range base {0:#x} is not 4 KiB-aligned")]
+    Unaligned(u64),
+    #[error("the repair kernel needs {need} KiB of guest memory, the borrowed range [{base:#x}, +{size:#x}) has {} KiB; borrow a larger range", size / 1024)]
+    TooSmall { need: u64, base: u64, size: u64 },
+    #[error("borrowed range [{base:#x}, +{size:#x}) is not inside guest RAM (which ends at {ram_end:#x})")]
+    OutsideRam { base: u64, size: u64, ram_end: u64 },
+    #[error("repair kernel window {0:#x} overlaps the identity map of guest RAM (PML4 slot 0) or is not canonical")]
+    BadWindow(u64),
+    #[error("repair kernel segment at {0:#x} is not page-aligned")]
+    UnalignedSegment(u64),
+    #[error("repair kernel stack top {0:#x} is not inside a writable segment")]
+    BadStack(u64),
+}
+
+/// One page of the repair kernel's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowPage {
+    pub gva: u64,
+    pub gpa: u64,
+    pub writable: bool,
+}
+
+/// Everything the loader does to start the repair kernel.
+#[derive(Clone, Debug)]
+pub struct StagePlan {
+    /// Guest-physical writes, in ascending address order, all inside the
+    /// borrowed range: page tables, segments, zeroed contract pages.
+    pub writes: Vec<(u64, Vec<u8>)>,
+    /// The root page table (PML4, or PML5 for [`Paging::FiveLevel`]).
+    pub cr3: u64,
+    /// Where to start: `_start`.
+    pub entry_rip: u64,
+    /// Initial `rsp` (virtual, 16-byte aligned).
+    pub stack_top: u64,
+    /// Where the contract block is, virtual (goes in `rdi`) and physical
+    /// (where the loader writes the input and reads the output).
+    pub contract_gva: u64,
+    pub contract_gpa: u64,
+    /// `repair_done`: the completion point (breakpoint address).
+    pub done_rip: u64,
+    /// Guest RAM `[0, identity_end)` is identity-mapped.
+    pub identity_end: u64,
+    /// Bytes of the borrowed range used, from its base.
+    pub used: u64,
+    /// Every page of the window, for checks and debugging.
+    pub window: Vec<WindowPage>,
+    pub paging: Paging,
+}
+
+/// A bump allocator over the borrowed range that keeps counting past its
+/// end, so the error can say how much is needed.
+struct Alloc {
+    base: u64,
+    next: u64,
+}
+
+impl Alloc {
+    fn page(&mut self) -> u64 {
+        let p = self.base + self.next;
+        self.next += PAGE;
+        p
+    }
+}
+
+/// Page tables under construction, by guest-physical address.
+struct Tables {
+    root: u64,
+    levels: u32,
+    pages: BTreeMap<u64, Box<[u64; 512]>>,
+}
+
+impl Tables {
+    fn new(alloc: &mut Alloc, levels: u32) -> Self {
+        let root = alloc.page();
+        let mut pages = BTreeMap::new();
+        pages.insert(root, Box::new([0u64; 512]));
+        Self { root, levels, pages }
+    }
+
+    /// Maps one page of `size` (4 KiB at level 1, 2 MiB at level 2).
+    fn map(&mut self, alloc: &mut Alloc, gva: u64, gpa: u64, leaf_level: u32, writable: bool) {
+        let mut table = self.root;
+        for level in (leaf_level + 1..=self.levels).rev() {
+            let idx = ((gva >> (12 + 9 * (level - 1))) & 511) as usize;
+            let entry = self.pages[&table][idx];
+            table = if entry & PTE_P != 0 {
+                entry & PTE_ADDR
+            } else {
+                let t = alloc.page();
+                self.pages.insert(t, Box::new([0u64; 512]));
+                self.pages.get_mut(&table).expect("table exists")[idx] = t | PTE_P | PTE_RW | PTE_A;
+                t
+            };
+        }
+        let idx = ((gva >> (12 + 9 * (leaf_level - 1))) & 511) as usize;
+        let mut leaf = gpa | PTE_P | PTE_A | PTE_D;
+        if writable {
+            leaf |= PTE_RW;
+        }
+        if leaf_level == 2 {
+            leaf |= PTE_PS;
+        }
+        self.pages.get_mut(&table).expect("table exists")[idx] = leaf;
+    }
+}
+
+impl StagePlan {
+    /// A plan for 4-level paging (the usual case; see [`StagePlan::with_paging`]).
+    pub fn new(image: &RepairImage, base_gpa: u64, size: u64, ram_end: u64) -> Result<StagePlan, StageError> {
+        Self::with_paging(image, base_gpa, size, ram_end, Paging::FourLevel)
+    }
+
+    /// A plan for the given paging mode.
+    pub fn with_paging(
+        image: &RepairImage,
+        base_gpa: u64,
+        size: u64,
+        ram_end: u64,
+        paging: Paging,
+    ) -> Result<StagePlan, StageError> {
+        if base_gpa % PAGE != 0 {
+            return Err(StageError::Unaligned(base_gpa));
+        }
+        let size = size / PAGE * PAGE;
+        if base_gpa.checked_add(size).is_none_or(|end| end > ram_end) {
+            return Err(StageError::OutsideRam { base: base_gpa, size, ram_end });
+        }
+        let u = &image.unikernel;
+        // The window must be in its own PML4 slot, above slot 0, and in the
+        // lower canonical half for either paging mode.
+        let window_ok = |a: u64| a >= (1 << 39) && a < (1 << 47);
+        let contract_pages = (std::mem::size_of::<Contract>() as u64).div_ceil(PAGE);
+        let contract_gva = u.end().next_multiple_of(PAGE) + PAGE;
+        let window_end = contract_gva + contract_pages * PAGE;
+        if !window_ok(u.link_base) || !window_ok(window_end) {
+            return Err(StageError::BadWindow(u.link_base));
+        }
+
+        let mut alloc = Alloc { base: base_gpa, next: 0 };
+        let levels = match paging {
+            Paging::FourLevel => 4,
+            Paging::FiveLevel => 5,
+        };
+        let mut tables = Tables::new(&mut alloc, levels);
+        let mut data_pages: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut window = Vec::new();
+
+        // The repair kernel's segments, page by page.
+        for seg in &u.segments {
+            if seg.vaddr % PAGE != 0 {
+                return Err(StageError::UnalignedSegment(seg.vaddr));
+            }
+            let writable = seg.flags & PF_W != 0;
+            for off in (0..seg.memsz.next_multiple_of(PAGE)).step_by(PAGE_SIZE) {
+                let mut page = vec![0u8; PAGE_SIZE];
+                let lo = (off as usize).min(seg.data.len());
+                let hi = (off as usize + PAGE_SIZE).min(seg.data.len());
+                page[..hi - lo].copy_from_slice(&seg.data[lo..hi]);
+                let gpa = alloc.page();
+                let gva = seg.vaddr + off;
+                tables.map(&mut alloc, gva, gpa, 1, writable);
+                window.push(WindowPage { gva, gpa, writable });
+                data_pages.push((gpa, page));
+            }
+        }
+        let stack_ok = window
+            .iter()
+            .any(|p| p.writable && u.stack_top > p.gva && u.stack_top <= p.gva + PAGE);
+        if !stack_ok || u.stack_top % 16 != 0 {
+            return Err(StageError::BadStack(u.stack_top));
+        }
+
+        // The contract block, after an unmapped guard page.
+        let mut contract_gpa = 0;
+        for i in 0..contract_pages {
+            let gpa = alloc.page();
+            let gva = contract_gva + i * PAGE;
+            if i == 0 {
+                contract_gpa = gpa;
+            }
+            tables.map(&mut alloc, gva, gpa, 1, true);
+            window.push(WindowPage { gva, gpa, writable: true });
+            data_pages.push((gpa, vec![0u8; PAGE_SIZE]));
+        }
+
+        // Guest RAM, identity-mapped with 2 MiB pages.
+        let identity_end = ram_end.next_multiple_of(MIB2).min(IDENTITY_LIMIT);
+        for gpa in (0..identity_end).step_by(MIB2 as usize) {
+            tables.map(&mut alloc, gpa, gpa, 2, true);
+        }
+
+        if alloc.next > size {
+            return Err(StageError::TooSmall { need: alloc.next.div_ceil(1024), base: base_gpa, size });
+        }
+
+        let mut writes: Vec<(u64, Vec<u8>)> = data_pages;
+        for (gpa, t) in &tables.pages {
+            let bytes = t.iter().flat_map(|e| e.to_le_bytes()).collect();
+            writes.push((*gpa, bytes));
+        }
+        writes.sort_by_key(|w| w.0);
+        // Coalesce physically contiguous pages into runs.
+        let mut merged: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (gpa, bytes) in writes {
+            match merged.last_mut() {
+                Some((g, b)) if *g + b.len() as u64 == gpa => b.extend_from_slice(&bytes),
+                _ => merged.push((gpa, bytes)),
+            }
+        }
+
+        Ok(StagePlan {
+            writes: merged,
+            cr3: tables.root,
+            entry_rip: u.entry,
+            stack_top: u.stack_top,
+            contract_gva,
+            contract_gpa,
+            done_rip: u.done,
+            identity_end,
+            used: alloc.next,
+            window,
+            paging,
+        })
+    }
+
+    /// The bytes the plan writes at `gpa` (one byte), if any.
+    fn written(&self, gpa: u64) -> Option<u8> {
+        let i = self.writes.partition_point(|(g, _)| *g <= gpa).checked_sub(1)?;
+        let (g, b) = &self.writes[i];
+        b.get((gpa - g) as usize).copied()
+    }
+
+    fn entry_at(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = self.written(gpa + i as u64)?;
+        }
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Translates a virtual address through the planned page tables, as the
+    /// CPU would: `(gpa, writable)`, or `None` where unmapped. Reads only
+    /// the planned writes, so it checks what the guest will actually get.
+    pub fn translate(&self, gva: u64) -> Option<(u64, bool)> {
+        let levels = match self.paging {
+            Paging::FourLevel => 4,
+            Paging::FiveLevel => 5,
+        };
+        let mut table = self.cr3;
+        let mut writable = true;
+        for level in (1..=levels).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let entry = self.entry_at(table + ((gva >> shift) & 511) * 8)?;
+            if entry & PTE_P == 0 || entry & PTE_US != 0 {
+                return None;
+            }
+            writable &= entry & PTE_RW != 0;
+            let is_leaf = level == 1 || (entry & PTE_PS != 0);
+            if is_leaf {
+                let mask = (1u64 << shift) - 1;
+                return Some(((entry & PTE_ADDR & !mask) | (gva & mask), writable));
+            }
+            table = entry & PTE_ADDR;
+        }
+        None
+    }
+}

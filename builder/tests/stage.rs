@@ -1,0 +1,135 @@
+//! The staging plan's page tables map exactly what they should.
+
+use builder::image::{KernelId, RepairImage, SnapshotSource, PF_W};
+use builder::stage::{Paging, StageError, StagePlan, IDENTITY_LIMIT};
+use builder::builtin_unikernel;
+use repair_kernel::contract::Contract;
+use repair_kernel::layout::KernelLayout;
+
+fn image() -> RepairImage {
+    RepairImage {
+        kernel: KernelId::default(),
+        profile_json: "{}".into(),
+        layout: KernelLayout::default(),
+        unikernel: builtin_unikernel().unwrap(),
+        snapshot_source: SnapshotSource::VmlinuxFile,
+        page_hashes: Default::default(),
+        pristine: Default::default(),
+    }
+}
+
+fn check(plan: &StagePlan, image: &RepairImage, base: u64, size: u64, ram_end: u64) {
+    let u = &image.unikernel;
+    assert_eq!(plan.cr3, base);
+    assert_eq!(plan.entry_rip, u.entry);
+    assert_eq!(plan.done_rip, u.done);
+    assert_eq!(plan.stack_top % 16, 0);
+    assert!(plan.used <= size);
+    // Every write lies in the borrowed range.
+    for (gpa, bytes) in &plan.writes {
+        assert!(*gpa >= base && gpa + bytes.len() as u64 <= base + size, "{gpa:#x}");
+    }
+    // Identity map: every 2 MiB of RAM below min(ram_end, 4 GiB), writable.
+    let end = ram_end.next_multiple_of(2 << 20).min(IDENTITY_LIMIT);
+    assert_eq!(plan.identity_end, end);
+    for gpa in (0..end).step_by(1 << 20).chain([0x1234, end - 1]) {
+        assert_eq!(plan.translate(gpa), Some((gpa, true)), "{gpa:#x}");
+    }
+    assert_eq!(plan.translate(end), None);
+    // The window: each segment page maps to a written copy of its bytes,
+    // writable exactly for PF_W segments; .bss and the stack are zero.
+    let read = |gpa: u64, len: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| {
+                let a = gpa + i;
+                let (g, b) = plan.writes.iter().rfind(|(g, _)| *g <= a).expect("written");
+                b[(a - g) as usize]
+            })
+            .collect()
+    };
+    for seg in &u.segments {
+        for off in (0..seg.memsz).step_by(4096) {
+            let gva = seg.vaddr + off;
+            let (gpa, w) = plan.translate(gva).unwrap_or_else(|| panic!("{gva:#x} unmapped"));
+            assert_eq!(w, seg.flags & PF_W != 0, "{gva:#x}");
+            assert!(gpa >= base && gpa < base + size);
+            let len = 4096.min(seg.memsz - off) as usize;
+            let want: Vec<u8> = (0..len)
+                .map(|i| seg.data.get(off as usize + i).copied().unwrap_or(0))
+                .collect();
+            assert_eq!(read(gpa, len), want, "{gva:#x}");
+        }
+    }
+    let (stack_gpa, w) = plan.translate(plan.stack_top - 8).unwrap();
+    assert!(w && stack_gpa >= base);
+    // Guard page before the contract; the contract writable and zeroed.
+    assert_eq!(plan.translate(plan.contract_gva - 4096), None);
+    let csize = std::mem::size_of::<Contract>() as u64;
+    for off in (0..csize).step_by(4096).chain([csize - 1]) {
+        let (gpa, w) = plan.translate(plan.contract_gva + off).unwrap();
+        assert!(w);
+        assert_eq!(gpa, plan.contract_gpa + off);
+    }
+    assert_eq!(read(plan.contract_gpa, csize as usize), vec![0; csize as usize]);
+    // Nothing else in the window, and nothing in the user half's other slots.
+    let mapped = plan.window.len() as u64;
+    let want = u.segments.iter().map(|s| s.memsz.div_ceil(4096)).sum::<u64>() + csize.div_ceil(4096);
+    assert_eq!(mapped, want);
+    assert_eq!(plan.translate(u.link_base - 4096), None);
+    assert_eq!(plan.translate(plan.contract_gva + csize.next_multiple_of(4096)), None);
+    assert_eq!(plan.translate(0xffff_ffff_8100_0000), None);
+}
+
+#[test]
+fn plan_maps_what_it_should() {
+    let image = image();
+    for ram_end in [512 << 20, (3 << 30) + (1 << 20), 8 << 30] {
+        let plan = StagePlan::new(&image, 0x10000, 0x80000, ram_end).unwrap();
+        check(&plan, &image, 0x10000, 0x80000, ram_end);
+        assert_eq!(plan.paging, Paging::FourLevel);
+    }
+    let plan = StagePlan::with_paging(&image, 0x10000, 0x80000, 1 << 30, Paging::FiveLevel).unwrap();
+    check(&plan, &image, 0x10000, 0x80000, 1 << 30);
+}
+
+#[test]
+fn plan_walked_by_the_repair_kernels_own_walker() {
+    use repair_kernel::arch::x86_64::pgtable::{translate, Paging as RkPaging};
+    use repair_kernel::mem::{Error, Gpa, Gva, PhysMem};
+    struct Writes<'a>(&'a StagePlan);
+    impl PhysMem for Writes<'_> {
+        fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let a = gpa.0 + i as u64;
+                let (g, bytes) = self.0.writes.iter().rfind(|(g, _)| *g <= a).ok_or(Error::OutOfRam(gpa))?;
+                *b = *bytes.get((a - g) as usize).ok_or(Error::OutOfRam(gpa))?;
+            }
+            Ok(())
+        }
+        fn write_phys(&mut self, gpa: Gpa, _: &[u8]) -> Result<(), Error> {
+            Err(Error::OutOfRam(gpa))
+        }
+        fn ram_end(&self) -> u64 {
+            1 << 40
+        }
+    }
+    let image = image();
+    let plan = StagePlan::new(&image, 0x10000, 0x80000, 1 << 30).unwrap();
+    let mem = Writes(&plan);
+    let paging = RkPaging { root: Gpa(plan.cr3), la57: false };
+    for gva in [plan.entry_rip, plan.done_rip, plan.stack_top - 8, plan.contract_gva, 0x9f000, (1 << 30) - 1] {
+        let t = translate(&mem, paging, Gva(gva)).unwrap_or_else(|e| panic!("{gva:#x}: {e:?}"));
+        assert_eq!(Some((t.gpa.0, t.writable)), plan.translate(gva), "{gva:#x}");
+        assert!(!t.user && !t.nx);
+    }
+}
+
+#[test]
+fn refuses_what_does_not_fit() {
+    let image = image();
+    let err = StagePlan::new(&image, 0x10000, 0x8000, 1 << 30).unwrap_err();
+    assert!(matches!(err, StageError::TooSmall { .. }), "{err}");
+    assert!(err.to_string().contains("borrow a larger range"), "{err}");
+    assert!(matches!(StagePlan::new(&image, 0x10800, 0x80000, 1 << 30), Err(StageError::Unaligned(_))));
+    assert!(matches!(StagePlan::new(&image, 0x10000, 0x80000, 0x20000), Err(StageError::OutsideRam { .. })));
+}
