@@ -47,7 +47,10 @@ pub fn next_task<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, t: Task) -> Result<Task
 /// Validates as drgn's `validate_list_for_each` does: each element's
 /// `tasks.prev` must point back at the previous one, a cycle that does not
 /// pass through the head is caught (Brent's algorithm), and at most
-/// `max_tasks` elements are visited. Returns the number visited.
+/// `max_tasks` elements are visited. Returns the number visited. (The prev
+/// check alone already catches any cycle that skips the head, as memory
+/// does not change under the walk; Brent's check costs nothing and keeps
+/// the walk sound if the prev check is ever relaxed.)
 pub fn for_each_process<M: PhysMem + ?Sized>(
     k: &Kernel<'_, M>,
     max_tasks: u32,

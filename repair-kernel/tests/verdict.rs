@@ -1,0 +1,193 @@
+//! Each branch of the decision, through `run` on an in-memory guest.
+mod common;
+use common::*;
+
+use repair_kernel::contract::{Action, RunStatus};
+use repair_kernel::layout::Item;
+use repair_kernel::verdict::{CrashKind, Reason};
+
+fn check(out: &repair_kernel::contract::ContractOut, action: Action, reason: Reason) {
+    assert_eq!(out.status, RunStatus::Done as u32);
+    assert_eq!(Action::from_u32(out.action), Some(action), "{}", str_of(&out.reason));
+    assert_eq!(Reason::from_u32(out.reason_code), Some(reason), "{}", str_of(&out.reason));
+    assert!(!str_of(&out.reason).is_empty());
+}
+
+#[test]
+fn sysrq_crash_in_process_context_is_killed() {
+    let mut g = scene();
+    let regs = g.regs;
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert_eq!((out.pid, out.tgid, str_of(&out.comm)), (73, 73, "crasher"));
+    assert_eq!(str_of(&out.message), "sysrq triggered crash");
+    assert_eq!(CrashKind::from_u32(out.crash_kind), Some(CrashKind::SysrqCrash));
+    assert_eq!(out.nr_tasks, 5);
+    // Resume: rewind_stack_and_make_dead(SIGKILL), everything else as trapped.
+    assert_eq!(out.resume.rip, rt(REWIND));
+    assert_eq!(out.resume.rdi, 9);
+    let mut expect = regs;
+    expect.rip = rt(REWIND);
+    expect.rdi = 9;
+    assert_eq!(out.resume, expect);
+    assert!(str_of(&out.reason).starts_with("killing pid 73 (crasher) with SIGKILL"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn oops_panic_in_process_context_is_killed() {
+    let mut g = scene();
+    let t = g.tasks[2];
+    g.set_percpu(0, PCPU_CURRENT_TASK, t);
+    g.crash_oops(t);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillAfterOops);
+    assert_eq!(str_of(&out.comm), "sh");
+    assert_eq!(str_of(&out.message), "Fatal exception");
+    assert_eq!(CrashKind::from_u32(out.crash_kind), Some(CrashKind::OopsPanic));
+    assert_eq!(out.resume.rflags, 0x46);
+}
+
+#[test]
+fn oops_end_without_its_size_uses_a_bound() {
+    let mut g = scene();
+    g.layout.set(Item::SymOopsEndSize, u64::MAX); // absent
+    let t = g.tasks[2];
+    g.crash_oops(t);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillAfterOops);
+}
+
+#[test]
+fn preempt_count_raised_in_process_context_still_kills_and_says_so() {
+    let mut g = scene();
+    g.set_preempt_count(0, 1);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(str_of(&out.reason).contains("preempt_count=0x1"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn interrupt_contexts_are_declined() {
+    for (pc, reason, word) in [
+        (0x10000, Reason::DeclineHardirq, "hardirq"),
+        (0x100, Reason::DeclineSoftirq, "softirq"),
+        (0x100000, Reason::DeclineNmi, "NMI"),
+        (0x200, Reason::DeclineBhDisabled, "bottom halves"),
+    ] {
+        let mut g = scene();
+        g.set_preempt_count(0, pc);
+        let out = g.run();
+        check(&out, Action::Decline, reason);
+        let why = str_of(&out.reason);
+        assert!(why.contains(word) && why.contains(&format!("{pc:#x}")), "{why}");
+        // Declined: resume is the trapped state untouched.
+        assert_eq!(out.resume, g.regs);
+    }
+    let mut g = scene();
+    g.set_preempt_count(0, 0x10000);
+    let out = g.run();
+    assert_eq!(
+        str_of(&out.reason),
+        "panic in hardirq context (preempt_count=0x10000): killing a task cannot unwind an interrupt; letting the panic complete"
+    );
+}
+
+#[test]
+fn fatal_exception_in_interrupt_is_declined() {
+    let mut g = scene();
+    let t = g.tasks[4];
+    g.crash_at(t, OOPS_END + 0x80, "Fatal exception in interrupt", &[]);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineHardirq);
+    assert_eq!(CrashKind::from_u32(out.crash_kind), Some(CrashKind::OopsInInterrupt));
+}
+
+#[test]
+fn idle_init_and_kernel_threads_are_declined() {
+    // Idle: current is init_task (pid 0).
+    let mut g = scene();
+    let idle = rt(INIT_TASK);
+    g.set_percpu(0, PCPU_CURRENT_TASK, idle);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineIdleTask);
+
+    let mut g = scene();
+    let init = g.tasks[1];
+    g.set_percpu(0, PCPU_CURRENT_TASK, init);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineInit);
+    assert_eq!(out.pid, 1);
+
+    let mut g = scene();
+    let kt = g.tasks[5];
+    g.set_percpu(0, PCPU_CURRENT_TASK, kt);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineKernelThread);
+    assert!(str_of(&out.reason).contains("kthreadd"));
+}
+
+#[test]
+fn a_task_already_exiting_is_declined() {
+    let mut g = scene();
+    let t = g.tasks[4];
+    g.w32(t + T_FLAGS, 0x0040_0104);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineExiting);
+}
+
+#[test]
+fn another_cpu_panicking_or_a_nested_panic_is_declined() {
+    for who in [1u32, 0] {
+        let mut g = scene();
+        g.w32(rt(PANIC_CPU), who);
+        let out = g.run();
+        check(&out, Action::Decline, Reason::DeclinePanicInProgress);
+    }
+    // Without panic_cpu in the layout, the check is skipped.
+    let mut g = scene();
+    g.w32(rt(PANIC_CPU), 1);
+    g.layout.set(Item::SymPanicCpu, u64::MAX);
+    check(&g.run(), Action::Kill, Reason::KillDirectPanic);
+}
+
+#[test]
+fn not_at_panic_entry_is_declined() {
+    let mut g = scene();
+    g.regs.rip = rt(PANIC) + 4;
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineNotAtPanic);
+    assert_eq!(CrashKind::from_u32(out.crash_kind), Some(CrashKind::NotAtPanic));
+}
+
+#[test]
+fn missing_rewind_symbol_is_declined() {
+    let mut g = scene();
+    g.layout.set(Item::SymRewindStackAndMakeDead, u64::MAX);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineBadInput);
+}
+
+#[test]
+fn read_only_run_decides_but_writes_nothing() {
+    let mut g = scene();
+    let mut input = g.input();
+    input.read_only = 1;
+    let before = g.ram.clone();
+    let mut out = repair_kernel::contract::ContractOut::empty();
+    repair_kernel::run(&mut repair_kernel::mem::SliceMem::new(&mut g.ram), &input, &mut out);
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(g.ram == before);
+}
+
+#[test]
+fn explanations_fit_and_codes_have_words() {
+    for v in [0, 1, 2, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30] {
+        let r = Reason::from_u32(v).unwrap();
+        assert_eq!(r as u32, v);
+        assert!(!r.to_string().is_empty());
+    }
+    assert!(Reason::from_u32(3).is_none());
+    for v in 0..8 {
+        assert!(!CrashKind::from_u32(v).unwrap().to_string().is_empty());
+    }
+}
