@@ -146,8 +146,9 @@ pub enum AccessError {
 
 fn explain_errno(code: u8) -> &'static str {
     match code {
-        0x0e => " (bad address: not mapped, or outside RAM)",
-        0x16 => " (invalid argument: request too large for the stub, or malformed)",
+        // QEMU writes errno in decimal digits ("E14" is EFAULT).
+        0x0e | 0x14 => " (bad address: not mapped, or outside RAM)",
+        0x16 | 0x22 => " (invalid argument: request too large for the stub, or malformed)",
         0x01 => " (operation not permitted)",
         _ => "",
     }

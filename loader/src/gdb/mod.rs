@@ -633,7 +633,7 @@ impl GuestAccess for GdbGuest {
         self.stopped()?;
         self.set_phys_mode(true)?;
         self.read_mem(gpa.0, buf).map_err(|e| match e {
-            AccessError::Remote { code: 0x0e, .. } => AccessError::OutOfRam { gpa, len: buf.len() },
+            AccessError::Remote { code: 0x0e | 0x14, .. } => AccessError::OutOfRam { gpa, len: buf.len() },
             e => e,
         })
     }
@@ -642,7 +642,7 @@ impl GuestAccess for GdbGuest {
         self.stopped()?;
         self.set_phys_mode(true)?;
         self.write_mem(gpa.0, data).map_err(|e| match e {
-            AccessError::Remote { code: 0x0e, .. } => AccessError::OutOfRam { gpa, len: data.len() },
+            AccessError::Remote { code: 0x0e | 0x14, .. } => AccessError::OutOfRam { gpa, len: data.len() },
             e => e,
         })
     }
@@ -653,7 +653,7 @@ impl GuestAccess for GdbGuest {
         self.set_phys_mode(false)?;
         self.select(tid)?;
         self.read_mem(gva.0, buf).map_err(|e| match e {
-            AccessError::Remote { code: 0x0e, .. } => AccessError::NotMapped(gva),
+            AccessError::Remote { code: 0x0e | 0x14, .. } => AccessError::NotMapped(gva),
             e => e,
         })
     }
@@ -664,7 +664,7 @@ impl GuestAccess for GdbGuest {
         self.set_phys_mode(false)?;
         self.select(tid)?;
         self.write_mem(gva.0, data).map_err(|e| match e {
-            AccessError::Remote { code: 0x0e, .. } => AccessError::NotMapped(gva),
+            AccessError::Remote { code: 0x0e | 0x14, .. } => AccessError::NotMapped(gva),
             e => e,
         })
     }
@@ -688,9 +688,16 @@ impl GuestAccess for GdbGuest {
     fn set_regs(&mut self, vcpu: VcpuId, regs: &CpuState) -> Result<(), AccessError> {
         let now = self.get_regs(vcpu)?;
         let tid = self.tid(vcpu)?;
-        // Control registers and EFER first: they change how QEMU reads the
-        // rest (segment loads depend on CR0.PE and EFER.LMA).
-        let order = ["cr0", "cr4", "efer", "cr3", "cr2"].into_iter().chain(CPU_STATE_REGS.iter().copied());
+        // Order matters to QEMU (target/i386/gdbstub.c): a write of EFER
+        // takes LMA as given and CR0.PG entering paging with EFER.LME sets
+        // it, so CR4/CR3/EFER go before CR0; a selector write loads its
+        // descriptor from the GDT under the new CR0 and resets the base,
+        // so selectors go next and fs_base/gs_base after them; outside
+        // 64-bit code QEMU truncates GPR and RIP writes to 32 bits, so
+        // those go last, once CS is in place.
+        let order = ["cr4", "cr3", "efer", "cr0", "cr2", "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "k_gs_base"]
+            .into_iter()
+            .chain(CPU_STATE_REGS.iter().copied());
         let mut done = BTreeSet::new();
         for name in order {
             if !done.insert(name) {
