@@ -23,11 +23,13 @@ pub struct Opts {
     pub ram_file: bool,
     /// gdbstub on TCP instead of a Unix socket.
     pub gdb_tcp: bool,
+    /// More QEMU arguments.
+    pub extra: Vec<&'static str>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { smp: 2, mem_mb: 64, ram_file: false, gdb_tcp: false }
+        Self { smp: 2, mem_mb: 64, ram_file: false, gdb_tcp: false, extra: Vec::new() }
     }
 }
 
@@ -61,6 +63,7 @@ impl Qemu {
                 "memory-backend=ram0",
             ]);
         }
+        cmd.args(&o.extra);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; the closure touches no
         // memory of the parent.
