@@ -16,8 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gimli::{
-    constants, Abbreviations, AttributeValue, EndianSlice, RunTimeEndian,
-    UnitHeader, UnitOffset,
+    constants, Abbreviations, AttributeValue, EndianSlice, RunTimeEndian, UnitHeader, UnitOffset,
 };
 
 use crate::profile::{Member, TypeLayout};
@@ -113,7 +112,10 @@ impl<'a> Scanner<'a> {
                 if found[idx].is_some() {
                     continue;
                 }
-                let die = DieRef { unit: &unit, offset };
+                let die = DieRef {
+                    unit: &unit,
+                    offset,
+                };
                 if let Some(layout) = self.layout(die, &wanted[idx].paths).map_err(err)? {
                     found[idx] = Some(layout);
                     remaining -= 1;
@@ -125,7 +127,11 @@ impl<'a> Scanner<'a> {
                 released = next;
             }
         }
-        Ok(wanted.iter().zip(found).filter_map(|(w, f)| f.map(|f| (w.name.to_owned(), f))).collect())
+        Ok(wanted
+            .iter()
+            .zip(found)
+            .filter_map(|(w, f)| f.map(|f| (w.name.to_owned(), f)))
+            .collect())
     }
 
     /// Whether each name can be the name of a DIE at all. A DIE's name is a
@@ -139,12 +145,22 @@ impl<'a> Scanner<'a> {
         release: &mut dyn FnMut(std::ops::Range<usize>),
     ) -> Vec<bool> {
         use gimli::Section;
-        let needles: Vec<Vec<u8>> = names.iter().map(|n| [n.as_bytes(), b"\0"].concat()).collect();
-        let finders: Vec<memchr::memmem::Finder> =
-            needles.iter().map(|n| memchr::memmem::Finder::new(n)).collect();
-        let strings = [self.dwarf.debug_str.reader().slice(), self.dwarf.debug_line_str.reader().slice()];
-        let mut present: Vec<bool> =
-            finders.iter().map(|f| strings.iter().any(|s| f.find(s).is_some())).collect();
+        let needles: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| [n.as_bytes(), b"\0"].concat())
+            .collect();
+        let finders: Vec<memchr::memmem::Finder> = needles
+            .iter()
+            .map(|n| memchr::memmem::Finder::new(n))
+            .collect();
+        let strings = [
+            self.dwarf.debug_str.reader().slice(),
+            self.dwarf.debug_line_str.reader().slice(),
+        ];
+        let mut present: Vec<bool> = finders
+            .iter()
+            .map(|f| strings.iter().any(|s| f.find(s).is_some()))
+            .collect();
         let info = self.dwarf.debug_info.reader().slice();
         let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
         let mut start = 0;
@@ -224,7 +240,9 @@ impl<'a> Scanner<'a> {
             if ab.has_children() {
                 match sibling {
                     // Only ever jump forward: a corrupt sibling could loop.
-                    Some(s) if s.0 > here.0 => raw = unit.header.entries_raw(&unit.abbrevs, Some(s))?,
+                    Some(s) if s.0 > here.0 => {
+                        raw = unit.header.entries_raw(&unit.abbrevs, Some(s))?
+                    }
                     _ => skip_children(&mut raw)?,
                 }
             }
@@ -236,7 +254,9 @@ impl<'a> Scanner<'a> {
     fn string(&self, value: AttributeValue<R<'a>>) -> Option<&'a [u8]> {
         match value {
             AttributeValue::String(s) => Some(s.slice()),
-            AttributeValue::DebugStrRef(o) => self.dwarf.debug_str.get_str(o).ok().map(|s| s.slice()),
+            AttributeValue::DebugStrRef(o) => {
+                self.dwarf.debug_str.get_str(o).ok().map(|s| s.slice())
+            }
             AttributeValue::DebugLineStrRef(o) => {
                 self.dwarf.debug_line_str.get_str(o).ok().map(|s| s.slice())
             }
@@ -246,8 +266,13 @@ impl<'a> Scanner<'a> {
 
     /// Reads the attributes of the DIE at `die`.
     fn attrs(&self, die: DieRef<'_, 'a>) -> gimli::Result<DieAttrs<'a>> {
-        let mut raw = die.unit.header.entries_raw(&die.unit.abbrevs, Some(die.offset))?;
-        let ab = raw.read_abbreviation()?.ok_or(gimli::Error::NoEntryAtGivenOffset)?;
+        let mut raw = die
+            .unit
+            .header
+            .entries_raw(&die.unit.abbrevs, Some(die.offset))?;
+        let ab = raw
+            .read_abbreviation()?
+            .ok_or(gimli::Error::NoEntryAtGivenOffset)?;
         let mut a = DieAttrs {
             tag: ab.tag(),
             name: None,
@@ -283,9 +308,7 @@ impl<'a> Scanner<'a> {
                     // nothing else for types.
                     a.ty = match value {
                         AttributeValue::UnitRef(o) => Some(o),
-                        AttributeValue::DebugInfoRef(o) => {
-                            o.to_unit_offset(&die.unit.header)
-                        }
+                        AttributeValue::DebugInfoRef(o) => o.to_unit_offset(&die.unit.header),
                         _ => None,
                     }
                 }
@@ -302,15 +325,22 @@ impl<'a> Scanner<'a> {
     /// The offsets of the direct children of `die`.
     fn children(&self, die: DieRef<'_, 'a>) -> gimli::Result<Vec<UnitOffset<usize>>> {
         let mut out = Vec::new();
-        let mut raw = die.unit.header.entries_raw(&die.unit.abbrevs, Some(die.offset))?;
-        let ab = raw.read_abbreviation()?.ok_or(gimli::Error::NoEntryAtGivenOffset)?;
+        let mut raw = die
+            .unit
+            .header
+            .entries_raw(&die.unit.abbrevs, Some(die.offset))?;
+        let ab = raw
+            .read_abbreviation()?
+            .ok_or(gimli::Error::NoEntryAtGivenOffset)?;
         raw.skip_attributes(ab.attributes())?;
         if !ab.has_children() {
             return Ok(out);
         }
         while !raw.is_empty() {
             let here = raw.next_offset();
-            let Some(ab) = raw.read_abbreviation()? else { break };
+            let Some(ab) = raw.read_abbreviation()? else {
+                break;
+            };
             out.push(here);
             raw.skip_attributes(ab.attributes())?;
             if ab.has_children() {
@@ -332,7 +362,12 @@ impl<'a> Scanner<'a> {
                 | constants::DW_TAG_atomic_type
                 | constants::DW_TAG_immutable_type
                 | constants::DW_TAG_packed_type => match a.ty {
-                    Some(o) => die = DieRef { unit: die.unit, offset: o },
+                    Some(o) => {
+                        die = DieRef {
+                            unit: die.unit,
+                            offset: o,
+                        }
+                    }
                     _ => return Ok((die, a)),
                 },
                 _ => return Ok((die, a)),
@@ -344,7 +379,14 @@ impl<'a> Scanner<'a> {
     /// Size in bytes of the type at `die`, or `None` if it has none (void,
     /// functions) or the chain is unresolvable.
     fn type_size(&self, die: DieRef<'_, 'a>) -> gimli::Result<Option<u64>> {
-                let (die, a) = self.peel(die)?;
+        self.type_size_at(die, 0)
+    }
+
+    fn type_size_at(&self, die: DieRef<'_, 'a>, depth: usize) -> gimli::Result<Option<u64>> {
+        if depth > MAX_HOPS {
+            return Err(gimli::Error::TooManyRegisterRules);
+        }
+        let (die, a) = self.peel(die)?;
         if let Some(s) = a.byte_size {
             return Ok(Some(s));
         }
@@ -356,18 +398,30 @@ impl<'a> Scanner<'a> {
             }
             constants::DW_TAG_array_type => {
                 let Some(elem) = a.ty else { return Ok(None) };
-                let Some(elem_size) = self.type_size(DieRef { unit: die.unit, offset: elem })? else {
+                let Some(elem_size) = self.type_size_at(
+                    DieRef {
+                        unit: die.unit,
+                        offset: elem,
+                    },
+                    depth + 1,
+                )?
+                else {
                     return Ok(None);
                 };
                 let mut n: u64 = 1;
                 for child in self.children(die)? {
-                    let c = self.attrs(DieRef { unit: die.unit, offset: child })?;
+                    let c = self.attrs(DieRef {
+                        unit: die.unit,
+                        offset: child,
+                    })?;
                     if c.tag != constants::DW_TAG_subrange_type {
                         continue;
                     }
                     let count = match (c.count, c.upper_bound) {
                         (Some(c), _) => c,
-                        (None, Some(u)) => u.wrapping_sub(c.lower_bound.unwrap_or(0)).wrapping_add(1),
+                        (None, Some(u)) => {
+                            u.wrapping_sub(c.lower_bound.unwrap_or(0)).wrapping_add(1)
+                        }
                         (None, None) => 0, // flexible array member
                     };
                     n = n.saturating_mul(count);
@@ -375,7 +429,13 @@ impl<'a> Scanner<'a> {
                 Ok(Some(elem_size.saturating_mul(n)))
             }
             constants::DW_TAG_enumeration_type => match a.ty {
-                Some(o) => self.type_size(DieRef { unit: die.unit, offset: o }),
+                Some(o) => self.type_size_at(
+                    DieRef {
+                        unit: die.unit,
+                        offset: o,
+                    },
+                    depth + 1,
+                ),
                 _ => Ok(None),
             },
             _ => Ok(None),
@@ -386,14 +446,15 @@ impl<'a> Scanner<'a> {
     /// named member, members of anonymous structs and unions flattened into
     /// their parent as C does, plus the nested `paths` asked for. Returns the
     /// paths that do not exist. `None` if `die` is not a complete struct.
-    fn layout(
-        &self,
-        die: DieRef<'_, 'a>,
-        paths: &[&str],
-    ) -> gimli::Result<Option<TypeLayout>> {
-                let (die, a) = self.peel(die)?;
-        let (Some(size), false) = (a.byte_size, a.declaration) else { return Ok(None) };
-        if !matches!(a.tag, constants::DW_TAG_structure_type | constants::DW_TAG_union_type) {
+    fn layout(&self, die: DieRef<'_, 'a>, paths: &[&str]) -> gimli::Result<Option<TypeLayout>> {
+        let (die, a) = self.peel(die)?;
+        let (Some(size), false) = (a.byte_size, a.declaration) else {
+            return Ok(None);
+        };
+        if !matches!(
+            a.tag,
+            constants::DW_TAG_structure_type | constants::DW_TAG_union_type
+        ) {
             return Ok(None);
         }
         let mut members = BTreeMap::new();
@@ -423,14 +484,22 @@ impl<'a> Scanner<'a> {
             return Err(gimli::Error::TooManyRegisterRules);
         }
         for child in self.children(die)? {
-            let cdie = DieRef { unit: die.unit, offset: child };
+            let cdie = DieRef {
+                unit: die.unit,
+                offset: child,
+            };
             let c = self.attrs(cdie)?;
             if c.tag != constants::DW_TAG_member {
                 continue;
             }
             let Some(ty) = c.ty else { continue };
-            let tdie = DieRef { unit: die.unit, offset: ty };
-            let Some(m) = self.member(&c, tdie, base)? else { continue };
+            let tdie = DieRef {
+                unit: die.unit,
+                offset: ty,
+            };
+            let Some(m) = self.member(&c, tdie, base)? else {
+                continue;
+            };
             match c.name {
                 Some(name) => {
                     let name = String::from_utf8_lossy(name).into_owned();
@@ -438,7 +507,7 @@ impl<'a> Scanner<'a> {
                     out.insert(name, m);
                 }
                 None if c.bit_size.is_none() => {
-                                        let (inner, ia) = self.peel(tdie)?;
+                    let (inner, ia) = self.peel(tdie)?;
                     if matches!(
                         ia.tag,
                         constants::DW_TAG_structure_type | constants::DW_TAG_union_type
@@ -456,7 +525,12 @@ impl<'a> Scanner<'a> {
     /// storage unit (the member type's size, aligned) holding the bits, and
     /// the bit offset inside it counted from its least significant bit on
     /// little-endian targets.
-    fn member(&self, c: &DieAttrs<'a>, ty: DieRef<'_, 'a>, base: u64) -> gimli::Result<Option<Member>> {
+    fn member(
+        &self,
+        c: &DieAttrs<'a>,
+        ty: DieRef<'_, 'a>,
+        base: u64,
+    ) -> gimli::Result<Option<Member>> {
         let size = self.type_size(ty)?.unwrap_or(0);
         let Some(bits) = c.bit_size else {
             // Union members have no location: they sit at 0.
@@ -474,8 +548,9 @@ impl<'a> Scanner<'a> {
             (None, Some(b)) => {
                 let storage = c.byte_size.unwrap_or(size);
                 if self.endian == RunTimeEndian::Little {
-                    (loc.saturating_mul(8).saturating_add(storage.saturating_mul(8)))
-                        .saturating_sub(b.saturating_add(bits))
+                    (loc.saturating_mul(8)
+                        .saturating_add(storage.saturating_mul(8)))
+                    .saturating_sub(b.saturating_add(bits))
                 } else {
                     loc.saturating_mul(8).saturating_add(b)
                 }
@@ -505,14 +580,26 @@ impl<'a> Scanner<'a> {
                 return Ok(None);
             };
             if parts.peek().is_none() {
-                return Ok(Some(Member { offset: base.saturating_add(m.offset), ..m.clone() }));
+                return Ok(Some(Member {
+                    offset: base.saturating_add(m.offset),
+                    ..m.clone()
+                }));
             }
             base = base.saturating_add(m.offset);
-                        let (next, a) = self.peel(DieRef { unit: cur.unit, offset: ty })?;
-            if !matches!(a.tag, constants::DW_TAG_structure_type | constants::DW_TAG_union_type) {
+            let (next, a) = self.peel(DieRef {
+                unit: cur.unit,
+                offset: ty,
+            })?;
+            if !matches!(
+                a.tag,
+                constants::DW_TAG_structure_type | constants::DW_TAG_union_type
+            ) {
                 return Ok(None);
             }
-            cur = DieRef { unit: cur.unit, offset: next.offset };
+            cur = DieRef {
+                unit: cur.unit,
+                offset: next.offset,
+            };
         }
         Ok(None)
     }

@@ -27,19 +27,23 @@ impl<'a> Elf<'a> {
     /// gets a clear message rather than a parser's.
     pub fn parse(data: &'a [u8], path: &Path) -> Result<Self, Error> {
         if !data.starts_with(b"\x7fELF") {
-            return Err(Error::NotElf { path: path.to_owned() });
+            return Err(Error::NotElf {
+                path: path.to_owned(),
+            });
         }
-        let file = object::File::parse(data)
-            .map_err(|source| Error::BadElf { path: path.to_owned(), source })?;
+        let file = object::File::parse(data).map_err(|source| Error::BadElf {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self { file })
     }
 
     /// The GNU build-id as lower-case hex.
     pub fn build_id(&self, path: &Path) -> Result<Option<String>, Error> {
-        let id = self
-            .file
-            .build_id()
-            .map_err(|source| Error::BadElf { path: path.to_owned(), source })?;
+        let id = self.file.build_id().map_err(|source| Error::BadElf {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(id.map(hex))
     }
 
@@ -68,7 +72,9 @@ impl<'a> Elf<'a> {
         let table = self
             .file
             .symbol_table()
-            .ok_or_else(|| Error::NoSymbolTable { path: path.to_owned() })?;
+            .ok_or_else(|| Error::NoSymbolTable {
+                path: path.to_owned(),
+            })?;
         let mut out: HashMap<String, SymInfo> = HashMap::new();
         for sym in table.symbols() {
             let Ok(name) = sym.name() else { continue };
@@ -97,7 +103,9 @@ impl<'a> Elf<'a> {
     /// The index and link address of `.data..percpu`, where per-CPU
     /// variables live (it links at 0 in an SMP x86_64 vmlinux).
     pub fn percpu_section(&self) -> Option<(SectionIndex, u64)> {
-        self.file.section_by_name(".data..percpu").map(|s| (s.index(), s.address()))
+        self.file
+            .section_by_name(".data..percpu")
+            .map(|s| (s.index(), s.address()))
     }
 
     /// The NUL-terminated bytes of a symbol in a section with file data
@@ -115,9 +123,10 @@ impl<'a> Elf<'a> {
     /// One DWARF section, decompressed if needed; empty when absent.
     pub fn dwarf_section(&self, name: &str, path: &Path) -> Result<Cow<'a, [u8]>, Error> {
         match self.file.section_by_name(name) {
-            Some(s) => s
-                .uncompressed_data()
-                .map_err(|source| Error::BadElf { path: path.to_owned(), source }),
+            Some(s) => s.uncompressed_data().map_err(|source| Error::BadElf {
+                path: path.to_owned(),
+                source,
+            }),
             None => Ok(Cow::Borrowed(&[])),
         }
     }

@@ -32,7 +32,11 @@ impl fmt::Display for Missing {
 
 /// Lists missing items as `a, b, c` for an error message.
 fn list(items: &[Missing]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Why a profile could not be built.
@@ -53,7 +57,10 @@ pub enum Error {
         source: object::Error,
     },
     #[error("{path} has no DWARF ({section} missing); install the kernel's -dbg package (e.g. linux-image-<release>-dbg) and pass its vmlinux")]
-    NoDebugInfo { path: PathBuf, section: &'static str },
+    NoDebugInfo {
+        path: PathBuf,
+        section: &'static str,
+    },
     #[error("{path} has no symbol table (.symtab missing; stripped?); pass the unstripped vmlinux from the kernel's -dbg package")]
     NoSymbolTable { path: PathBuf },
     #[error("{path}: malformed DWARF in .debug_info near offset {offset:#x}: {source}")]
@@ -64,7 +71,10 @@ pub enum Error {
         source: gimli::Error,
     },
     #[error("{path}: {} required item(s) missing: {}", missing.len(), list(missing))]
-    Missing { path: PathBuf, missing: Vec<Missing> },
+    Missing {
+        path: PathBuf,
+        missing: Vec<Missing>,
+    },
     #[error("invalid profile JSON: {0}")]
     Json(#[from] serde_json::Error),
 }

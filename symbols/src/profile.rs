@@ -70,7 +70,13 @@ pub struct Profile {
 }
 
 /// Symbols every profile reads for its identity and ranges.
-const IDENTITY: [&str; 5] = ["linux_banner", "_stext", "_etext", "__start_rodata", "__end_rodata"];
+const IDENTITY: [&str; 5] = [
+    "linux_banner",
+    "_stext",
+    "_etext",
+    "__start_rodata",
+    "__end_rodata",
+];
 
 impl Profile {
     /// Reads `path` and extracts `wanted`; every missing required item is
@@ -87,7 +93,10 @@ impl Profile {
         path: &Path,
         wanted: &Wanted<'_>,
     ) -> Result<(Profile, Vec<Missing>), Error> {
-        let io = |source| Error::Io { path: path.to_owned(), source };
+        let io = |source| Error::Io {
+            path: path.to_owned(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this call; a vmlinux
         // is not expected to change while it is read (if truncated by
@@ -156,7 +165,10 @@ fn check(path: &Path, profile: Profile, missing: Vec<Missing>) -> Result<Profile
     if missing.is_empty() {
         Ok(profile)
     } else {
-        Err(Error::Missing { path: path.to_owned(), missing })
+        Err(Error::Missing {
+            path: path.to_owned(),
+            missing,
+        })
     }
 }
 
@@ -169,7 +181,10 @@ pub fn from_bytes_strict(data: &[u8], wanted: &Wanted<'_>) -> Result<Profile, Er
 
 /// The GNU build-id of a vmlinux, without reading its DWARF.
 pub fn read_build_id(path: &Path) -> Result<Option<String>, Error> {
-    let io = |source| Error::Io { path: path.to_owned(), source };
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = File::open(path).map_err(io)?;
     // SAFETY: as in `from_vmlinux_lenient`: read-only map, dropped on return.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
@@ -184,10 +199,16 @@ fn extract(
 ) -> Result<(Profile, Vec<Missing>), Error> {
     let elf = Elf::parse(data, path)?;
     if !elf.has_section(".debug_info") {
-        return Err(Error::NoDebugInfo { path: path.to_owned(), section: ".debug_info" });
+        return Err(Error::NoDebugInfo {
+            path: path.to_owned(),
+            section: ".debug_info",
+        });
     }
     let mut missing = Vec::new();
-    let mut profile = Profile { arch: elf.arch(), ..Default::default() };
+    let mut profile = Profile {
+        arch: elf.arch(),
+        ..Default::default()
+    };
     match elf.build_id(path)? {
         Some(id) => profile.build_id = id,
         None => missing.push(Missing::BuildId),
@@ -201,12 +222,22 @@ fn extract(
         names.extend(g.alternatives.iter().copied());
     }
     let syms = elf.symbols(&names, path)?;
-    let identity = IDENTITY.map(|n| Group { text: n, alternatives: vec![n], optional: false });
+    let identity = IDENTITY.map(|n| Group {
+        text: n,
+        alternatives: vec![n],
+        optional: false,
+    });
     for g in sym_groups.iter().chain(identity.iter()) {
         let mut any = false;
         for &name in &g.alternatives {
             if let Some(s) = syms.get(name) {
-                profile.symbols.insert(name.to_owned(), Symbol { address: s.address, size: s.size });
+                profile.symbols.insert(
+                    name.to_owned(),
+                    Symbol {
+                        address: s.address,
+                        size: s.size,
+                    },
+                );
                 any = true;
             }
         }
@@ -222,7 +253,9 @@ fn extract(
             let Some(s) = syms.get(name) else { continue };
             match percpu {
                 Some((index, base)) if s.section == Some(index) => {
-                    profile.percpu.insert(name.to_owned(), s.address.wrapping_sub(base));
+                    profile
+                        .percpu
+                        .insert(name.to_owned(), s.address.wrapping_sub(base));
                     any = true;
                 }
                 _ => {}
@@ -233,7 +266,10 @@ fn extract(
         }
     }
     let range = |a: &str, b: &str| match (syms.get(a), syms.get(b)) {
-        (Some(a), Some(b)) => Range { start: a.address, end: b.address },
+        (Some(a), Some(b)) => Range {
+            start: a.address,
+            end: b.address,
+        },
         _ => Range::default(),
     };
     profile.text = range("_stext", "_etext");
@@ -247,13 +283,24 @@ fn extract(
     let type_groups: Vec<(Group, Vec<Group>)> = wanted
         .types
         .iter()
-        .map(|(t, ms)| (Group::parse(t), ms.iter().map(|m| Group::parse(m)).collect()))
+        .map(|(t, ms)| {
+            (
+                Group::parse(t),
+                ms.iter().map(|m| Group::parse(m)).collect(),
+            )
+        })
         .collect();
     let mut requests = Vec::new();
     for (tg, mgs) in &type_groups {
-        let paths: Vec<&str> = mgs.iter().flat_map(|g| g.alternatives.iter().copied()).collect();
+        let paths: Vec<&str> = mgs
+            .iter()
+            .flat_map(|g| g.alternatives.iter().copied())
+            .collect();
         for &name in &tg.alternatives {
-            requests.push(TypeRequest { name, paths: paths.clone() });
+            requests.push(TypeRequest {
+                name,
+                paths: paths.clone(),
+            });
         }
     }
     if !requests.is_empty() {
@@ -264,21 +311,30 @@ fn extract(
         };
         let sections = gimli::DwarfSections::load(|id| elf.dwarf_section(id.name(), path))?;
         let dwarf = sections.borrow(|s| R::new(s, endian));
-        let info_file_off = elf.debug_info_file_offset().and_then(|o| usize::try_from(o).ok());
+        let info_file_off = elf
+            .debug_info_file_offset()
+            .and_then(|o| usize::try_from(o).ok());
         let scanner = Scanner::new(dwarf, endian);
         let mut progress = |range: std::ops::Range<usize>| {
             if let Some(base) = info_file_off {
                 release(base, range);
             }
         };
-        let found = scanner.scan(&requests, &mut progress).map_err(|(offset, source)| {
-            Error::Dwarf { path: path.to_owned(), offset, source }
-        })?;
+        let found = scanner
+            .scan(&requests, &mut progress)
+            .map_err(|(offset, source)| Error::Dwarf {
+                path: path.to_owned(),
+                offset,
+                source,
+            })?;
         profile.types = found;
     }
     for (tg, mgs) in &type_groups {
-        let layouts: Vec<&TypeLayout> =
-            tg.alternatives.iter().filter_map(|n| profile.types.get(*n)).collect();
+        let layouts: Vec<&TypeLayout> = tg
+            .alternatives
+            .iter()
+            .filter_map(|n| profile.types.get(*n))
+            .collect();
         if layouts.is_empty() {
             if !tg.optional {
                 missing.push(Missing::Type(tg.text.to_owned()));
@@ -290,7 +346,10 @@ fn extract(
                 .iter()
                 .any(|l| mg.alternatives.iter().any(|a| l.members.contains_key(*a)));
             if !present && !mg.optional {
-                missing.push(Missing::Member { ty: tg.text.to_owned(), path: mg.text.to_owned() });
+                missing.push(Missing::Member {
+                    ty: tg.text.to_owned(),
+                    path: mg.text.to_owned(),
+                });
             }
         }
     }

@@ -17,7 +17,9 @@ pub fn parse_system_map(text: &str) -> BTreeMap<String, u64> {
         if it.next().is_some() {
             continue; // "[module]" column
         }
-        let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
         let global = ty.chars().next().is_some_and(|c| c.is_ascii_uppercase());
         match out.get(name) {
             Some(&(_, true)) => {}

@@ -43,13 +43,27 @@ pub const DEFAULT_WANTED: Wanted<'static> = Wanted {
         "__end_rodata",
         "panic_cpu?",
     ],
-    percpu: &["pcpu_hot|current_task", "__preempt_count|pcpu_hot", "runqueues"],
+    percpu: &[
+        "pcpu_hot|current_task",
+        "__preempt_count|pcpu_hot",
+        "runqueues",
+    ],
     types: &[
         (
             "task_struct",
             &[
-                "pid", "tgid", "comm", "tasks", "__state|state", "flags", "exit_state", "stack",
-                "mm", "real_parent", "on_cpu", "thread.sp",
+                "pid",
+                "tgid",
+                "comm",
+                "tasks",
+                "__state|state",
+                "flags",
+                "exit_state",
+                "stack",
+                "mm",
+                "real_parent",
+                "on_cpu",
+                "thread.sp",
             ],
         ),
         ("list_head", &["next", "prev"]),
@@ -57,7 +71,10 @@ pub const DEFAULT_WANTED: Wanted<'static> = Wanted {
         ("rq", &["curr", "nr_switches"]),
         ("pcpu_hot?", &["current_task", "preempt_count"]),
         ("printk_ringbuffer", &["desc_ring", "text_data_ring"]),
-        ("prb_desc_ring", &["count_bits", "descs", "infos", "head_id", "tail_id"]),
+        (
+            "prb_desc_ring",
+            &["count_bits", "descs", "infos", "head_id", "tail_id"],
+        ),
         ("prb_data_ring", &["size_bits", "data"]),
         ("prb_desc", &["state_var", "text_blk_lpos"]),
         ("prb_data_blk_lpos", &["begin", "next"]),
@@ -80,8 +97,16 @@ impl<'a> Group<'a> {
             Some(t) => (t, true),
             None => (entry, false),
         };
-        let alternatives = text.split('|').map(str::trim).filter(|s| !s.is_empty()).collect();
-        Group { text, alternatives, optional }
+        let alternatives = text
+            .split('|')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        Group {
+            text,
+            alternatives,
+            optional,
+        }
     }
 }
 
@@ -103,13 +128,32 @@ mod tests {
         // Every name of repair-kernel/src/layout.rs ITEMS, kept in step by hand:
         // a name added there must be resolvable here.
         let syms = [
-            "init_task", "__per_cpu_offset", "panic", "oops_end", "rewind_stack_and_make_dead",
-            "make_task_dead", "page_offset_base", "phys_base", "prb", "nr_cpu_ids",
-            "__cpu_online_mask", "linux_banner", "_stext", "_etext", "__start_rodata",
-            "__end_rodata", "__start___jump_table", "__stop___jump_table", "panic_cpu", "_text",
+            "init_task",
+            "__per_cpu_offset",
+            "panic",
+            "oops_end",
+            "rewind_stack_and_make_dead",
+            "make_task_dead",
+            "page_offset_base",
+            "phys_base",
+            "prb",
+            "nr_cpu_ids",
+            "__cpu_online_mask",
+            "linux_banner",
+            "_stext",
+            "_etext",
+            "__start_rodata",
+            "__end_rodata",
+            "__start___jump_table",
+            "__stop___jump_table",
+            "panic_cpu",
+            "_text",
         ];
         let all = |list: &[&str]| -> Vec<String> {
-            list.iter().flat_map(|e| Group::parse(e).alternatives).map(str::to_owned).collect()
+            list.iter()
+                .flat_map(|e| Group::parse(e).alternatives)
+                .map(str::to_owned)
+                .collect()
         };
         let have = all(DEFAULT_WANTED.symbols);
         for s in syms {
@@ -125,23 +169,52 @@ mod tests {
             .map(|(t, m)| (Group::parse(t).alternatives[0], all(m)))
             .collect();
         let need = [
-            ("task_struct", "pid"), ("task_struct", "tgid"), ("task_struct", "comm"),
-            ("task_struct", "tasks"), ("task_struct", "__state"), ("task_struct", "state"),
-            ("task_struct", "flags"), ("task_struct", "exit_state"), ("task_struct", "stack"),
-            ("task_struct", "mm"), ("task_struct", "real_parent"), ("task_struct", "on_cpu"),
-            ("task_struct", "thread.sp"), ("list_head", "next"), ("list_head", "prev"),
-            ("rq", "curr"), ("rq", "nr_switches"), ("pcpu_hot", "current_task"),
-            ("pcpu_hot", "preempt_count"), ("printk_ringbuffer", "desc_ring"),
-            ("printk_ringbuffer", "text_data_ring"), ("prb_desc_ring", "count_bits"),
-            ("prb_desc_ring", "descs"), ("prb_desc_ring", "infos"), ("prb_desc_ring", "head_id"),
-            ("prb_desc_ring", "tail_id"), ("prb_data_ring", "size_bits"), ("prb_data_ring", "data"),
-            ("prb_desc", "state_var"), ("prb_desc", "text_blk_lpos"), ("prb_data_blk_lpos", "begin"),
-            ("prb_data_blk_lpos", "next"), ("printk_info", "seq"), ("printk_info", "ts_nsec"),
-            ("printk_info", "text_len"), ("printk_info", "caller_id"), ("pt_regs", "ip"),
-            ("pt_regs", "sp"), ("pt_regs", "cs"), ("pt_regs", "flags"),
+            ("task_struct", "pid"),
+            ("task_struct", "tgid"),
+            ("task_struct", "comm"),
+            ("task_struct", "tasks"),
+            ("task_struct", "__state"),
+            ("task_struct", "state"),
+            ("task_struct", "flags"),
+            ("task_struct", "exit_state"),
+            ("task_struct", "stack"),
+            ("task_struct", "mm"),
+            ("task_struct", "real_parent"),
+            ("task_struct", "on_cpu"),
+            ("task_struct", "thread.sp"),
+            ("list_head", "next"),
+            ("list_head", "prev"),
+            ("rq", "curr"),
+            ("rq", "nr_switches"),
+            ("pcpu_hot", "current_task"),
+            ("pcpu_hot", "preempt_count"),
+            ("printk_ringbuffer", "desc_ring"),
+            ("printk_ringbuffer", "text_data_ring"),
+            ("prb_desc_ring", "count_bits"),
+            ("prb_desc_ring", "descs"),
+            ("prb_desc_ring", "infos"),
+            ("prb_desc_ring", "head_id"),
+            ("prb_desc_ring", "tail_id"),
+            ("prb_data_ring", "size_bits"),
+            ("prb_data_ring", "data"),
+            ("prb_desc", "state_var"),
+            ("prb_desc", "text_blk_lpos"),
+            ("prb_data_blk_lpos", "begin"),
+            ("prb_data_blk_lpos", "next"),
+            ("printk_info", "seq"),
+            ("printk_info", "ts_nsec"),
+            ("printk_info", "text_len"),
+            ("printk_info", "caller_id"),
+            ("pt_regs", "ip"),
+            ("pt_regs", "sp"),
+            ("pt_regs", "cs"),
+            ("pt_regs", "flags"),
         ];
         for (t, m) in need {
-            let (_, ms) = types.iter().find(|(n, _)| *n == t).unwrap_or_else(|| panic!("{t}"));
+            let (_, ms) = types
+                .iter()
+                .find(|(n, _)| *n == t)
+                .unwrap_or_else(|| panic!("{t}"));
             assert!(ms.iter().any(|h| h == m), "{t}.{m}");
         }
         for t in ["prb_desc", "printk_info", "pt_regs"] {
