@@ -110,6 +110,21 @@ impl<'a> VmlinuxPages<'a> {
         out
     }
 
+    /// The bytes of `[start, end)` as the file has them (zero where no
+    /// segment has file bytes).
+    pub fn bytes(&self, start: u64, end: u64) -> Vec<u8> {
+        let mut out = vec![0u8; end.saturating_sub(start) as usize];
+        for &(vaddr, memsz, bytes) in &self.segments {
+            let lo = start.max(vaddr);
+            let hi = end.min(vaddr + bytes.len().min(memsz as usize) as u64);
+            if lo < hi {
+                out[(lo - start) as usize..(hi - start) as usize]
+                    .copy_from_slice(&bytes[(lo - vaddr) as usize..(hi - vaddr) as usize]);
+            }
+        }
+        out
+    }
+
     /// Every page overlapping `[start, end)`, by page-aligned address.
     pub fn pages(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, [u8; PAGE_SIZE])> + '_ {
         let first = start & !(PAGE_SIZE as u64 - 1);

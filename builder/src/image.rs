@@ -19,7 +19,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use repair_kernel::integrity::{hash_page, SkipSite};
 use repair_kernel::layout::{KernelLayout, ITEM_COUNT};
+use repair_kernel::mem::LinkAddr;
 use sha2::{Digest, Sha256};
 
 /// First bytes of every repair image.
@@ -176,8 +178,12 @@ pub struct RepairImage {
     pub layout: KernelLayout,
     pub unikernel: Unikernel,
     pub snapshot_source: SnapshotSource,
-    /// SHA-256 of each 4 KiB page of kernel text and read-only data, by
-    /// page-aligned link-time address.
+    /// Run-time patch sites of kernel text (jump labels, ftrace, ...),
+    /// sorted by address: zeroed before hashing, on both sides.
+    pub skips: Vec<SkipSite>,
+    /// SHA-256 of each 4 KiB page of kernel text and read-only data with
+    /// the skip sites zeroed ([`hash_page`]), by page-aligned link-time
+    /// address.
     pub page_hashes: BTreeMap<u64, [u8; 32]>,
     /// Healthy copies of those pages, when the image carries them.
     pub pristine: BTreeMap<u64, Box<[u8; PAGE_SIZE]>>,
@@ -199,6 +205,7 @@ const TAG_LAYOUT: [u8; 4] = *b"LAYT";
 const TAG_UNIKERNEL: [u8; 4] = *b"UNIK";
 const TAG_HASHES: [u8; 4] = *b"HASH";
 const TAG_PRISTINE: [u8; 4] = *b"PRIS";
+const TAG_SKIPS: [u8; 4] = *b"SKIP";
 
 impl RepairImage {
     /// Writes the image to `path` (through a temporary file and a rename, so
@@ -312,7 +319,8 @@ impl RepairImage {
     /// Replaces the snapshot with pages read from the healthy live guest:
     /// `(page-aligned link-time address, page bytes)`. With `keep_pristine`
     /// the pages themselves are kept too, so the repair kernel can restore
-    /// corrupted ones.
+    /// corrupted ones. Hashes skip the image's [`Self::skips`], so set those
+    /// first (the vmlinux build does).
     pub fn set_snapshot(
         &mut self,
         pages: impl Iterator<Item = (u64, [u8; PAGE_SIZE])>,
@@ -331,7 +339,8 @@ impl RepairImage {
         self.pristine.clear();
         self.snapshot_source = source;
         for (gva, page) in pages {
-            self.page_hashes.insert(gva, Sha256::digest(page).into());
+            let mut masked = page;
+            self.page_hashes.insert(gva, hash_page(LinkAddr(gva), &mut masked, &self.skips));
             if keep_pristine {
                 self.pristine.insert(gva, Box::new(page));
             }
@@ -378,6 +387,15 @@ impl RepairImage {
             s.0.extend_from_slice(h);
         }
         p.section(TAG_HASHES, &s.0);
+
+        let mut s = Enc::default();
+        s.u64(self.skips.len() as u64);
+        for k in &self.skips {
+            s.u64(k.addr);
+            s.u32(k.len);
+            s.u32(k.kind);
+        }
+        p.section(TAG_SKIPS, &s.0);
 
         if !self.pristine.is_empty() {
             let mut s = Enc::default();
@@ -456,6 +474,16 @@ impl RepairImage {
             page_hashes.insert(gva, h);
         }
 
+        let mut d = Dec::new(section(TAG_SKIPS)?);
+        let n = d.u64()?;
+        let mut skips = Vec::new();
+        for _ in 0..n {
+            skips.push(SkipSite { addr: d.u64()?, len: d.u32()?, kind: d.u32()? });
+        }
+        if !skips.is_sorted_by_key(|s| s.addr) {
+            return Err(malformed("skip sites are not sorted"));
+        }
+
         let mut pristine = BTreeMap::new();
         if let Some(body) = sections.get(&TAG_PRISTINE) {
             let mut d = Dec::new(body);
@@ -473,6 +501,7 @@ impl RepairImage {
             layout,
             unikernel,
             snapshot_source,
+            skips,
             page_hashes,
             pristine,
         })

@@ -68,6 +68,7 @@ pub fn report(image: &RepairImage, info: &FileInfo) -> String {
         image.page_hashes.len(),
         kib((image.page_hashes.len() * PAGE_SIZE) as u64)
     );
+    let _ = writeln!(s, "skip sites:       {} (run-time patch sites, zeroed before hashing)", image.skips.len());
     let _ = writeln!(
         s,
         "pristine pages:   {} ({})",

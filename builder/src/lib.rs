@@ -25,6 +25,7 @@ pub mod elf;
 pub mod image;
 pub mod inspect;
 pub mod layout;
+pub mod skips;
 pub mod stage;
 
 use std::path::{Path, PathBuf};
@@ -105,6 +106,7 @@ pub fn build_from_profile(
         layout,
         unikernel: builtin_unikernel()?,
         snapshot_source: SnapshotSource::VmlinuxFile,
+        skips: Vec::new(),
         page_hashes: Default::default(),
         pristine: Default::default(),
     };
@@ -118,7 +120,14 @@ pub fn build_from_profile(
     if ranges.iter().any(|r| r.end <= r.start) {
         return Err(vm_err("empty kernel text or rodata range in the profile".into()));
     }
-    let all = ranges.iter().flat_map(|r| pages.pages(r.start, r.end));
+    let (skips, _tables) = skips::skip_sites(&map, &pages);
+    image.skips = skips;
+    // Data written during boot is not "expected from the file".
+    let excluded = skips::file_only_exclusions(&map);
+    let all = ranges
+        .iter()
+        .flat_map(|r| pages.pages(r.start, r.end))
+        .filter(|(p, _)| !excluded.iter().any(|&(a, b)| *p < b && p + image::PAGE_SIZE as u64 > a));
     image.set_snapshot_from(all, opts.keep_pristine, SnapshotSource::VmlinuxFile);
     Ok(image)
 }

@@ -2,6 +2,7 @@
 
 use builder::image::{ImageError, KernelId, RepairImage, SnapshotSource, HEADER_LEN, PAGE_SIZE};
 use builder::{builtin_unikernel, inspect};
+use repair_kernel::integrity::SkipSite;
 use repair_kernel::layout::{Item, KernelLayout};
 
 fn sample(pristine: bool) -> RepairImage {
@@ -18,9 +19,14 @@ fn sample(pristine: bool) -> RepairImage {
         layout,
         unikernel: builtin_unikernel().expect("the embedded repair kernel parses"),
         snapshot_source: SnapshotSource::VmlinuxFile,
+        skips: Vec::new(),
         page_hashes: Default::default(),
         pristine: Default::default(),
     };
+    image.skips = vec![
+        SkipSite { addr: 0xffff_ffff_8100_0010, len: 5, kind: 1 },
+        SkipSite { addr: 0xffff_ffff_8100_1ffe, len: 5, kind: 2 },
+    ];
     let pages = (0..8u64).map(|i| {
         let mut p = [0u8; PAGE_SIZE];
         p[0] = i as u8;
@@ -43,6 +49,7 @@ fn round_trip() {
         image.write(&path).unwrap();
         let (back, info) = RepairImage::read_with_info(&path).unwrap();
         assert_eq!(back, image);
+        assert_eq!(back.skips.len(), 2);
         assert_eq!(info.file_len, std::fs::metadata(&path).unwrap().len());
         let text = inspect::report(&back, &info);
         assert!(text.contains("kernel release:   6.1.0-99-test"), "{text}");
@@ -114,4 +121,20 @@ fn kernel_check() {
     assert!(err.contains("image built for 6.1.0-99-test"), "{err}");
     assert!(err.contains("guest runs 6.1.0-12-cloud-amd64"), "{err}");
     assert!(err.contains("build-repair-image --vmlinux"), "{err}");
+}
+
+#[test]
+fn hashes_ignore_skip_sites() {
+    // Two pages differing only inside a skip site hash the same.
+    let mut a = sample(false);
+    let page = 0xffff_ffff_8100_0000u64;
+    let mut p = [0u8; PAGE_SIZE];
+    a.set_snapshot(std::iter::once((page, p)), false);
+    let h1 = a.page_hashes[&page];
+    p[0x12] = 0xe9; // inside the site at +0x10, 5 bytes
+    a.set_snapshot(std::iter::once((page, p)), false);
+    assert_eq!(a.page_hashes[&page], h1);
+    p[0x20] = 1; // outside
+    a.set_snapshot(std::iter::once((page, p)), false);
+    assert_ne!(a.page_hashes[&page], h1);
 }

@@ -13,6 +13,7 @@ fn image() -> RepairImage {
         layout: KernelLayout::default(),
         unikernel: builtin_unikernel().unwrap(),
         snapshot_source: SnapshotSource::VmlinuxFile,
+        skips: Vec::new(),
         page_hashes: Default::default(),
         pristine: Default::default(),
     }

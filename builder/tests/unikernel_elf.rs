@@ -3,7 +3,7 @@
 
 use builder::image::{PF_W, PF_X};
 use builder::{builtin_unikernel, UNIKERNEL_ELF, UNIKERNEL_LINK_BASE};
-use object::{Object, ObjectSection as _, ObjectSymbol};
+use object::{Object, ObjectSymbol};
 
 #[test]
 fn static_elf_at_fixed_base() {

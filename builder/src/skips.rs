@@ -1,0 +1,148 @@
+//! The bytes of kernel text Linux legitimately patches at run time, from the
+//! vmlinux's own patch tables: these sites are zeroed before hashing
+//! ([`repair_kernel::integrity::hash_page`]) on both sides, so a healthy
+//! kernel matches its snapshot and a corrupted one cannot hide in them
+//! (the table comes from the image, not from the crashed guest).
+//!
+//! Linux 6.1 x86_64 formats (arch/x86/include/asm/*.h):
+//! - `__jump_table`: `struct jump_entry { s32 code; s32 target; long key; }`,
+//!   5-byte sites (static keys);
+//! - `__mcount_loc`: `unsigned long` site addresses, 5-byte `call __fentry__`
+//!   (ftrace);
+//! - `.static_call_sites`: `struct static_call_site { s32 addr; s32 key; }`,
+//!   5-byte calls;
+//! - `.altinstructions`: `struct alt_instr { s32 instr_offset; s32
+//!   repl_offset; u16 cpuid; u8 instrlen; u8 replacementlen; }` (12 bytes,
+//!   packed), `instrlen`-byte sites;
+//! - `.retpoline_sites`, `.return_sites`, `.ibt_endbr_seal`: `s32` offsets to
+//!   6-, 5- and 4-byte sites;
+//! - `.parainstructions`: `struct paravirt_patch_site { u8 *instr; u8 type;
+//!   u8 len; }` (16 bytes with padding).
+//!
+//! A table whose bounds are absent or whose size is not a multiple of its
+//! entry size is skipped (and reported), never guessed at.
+
+use object::{Object, ObjectSymbol};
+use repair_kernel::integrity::{jump_table_sites, SkipKind, SkipSite, JUMP_LABEL_SITE_LEN};
+
+use crate::elf::VmlinuxPages;
+
+/// One patch table and what came of it, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableReport {
+    pub name: &'static str,
+    /// Sites found, or `None` when the table was absent or malformed.
+    pub sites: Option<usize>,
+}
+
+struct Table {
+    name: &'static str,
+    start: &'static str,
+    end: &'static str,
+    entry: u64,
+}
+
+const TABLES: &[Table] = &[
+    Table { name: "jump labels", start: "__start___jump_table", end: "__stop___jump_table", entry: 16 },
+    Table { name: "ftrace", start: "__start_mcount_loc", end: "__stop_mcount_loc", entry: 8 },
+    Table { name: "static calls", start: "__start_static_call_sites", end: "__stop_static_call_sites", entry: 8 },
+    Table { name: "alternatives", start: "__alt_instructions", end: "__alt_instructions_end", entry: 12 },
+    Table { name: "retpolines", start: "__retpoline_sites", end: "__retpoline_sites_end", entry: 4 },
+    Table { name: "return thunks", start: "__return_sites", end: "__return_sites_end", entry: 4 },
+    Table { name: "IBT seals", start: "__ibt_endbr_seal", end: "__ibt_endbr_seal_end", entry: 4 },
+    Table { name: "paravirt", start: "__parainstructions", end: "__parainstructions_end", entry: 16 },
+];
+
+/// Link-time ranges never hashed from the file: `.data..ro_after_init`
+/// sits inside `[__start_rodata, __end_rodata)` but is written during boot.
+pub fn file_only_exclusions(data: &[u8]) -> Vec<(u64, u64)> {
+    let Ok(file) = object::File::parse(data) else { return Vec::new() };
+    let sym = |n: &str| file.symbols().find(|s| s.name() == Ok(n)).map(|s| s.address());
+    match (sym("__start_ro_after_init"), sym("__end_ro_after_init")) {
+        (Some(a), Some(b)) if b > a => vec![(a, b)],
+        _ => Vec::new(),
+    }
+}
+
+/// Every run-time patch site of the vmlinux, sorted by address.
+pub fn skip_sites(data: &[u8], pages: &VmlinuxPages<'_>) -> (Vec<SkipSite>, Vec<TableReport>) {
+    let mut sites = Vec::new();
+    let mut reports = Vec::new();
+    let Ok(file) = object::File::parse(data) else { return (sites, reports) };
+    let wanted: Vec<&str> = TABLES.iter().flat_map(|t| [t.start, t.end]).collect();
+    let mut addr = std::collections::HashMap::new();
+    for s in file.symbols() {
+        if let Ok(n) = s.name() {
+            if wanted.contains(&n) {
+                addr.entry(n).or_insert(s.address());
+            }
+        }
+    }
+    for t in TABLES {
+        let (Some(&start), Some(&end)) = (addr.get(t.start), addr.get(t.end)) else {
+            reports.push(TableReport { name: t.name, sites: None });
+            continue;
+        };
+        if end < start || (end - start) % t.entry != 0 || end - start > 64 << 20 {
+            reports.push(TableReport { name: t.name, sites: None });
+            continue;
+        }
+        let bytes = pages.bytes(start, end);
+        let before = sites.len();
+        let mut push = |a: u64, len: u32, kind: SkipKind| {
+            if len > 0 {
+                sites.push(SkipSite { addr: a, len, kind: kind as u32 });
+            }
+        };
+        let rel = |i: usize, e: &[u8]| {
+            let off = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            (start + i as u64 * t.entry).wrapping_add(off as i64 as u64)
+        };
+        match t.name {
+            "jump labels" => {
+                jump_table_sites(&bytes, start, |a| push(a, JUMP_LABEL_SITE_LEN, SkipKind::JumpLabel));
+            }
+            "ftrace" => {
+                for e in bytes.chunks_exact(8) {
+                    push(u64::from_le_bytes(e.try_into().expect("8 bytes")), 5, SkipKind::Ftrace);
+                }
+            }
+            "static calls" => {
+                for (i, e) in bytes.chunks_exact(8).enumerate() {
+                    push(rel(i, e), 5, SkipKind::StaticCall);
+                }
+            }
+            "alternatives" => {
+                for (i, e) in bytes.chunks_exact(12).enumerate() {
+                    push(rel(i, e), e[10] as u32, SkipKind::Alternative);
+                }
+            }
+            "retpolines" => {
+                for (i, e) in bytes.chunks_exact(4).enumerate() {
+                    push(rel(i, e), 6, SkipKind::Other);
+                }
+            }
+            "return thunks" => {
+                for (i, e) in bytes.chunks_exact(4).enumerate() {
+                    push(rel(i, e), 5, SkipKind::Other);
+                }
+            }
+            "IBT seals" => {
+                for (i, e) in bytes.chunks_exact(4).enumerate() {
+                    push(rel(i, e), 4, SkipKind::Other);
+                }
+            }
+            "paravirt" => {
+                for e in bytes.chunks_exact(16) {
+                    let instr = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                    push(instr, e[9] as u32, SkipKind::Other);
+                }
+            }
+            _ => unreachable!("every table is handled"),
+        }
+        reports.push(TableReport { name: t.name, sites: Some(sites.len() - before) });
+    }
+    sites.sort_by_key(|s| (s.addr, s.len));
+    sites.dedup_by(|b, a| a.addr == b.addr && a.len >= b.len);
+    (sites, reports)
+}
