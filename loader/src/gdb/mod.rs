@@ -244,6 +244,52 @@ impl Client {
         }
     }
 
+    /// Sends up to `reqs.len()` requests back to back, then collects their
+    /// replies in order. QEMU's system-mode stub answers each packet as it
+    /// parses it and never waits for our ack, so this saves a round trip
+    /// per packet; a stub that loses one fails the whole batch.
+    pub fn request_pipelined(&mut self, reqs: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, AccessError> {
+        let mut wire = Vec::new();
+        for r in reqs {
+            wire.extend_from_slice(&frame(r));
+        }
+        self.write_raw(&wire)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Vec::with_capacity(reqs.len());
+        while out.len() < reqs.len() {
+            let req = &reqs[out.len()];
+            match self.next_frame(Some(deadline))? {
+                Some(Frame::Packet(body)) => {
+                    if !self.no_ack {
+                        self.write_raw(b"+")?;
+                    }
+                    let r = decode(&body).map_err(|e| protocol(req, &format!("malformed packet: {e}")))?;
+                    if let Some(code) = error_code(&r) {
+                        // Drain the rest so the stream stays in step.
+                        while out.len() + 1 < reqs.len() {
+                            if let Some(Frame::Packet(_)) = self.next_frame(Some(deadline))? {
+                                if !self.no_ack {
+                                    self.write_raw(b"+")?;
+                                }
+                                out.push(Vec::new());
+                            }
+                        }
+                        return Err(AccessError::Remote { request: show(req), code });
+                    }
+                    out.push(r);
+                }
+                Some(Frame::Ack) | Some(Frame::Notification(_)) => {}
+                Some(Frame::Nack) | Some(Frame::BadChecksum) => {
+                    return Err(protocol(req, "corrupted packet in a pipelined batch"))
+                }
+                None => {
+                    return Err(AccessError::Timeout { what: format!("{WHAT} (reply to `{}`)", show(req)), after: self.timeout })
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Sends the `0x03` interrupt byte.
     pub fn interrupt(&mut self) -> Result<(), AccessError> {
         self.write_raw(&[0x03])
@@ -430,14 +476,25 @@ impl GdbGuest {
 
     fn read_mem(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let chunk = self.read_chunk();
-        for (i, part) in buf.chunks_mut(chunk).enumerate() {
-            let a = addr.wrapping_add((i * chunk) as u64);
-            let req = format!("m{a:x},{:x}", part.len());
-            let r = self.client.request(&req)?;
-            let bytes = from_hex(&r).filter(|b| b.len() == part.len()).ok_or_else(|| {
-                protocol(req.as_bytes(), &format!("{} hex bytes for {} requested", r.len() / 2, part.len()))
-            })?;
-            part.copy_from_slice(&bytes);
+        // Batches of 8 requests in flight (16 KiB with QEMU's packet size).
+        for (b, batch) in buf.chunks_mut(chunk * 8).enumerate() {
+            let base = addr.wrapping_add((b * chunk * 8) as u64);
+            let reqs: Vec<Vec<u8>> = batch
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, part)| format!("m{:x},{:x}", base.wrapping_add((i * chunk) as u64), part.len()).into_bytes())
+                .collect();
+            let replies = if reqs.len() == 1 {
+                vec![self.client.request_bytes(&reqs[0])?]
+            } else {
+                self.client.request_pipelined(&reqs)?
+            };
+            for ((part, r), req) in batch.chunks_mut(chunk).zip(replies).zip(&reqs) {
+                let bytes = from_hex(&r).filter(|b| b.len() == part.len()).ok_or_else(|| {
+                    protocol(req, &format!("{} hex bytes for {} requested", r.len() / 2, part.len()))
+                })?;
+                part.copy_from_slice(&bytes);
+            }
         }
         Ok(())
     }

@@ -164,7 +164,7 @@ fn nibble(c: u8) -> Option<u8> {
 
 /// Bytes of a hex string; `None` when it is not hex or has odd length.
 pub fn from_hex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if s.len() & 1 != 0 {
         return None;
     }
     s.chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
