@@ -72,18 +72,22 @@ pub fn mask_page(page: LinkAddr, bytes: &mut [u8; PAGE], skips: &[SkipSite]) {
     for_each_overlap(page, skips, |lo, hi| bytes[lo..hi].fill(0));
 }
 
+/// Longest skip site honoured; longer ones are cut to this (a patched
+/// site is a few bytes; this bound keeps the lookup a binary search).
+pub const MAX_SKIP_LEN: u32 = 0x1_0000;
+
 /// Calls `f(lo, hi)` with the in-page byte range of each site overlapping
-/// the page at `page`.
+/// the page at `page`, in address order (ranges may overlap).
 fn for_each_overlap(page: LinkAddr, skips: &[SkipSite], mut f: impl FnMut(usize, usize)) {
     let start = page.0;
     let end = start.saturating_add(PAGE_SIZE);
-    // A site starting up to 0xffff bytes before the page may reach into it.
-    let first = skips.partition_point(|s| s.addr.saturating_add(s.len as u64) <= start.saturating_sub(0x1_0000));
+    // Sorted by addr, so this predicate is monotone.
+    let first = skips.partition_point(|s| s.addr < start.saturating_sub(MAX_SKIP_LEN as u64));
     for s in &skips[first..] {
         if s.addr >= end {
             break;
         }
-        let s_end = s.addr.saturating_add(s.len as u64);
+        let s_end = s.addr.saturating_add(s.len.min(MAX_SKIP_LEN) as u64);
         if s_end <= start {
             continue;
         }
@@ -98,6 +102,31 @@ fn for_each_overlap(page: LinkAddr, skips: &[SkipSite], mut f: impl FnMut(usize,
 pub fn hash_page(page: LinkAddr, bytes: &mut [u8; PAGE], skips: &[SkipSite]) -> [u8; 32] {
     mask_page(page, bytes, skips);
     Sha256::digest(&bytes[..]).into()
+}
+
+/// [`hash_page`] without touching `bytes`: the skipped ranges are fed to
+/// the hash as zeros, so no second page buffer is needed (the unikernel's
+/// stack is 16 KiB).
+pub fn hash_page_masked(page: LinkAddr, bytes: &[u8; PAGE], skips: &[SkipSite]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut pos = 0usize;
+    const ZEROS: [u8; 64] = [0; 64];
+    for_each_overlap(page, skips, |lo, hi| {
+        if hi <= pos {
+            return;
+        }
+        let lo = lo.max(pos);
+        h.update(&bytes[pos..lo]);
+        let mut z = hi - lo;
+        while z > 0 {
+            let n = z.min(ZEROS.len());
+            h.update(&ZEROS[..n]);
+            z -= n;
+        }
+        pos = hi;
+    });
+    h.update(&bytes[pos..]);
+    h.finalize().into()
 }
 
 /// Decodes a `struct jump_entry { s32 code; s32 target; long key; }` at
@@ -207,34 +236,35 @@ pub fn check_pages<M: PhysMem + ?Sized>(
     mut f: impl FnMut(&Mismatch),
 ) -> IntegrityReport {
     let mut rep = IntegrityReport::default();
-    let mut live = [0u8; PAGE];
-    let mut masked = [0u8; PAGE];
-    let mut good = [0u8; PAGE];
+    // One page buffer: the unikernel's stack is small.
+    let mut buf = [0u8; PAGE];
     for h in input.hashes {
         rep.checked += 1;
         let page = LinkAddr(h.page & !(PAGE_SIZE - 1));
         let gva = k.link(page);
         let mut m = Mismatch { page, gva, unreadable: false, restorable: false, restored: false, first_diff: None };
-        if k.read(gva, &mut live).is_err() {
+        if k.read(gva, &mut buf).is_err() {
             m.unreadable = true;
             rep.unreadable += 1;
             rep.mismatched += 1;
             f(&m);
             continue;
         }
-        masked.copy_from_slice(&live);
-        if hash_page(page, &mut masked, input.skips) == h.sha256 {
+        if hash_page_masked(page, &buf, input.skips) == h.sha256 {
             continue;
         }
         rep.mismatched += 1;
         if let Some(p) = input.pristine {
-            if p.page(page, &mut good) {
-                m.first_diff = live.iter().zip(good.iter()).position(|(a, b)| a != b).map(|d| d as u16);
-                // Keep what the kernel patched since the snapshot.
-                for_each_overlap(page, input.skips, |lo, hi| good[lo..hi].copy_from_slice(&live[lo..hi]));
-                masked.copy_from_slice(&good);
-                m.restorable = hash_page(page, &mut masked, input.skips) == h.sha256;
-                if m.restorable && restore && k.write(gva, &good).is_ok() {
+            if p.page(page, &mut buf) {
+                m.first_diff = first_diff(k, gva, &buf);
+                // Keep what the kernel patched since the snapshot: the
+                // live bytes at skip sites (the page was readable above).
+                let mut ok = true;
+                for_each_overlap(page, input.skips, |lo, hi| {
+                    ok &= k.read(gva.add(lo as u64), &mut buf[lo..hi]).is_ok();
+                });
+                m.restorable = ok && hash_page_masked(page, &buf, input.skips) == h.sha256;
+                if m.restorable && restore && k.write(gva, &buf).is_ok() {
                     m.restored = true;
                     rep.restored += 1;
                 }
@@ -243,4 +273,16 @@ pub fn check_pages<M: PhysMem + ?Sized>(
         f(&m);
     }
     rep
+}
+
+/// First in-page offset where the live page differs from `good`.
+fn first_diff<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, gva: Gva, good: &[u8; PAGE]) -> Option<u16> {
+    let mut chunk = [0u8; 64];
+    for (i, g) in good.chunks_exact(64).enumerate() {
+        k.read(gva.add(i as u64 * 64), &mut chunk).ok()?;
+        if let Some(d) = chunk.iter().zip(g).position(|(a, b)| a != b) {
+            return Some((i * 64 + d) as u16);
+        }
+    }
+    None
 }
