@@ -151,7 +151,7 @@ impl<'a> Scanner<'a> {
             .collect();
         let finders: Vec<memchr::memmem::Finder> = needles
             .iter()
-            .map(|n| memchr::memmem::Finder::new(n))
+            .map(memchr::memmem::Finder::new)
             .collect();
         let strings = [
             self.dwarf.debug_str.reader().slice(),
@@ -232,7 +232,7 @@ impl<'a> Scanner<'a> {
             }
             if let (Some(n), false) = (name, declaration) {
                 if let Some(&idx) = by_name.get(n) {
-                    if found[idx].is_none() && !hits.iter().any(|&(i, _)| i == idx) {
+                    if found[idx].is_none() {
                         hits.push((idx, here));
                     }
                 }

@@ -194,3 +194,30 @@ fn read_build_id_matches_profile() {
     let id = symbols::read_build_id(fixture(5)).unwrap().unwrap();
     assert_eq!(id, profile(5).build_id);
 }
+
+#[test]
+fn compressed_debug_sections_give_the_same_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = profile(5);
+    for (i, kind) in ["zlib", "zstd"].iter().enumerate() {
+        let out = dir.path().join(format!("compressed-{kind}"));
+        let status = Command::new("objcopy")
+            .arg(format!("--compress-debug-sections={kind}"))
+            .arg(fixture(5))
+            .arg(&out)
+            .status()
+            .unwrap();
+        if !status.success() {
+            // objcopy without zstd support; zlib (i == 0) must work
+            assert!(i > 0, "objcopy --compress-debug-sections=zlib failed");
+            continue;
+        }
+        let data = std::fs::read(&out).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        use object::{Object, ObjectSection};
+        let info = file.section_by_name(".debug_info").unwrap();
+        assert_ne!(info.compressed_file_range().unwrap().format, object::CompressionFormat::None);
+        let p = Profile::from_vmlinux(&out, &WANTED).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(p, plain, "{kind}");
+    }
+}
