@@ -28,11 +28,20 @@ fn check_kernel(dir: &str) {
     assert_eq!(p.types.contains_key("pcpu_hot"), p.percpu_offset("pcpu_hot").is_some());
     assert!(p.offset("task_struct", "thread.sp").is_some());
 
+    let back = Profile::from_json(&p.to_json()).unwrap();
+    assert_eq!(back, p);
+
     compare_with_pahole(&vmlinux, &p);
     compare_with_nm(&vmlinux, &p);
 
-    // System.map agrees with the ELF symbol table.
+    // System.map agrees with the ELF symbol table. Debian ships a one-line
+    // stub ("The real System.map is in the linux-image-<version>-dbg
+    // package"); there the nm comparison above stands alone.
     let map = parse_system_map(&std::fs::read_to_string(kit_file(&format!("{dir}/System.map"))).unwrap());
+    if map.len() < 100 {
+        eprintln!("{dir}/System.map is a stub ({} entries): checked against nm only", map.len());
+        return;
+    }
     for (name, s) in &p.symbols {
         if let Some(&a) = map.get(name) {
             assert_eq!(a, s.address, "{name} in System.map");
@@ -44,9 +53,6 @@ fn check_kernel(dir: &str) {
     for (name, &off) in &p.percpu {
         assert_eq!(map.get(name).copied(), Some(off), "per-CPU {name} in System.map");
     }
-
-    let back = Profile::from_json(&p.to_json()).unwrap();
-    assert_eq!(back, p);
 }
 
 #[test]
