@@ -149,10 +149,8 @@ impl<'a> Scanner<'a> {
             .iter()
             .map(|n| [n.as_bytes(), b"\0"].concat())
             .collect();
-        let finders: Vec<memchr::memmem::Finder> = needles
-            .iter()
-            .map(memchr::memmem::Finder::new)
-            .collect();
+        let finders: Vec<memchr::memmem::Finder> =
+            needles.iter().map(memchr::memmem::Finder::new).collect();
         let strings = [
             self.dwarf.debug_str.reader().slice(),
             self.dwarf.debug_line_str.reader().slice(),

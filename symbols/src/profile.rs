@@ -140,6 +140,11 @@ impl Profile {
         self.symbols.get(name).map(|s| s.address)
     }
 
+    /// Size of a symbol (`st_size`: a function's length, an object's size).
+    pub fn symbol_size(&self, name: &str) -> Option<u64> {
+        self.symbols.get(name).map(|s| s.size)
+    }
+
     /// Offset of a per-CPU variable in the per-CPU area.
     pub fn percpu_offset(&self, name: &str) -> Option<u64> {
         self.percpu.get(name).copied()

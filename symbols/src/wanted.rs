@@ -125,100 +125,26 @@ mod tests {
 
     #[test]
     fn default_covers_repair_kernel_items() {
-        // Every name of repair-kernel/src/layout.rs ITEMS, kept in step by hand:
-        // a name added there must be resolvable here.
-        let syms = [
-            "init_task",
-            "__per_cpu_offset",
-            "panic",
-            "oops_end",
-            "rewind_stack_and_make_dead",
-            "make_task_dead",
-            "page_offset_base",
-            "phys_base",
-            "prb",
-            "nr_cpu_ids",
-            "__cpu_online_mask",
-            "linux_banner",
-            "_stext",
-            "_etext",
-            "__start_rodata",
-            "__end_rodata",
-            "__start___jump_table",
-            "__stop___jump_table",
-            "panic_cpu",
-            "_text",
-        ];
-        let all = |list: &[&str]| -> Vec<String> {
+        use repair_kernel::layout::{Kind, ITEMS};
+        let alts = |list: &[&'static str]| -> Vec<&'static str> {
             list.iter()
                 .flat_map(|e| Group::parse(e).alternatives)
-                .map(str::to_owned)
                 .collect()
         };
-        let have = all(DEFAULT_WANTED.symbols);
-        for s in syms {
-            assert!(have.iter().any(|h| h == s), "{s}");
-        }
-        let pcpu = all(DEFAULT_WANTED.percpu);
-        for s in ["pcpu_hot", "current_task", "__preempt_count", "runqueues"] {
-            assert!(pcpu.iter().any(|h| h == s), "{s}");
-        }
-        let types: Vec<(&str, Vec<String>)> = DEFAULT_WANTED
-            .types
-            .iter()
-            .map(|(t, m)| (Group::parse(t).alternatives[0], all(m)))
-            .collect();
-        let need = [
-            ("task_struct", "pid"),
-            ("task_struct", "tgid"),
-            ("task_struct", "comm"),
-            ("task_struct", "tasks"),
-            ("task_struct", "__state"),
-            ("task_struct", "state"),
-            ("task_struct", "flags"),
-            ("task_struct", "exit_state"),
-            ("task_struct", "stack"),
-            ("task_struct", "mm"),
-            ("task_struct", "real_parent"),
-            ("task_struct", "on_cpu"),
-            ("task_struct", "thread.sp"),
-            ("list_head", "next"),
-            ("list_head", "prev"),
-            ("rq", "curr"),
-            ("rq", "nr_switches"),
-            ("pcpu_hot", "current_task"),
-            ("pcpu_hot", "preempt_count"),
-            ("printk_ringbuffer", "desc_ring"),
-            ("printk_ringbuffer", "text_data_ring"),
-            ("prb_desc_ring", "count_bits"),
-            ("prb_desc_ring", "descs"),
-            ("prb_desc_ring", "infos"),
-            ("prb_desc_ring", "head_id"),
-            ("prb_desc_ring", "tail_id"),
-            ("prb_data_ring", "size_bits"),
-            ("prb_data_ring", "data"),
-            ("prb_desc", "state_var"),
-            ("prb_desc", "text_blk_lpos"),
-            ("prb_data_blk_lpos", "begin"),
-            ("prb_data_blk_lpos", "next"),
-            ("printk_info", "seq"),
-            ("printk_info", "ts_nsec"),
-            ("printk_info", "text_len"),
-            ("printk_info", "caller_id"),
-            ("pt_regs", "ip"),
-            ("pt_regs", "sp"),
-            ("pt_regs", "cs"),
-            ("pt_regs", "flags"),
-        ];
-        for (t, m) in need {
-            let (_, ms) = types
-                .iter()
-                .find(|(n, _)| *n == t)
-                .unwrap_or_else(|| panic!("{t}"));
-            assert!(ms.iter().any(|h| h == m), "{t}.{m}");
-        }
-        for t in ["prb_desc", "printk_info", "pt_regs"] {
-            assert!(types.iter().any(|(n, _)| *n == t), "{t}");
+        let symbols = alts(DEFAULT_WANTED.symbols);
+        let percpu = alts(DEFAULT_WANTED.percpu);
+        for item in ITEMS {
+            let ok = match item.kind {
+                Kind::Symbol | Kind::SymbolSize => symbols.contains(&item.ty),
+                Kind::PerCpu => percpu.contains(&item.ty),
+                Kind::Size | Kind::Offset | Kind::MemberSize => {
+                    DEFAULT_WANTED.types.iter().any(|(t, members)| {
+                        Group::parse(t).alternatives.contains(&item.ty)
+                            && (item.kind == Kind::Size || alts(members).contains(&item.member))
+                    })
+                }
+            };
+            assert!(ok, "repair-kernel item {item:?} is not in DEFAULT_WANTED");
         }
     }
 }

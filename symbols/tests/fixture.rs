@@ -14,7 +14,14 @@ const WANTED: Wanted<'static> = Wanted {
     types: &[
         (
             "task_struct",
-            &["__state|state", "thread.sp", "lo", "named_anon.inner_b", "sched_migrated", "wide"],
+            &[
+                "__state|state",
+                "thread.sp",
+                "lo",
+                "named_anon.inner_b",
+                "sched_migrated",
+                "wide",
+            ],
         ),
         ("list_head", &["next", "prev"]),
         ("later", &["b"]),
@@ -64,14 +71,23 @@ fn fixture_profile_contents() {
     assert!(p.offset("task_struct", "state").is_none());
     // Nested path, anonymous union/struct members, named inline struct.
     assert_eq!(p.offset("task_struct", "thread.sp"), Some(0x50 + 8));
-    assert_eq!(p.offset("task_struct", "lo"), p.offset("task_struct", "on_cpu"));
+    assert_eq!(
+        p.offset("task_struct", "lo"),
+        p.offset("task_struct", "on_cpu")
+    );
     assert_eq!(p.offset("task_struct", "hi"), Some(0x16));
     assert_eq!(p.offset("task_struct", "named_anon.inner_b"), Some(0x98));
     // Bitfields, qualifiers, arrays, flexible array.
     let m = p.member("task_struct", "sched_migrated").unwrap();
-    assert_eq!((m.offset, m.size, m.bit_offset, m.bit_size), (0x18, 4, Some(1), Some(1)));
+    assert_eq!(
+        (m.offset, m.size, m.bit_offset, m.bit_size),
+        (0x18, 4, Some(1), Some(1))
+    );
     let m = p.member("task_struct", "wide").unwrap();
-    assert_eq!((m.offset, m.size, m.bit_offset, m.bit_size), (0x20, 8, Some(0), Some(40)));
+    assert_eq!(
+        (m.offset, m.size, m.bit_offset, m.bit_size),
+        (0x20, 8, Some(0), Some(40))
+    );
     assert_eq!(p.member("task_struct", "qualified").unwrap().size, 4);
     assert_eq!(p.member("task_struct", "grid").unwrap().size, 24);
     assert_eq!(p.member("task_struct", "flex").unwrap().size, 0);
@@ -97,7 +113,9 @@ fn json_round_trip_and_shape() {
     let json = p.to_json();
     assert_eq!(Profile::from_json(&json).unwrap(), p);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    for key in ["build_id", "banner", "release", "arch", "text", "rodata", "symbols", "percpu", "types"] {
+    for key in [
+        "build_id", "banner", "release", "arch", "text", "rodata", "symbols", "percpu", "types",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert!(v["symbols"]["panic"]["address"].is_u64());
@@ -116,12 +134,17 @@ fn missing_items_are_listed_together() {
         symbols: &["panic", "no_such_symbol", "nor_this|nor_that"],
         percpu: &["panic", "no_such_percpu"],
         types: &[
-            ("task_struct", &["pid", "no_member", "thread.nope", "__state|state"]),
+            (
+                "task_struct",
+                &["pid", "no_member", "thread.nope", "__state|state"],
+            ),
             ("no_such_type", &["x"]),
         ],
     };
     let err = Profile::from_vmlinux(fixture(5), &wanted).unwrap_err();
-    let Error::Missing { missing, .. } = &err else { panic!("{err}") };
+    let Error::Missing { missing, .. } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(
         missing,
         &[
@@ -129,13 +152,24 @@ fn missing_items_are_listed_together() {
             Missing::Symbol("nor_this|nor_that".into()),
             Missing::PerCpu("panic".into()), // exists, but not a per-CPU variable
             Missing::PerCpu("no_such_percpu".into()),
-            Missing::Member { ty: "task_struct".into(), path: "no_member".into() },
-            Missing::Member { ty: "task_struct".into(), path: "thread.nope".into() },
+            Missing::Member {
+                ty: "task_struct".into(),
+                path: "no_member".into()
+            },
+            Missing::Member {
+                ty: "task_struct".into(),
+                path: "thread.nope".into()
+            },
             Missing::Type("no_such_type".into()),
         ]
     );
     let msg = err.to_string();
-    for part in ["7 required item(s) missing", "symbol no_such_symbol", "type no_such_type", "member task_struct.thread.nope"] {
+    for part in [
+        "7 required item(s) missing",
+        "symbol no_such_symbol",
+        "type no_such_type",
+        "member task_struct.thread.nope",
+    ] {
         assert!(msg.contains(part), "{msg}");
     }
     // Lenient: the same list, and the profile of what was found.
@@ -148,14 +182,21 @@ fn missing_items_are_listed_together() {
 fn no_debug_info_names_the_section_and_the_dbg_package() {
     let dir = tempfile::tempdir().unwrap();
     let stripped = dir.path().join("stripped");
-    run(Command::new("objcopy").arg("--strip-debug").arg(fixture(5)).arg(&stripped));
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(fixture(5))
+        .arg(&stripped));
     let err = Profile::from_vmlinux(&stripped, &WANTED).unwrap_err();
     assert!(matches!(err, Error::NoDebugInfo { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(".debug_info") && msg.contains("-dbg"), "{msg}");
 
     let all = dir.path().join("stripped-all");
-    run(Command::new("objcopy").arg("--strip-all").arg("--keep-section=.debug_*").arg(fixture(5)).arg(&all));
+    run(Command::new("objcopy")
+        .arg("--strip-all")
+        .arg("--keep-section=.debug_*")
+        .arg(fixture(5))
+        .arg(&all));
     let err = Profile::from_vmlinux(&all, &WANTED).unwrap_err();
     assert!(err.to_string().contains(".symtab"), "{err}");
 }
@@ -171,7 +212,10 @@ fn non_elf_truncated_and_unreadable_files_give_clear_errors() {
 
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "").unwrap();
-    assert!(matches!(Profile::from_vmlinux(&empty, &WANTED), Err(Error::NotElf { .. })));
+    assert!(matches!(
+        Profile::from_vmlinux(&empty, &WANTED),
+        Err(Error::NotElf { .. })
+    ));
 
     let data = std::fs::read(fixture(5)).unwrap();
     for len in [4, 20, 64, 200, data.len() / 2, data.len() - 1] {
@@ -181,12 +225,22 @@ fn non_elf_truncated_and_unreadable_files_give_clear_errors() {
         let msg = err.to_string();
         assert!(msg.contains(&*cut.to_string_lossy()), "{msg}");
         assert!(
-            matches!(err, Error::BadElf { .. } | Error::NoDebugInfo { .. } | Error::Dwarf { .. } | Error::Missing { .. } | Error::NoSymbolTable { .. }),
+            matches!(
+                err,
+                Error::BadElf { .. }
+                    | Error::NoDebugInfo { .. }
+                    | Error::Dwarf { .. }
+                    | Error::Missing { .. }
+                    | Error::NoSymbolTable { .. }
+            ),
             "{len}: {err:?}"
         );
     }
     let err = Profile::from_vmlinux(&dir.path().join("nope"), &WANTED).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("nope"), "{err}");
+    assert!(
+        matches!(err, Error::Io { .. }) && err.to_string().contains("nope"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -216,7 +270,10 @@ fn compressed_debug_sections_give_the_same_profile() {
         let file = object::File::parse(&*data).unwrap();
         use object::{Object, ObjectSection};
         let info = file.section_by_name(".debug_info").unwrap();
-        assert_ne!(info.compressed_file_range().unwrap().format, object::CompressionFormat::None);
+        assert_ne!(
+            info.compressed_file_range().unwrap().format,
+            object::CompressionFormat::None
+        );
         let p = Profile::from_vmlinux(&out, &WANTED).unwrap_or_else(|e| panic!("{kind}: {e}"));
         assert_eq!(p, plain, "{kind}");
     }

@@ -20,7 +20,17 @@ const WANTED: Wanted<'static> = Wanted {
     symbols: &["panic", "prb", "init_task", "linux_banner"],
     percpu: &["percpu_a", "runqueues"],
     types: &[
-        ("task_struct", &["__state|state", "thread.sp", "lo", "named_anon.inner_b", "wide", "grid"]),
+        (
+            "task_struct",
+            &[
+                "__state|state",
+                "thread.sp",
+                "lo",
+                "named_anon.inner_b",
+                "wide",
+                "grid",
+            ],
+        ),
         ("later", &["b"]),
         ("anon_t", &["y"]),
         ("absent?", &["x"]),
@@ -44,7 +54,14 @@ impl Rng {
 fn ranges(data: &[u8]) -> Vec<std::ops::Range<usize>> {
     let file = object::File::parse(data).unwrap();
     let mut out = Vec::new();
-    for name in [".debug_info", ".debug_info", ".debug_info", ".debug_abbrev", ".debug_str", ".symtab"] {
+    for name in [
+        ".debug_info",
+        ".debug_info",
+        ".debug_info",
+        ".debug_abbrev",
+        ".debug_str",
+        ".symtab",
+    ] {
         let s = file.section_by_name(name).unwrap();
         let (off, len) = s.file_range().unwrap();
         out.push(off as usize..(off + len) as usize);
@@ -64,7 +81,8 @@ fn mutate(rng: &mut Rng, data: &[u8], regions: &[std::ops::Range<usize>]) -> Vec
             0..=3 => d[at] ^= 1 << rng.below(8),
             4..=6 => d[at] = rng.next() as u8,
             7..=8 => {
-                let v: u32 = [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff][rng.below(8)];
+                let v: u32 =
+                    [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff][rng.below(8)];
                 let end = (at + 4).min(d.len());
                 d[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
             }
@@ -100,7 +118,10 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<u64, String> {
             if r.is_err() {
                 let path = std::env::temp_dir().join(format!("symbols-fuzz-crash-{i}"));
                 let _ = std::fs::write(&path, &input);
-                let _ = tx.send(Ok(Err(format!("panic at iteration {i}; input saved to {}", path.display()))));
+                let _ = tx.send(Ok(Err(format!(
+                    "panic at iteration {i}; input saved to {}",
+                    path.display()
+                ))));
                 return;
             }
             done += 1;
@@ -112,14 +133,21 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<u64, String> {
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Err(i)) => current = i,
             Ok(Ok(result)) => return result,
-            Err(_) => return Err(format!("no progress for 10 s at iteration {current}: a hang")),
+            Err(_) => {
+                return Err(format!(
+                    "no progress for 10 s at iteration {current}: a hang"
+                ))
+            }
         }
     }
 }
 
 #[test]
 fn mutated_elf_and_dwarf_never_panic_or_hang() {
-    let inputs: Vec<Vec<u8>> = [4, 5].iter().map(|&v| std::fs::read(common::fixture(v)).unwrap()).collect();
+    let inputs: Vec<Vec<u8>> = [4, 5]
+        .iter()
+        .map(|&v| std::fs::read(common::fixture(v)).unwrap())
+        .collect();
     // The unmutated inputs parse.
     for d in &inputs {
         Profile::from_bytes(d, &WANTED).unwrap();

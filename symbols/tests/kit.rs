@@ -16,7 +16,10 @@ fn check_kernel(dir: &str) {
     assert!(p.release.starts_with("6.1"), "{}", p.release);
     assert_eq!(p.arch, "x86_64");
     assert_eq!(p.build_id.len(), 40);
-    assert_eq!(symbols::read_build_id(&vmlinux).unwrap().as_deref(), Some(&*p.build_id));
+    assert_eq!(
+        symbols::read_build_id(&vmlinux).unwrap().as_deref(),
+        Some(&*p.build_id)
+    );
     assert!(p.text.start < p.text.end && p.rodata.start < p.rodata.end);
     assert_eq!(p.symbols["linux_banner"].size as usize, p.banner.len() + 1);
 
@@ -25,8 +28,28 @@ fn check_kernel(dir: &str) {
     let states = ["__state", "state"].map(|m| p.offset("task_struct", m).is_some());
     assert!(states[0] ^ states[1], "{states:?}");
     assert!(p.percpu_offset("pcpu_hot").is_some() || p.percpu_offset("current_task").is_some());
-    assert_eq!(p.types.contains_key("pcpu_hot"), p.percpu_offset("pcpu_hot").is_some());
+    assert_eq!(
+        p.types.contains_key("pcpu_hot"),
+        p.percpu_offset("pcpu_hot").is_some()
+    );
     assert!(p.offset("task_struct", "thread.sp").is_some());
+
+    // Every item of the repair kernel's table resolves; required ones exist.
+    for item in repair_kernel::layout::ITEMS {
+        use repair_kernel::layout::Kind;
+        let value = match item.kind {
+            Kind::Symbol => p.symbol(item.ty),
+            Kind::SymbolSize => p.symbol_size(item.ty),
+            Kind::PerCpu => p.percpu_offset(item.ty),
+            Kind::Size => p.size(item.ty),
+            Kind::Offset => p.offset(item.ty, item.member),
+            Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
+        };
+        assert!(
+            value.is_some() || !item.required,
+            "required repair-kernel item {item:?} missing"
+        );
+    }
 
     let back = Profile::from_json(&p.to_json()).unwrap();
     assert_eq!(back, p);
@@ -37,9 +60,13 @@ fn check_kernel(dir: &str) {
     // System.map agrees with the ELF symbol table. Debian ships a one-line
     // stub ("The real System.map is in the linux-image-<version>-dbg
     // package"); there the nm comparison above stands alone.
-    let map = parse_system_map(&std::fs::read_to_string(kit_file(&format!("{dir}/System.map"))).unwrap());
+    let map =
+        parse_system_map(&std::fs::read_to_string(kit_file(&format!("{dir}/System.map"))).unwrap());
     if map.len() < 100 {
-        eprintln!("{dir}/System.map is a stub ({} entries): checked against nm only", map.len());
+        eprintln!(
+            "{dir}/System.map is a stub ({} entries): checked against nm only",
+            map.len()
+        );
         return;
     }
     for (name, s) in &p.symbols {
@@ -51,7 +78,11 @@ fn check_kernel(dir: &str) {
         assert_eq!(map.get(name).copied(), p.symbol(name), "{name}");
     }
     for (name, &off) in &p.percpu {
-        assert_eq!(map.get(name).copied(), Some(off), "per-CPU {name} in System.map");
+        assert_eq!(
+            map.get(name).copied(),
+            Some(off),
+            "per-CPU {name} in System.map"
+        );
     }
 }
 

@@ -33,7 +33,9 @@ pub fn kit_file(rel: &str) -> PathBuf {
 
 /// Runs a command, panicking with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -55,7 +57,16 @@ pub fn fixture(dwarf_version: u8) -> &'static Path {
         let out = dir.join(format!("fixture-dwarf{dwarf_version}"));
         run(Command::new("gcc")
             .arg(format!("-gdwarf-{dwarf_version}"))
-            .args(["-g", "-O0", "-nostdlib", "-static", "-no-pie", "-Wl,--build-id", "-Wl,-e,_start", "-Wl,--unique=.data..percpu"])
+            .args([
+                "-g",
+                "-O0",
+                "-nostdlib",
+                "-static",
+                "-no-pie",
+                "-Wl,--build-id",
+                "-Wl,-e,_start",
+                "-Wl,--unique=.data..percpu",
+            ])
             .arg("-o")
             .arg(&out)
             .arg(src.join("a.c"))
@@ -133,7 +144,9 @@ fn decl_name(decl: &str) -> (String, String) {
     }
     let d = d.split(':').next().unwrap_or(d).trim(); // bitfield width
     let d = d.split('[').next().unwrap_or(d).trim(); // array dims
-    let cut = d.rfind(|c: char| c.is_whitespace() || c == '*').map_or(0, |i| i + 1);
+    let cut = d
+        .rfind(|c: char| c.is_whitespace() || c == '*')
+        .map_or(0, |i| i + 1);
     (d[cut..].to_owned(), d[..cut].trim().to_owned())
 }
 
@@ -146,7 +159,10 @@ pub fn parse_pahole(text: &str) -> BTreeMap<String, PaholeType> {
     for line in text.lines() {
         let t = line.trim();
         if current.is_none() {
-            if let Some(rest) = t.strip_prefix("struct ").or_else(|| t.strip_prefix("union ")) {
+            if let Some(rest) = t
+                .strip_prefix("struct ")
+                .or_else(|| t.strip_prefix("union "))
+            {
                 if let Some(name) = rest.strip_suffix(" {") {
                     current = Some((name.trim().to_owned(), PaholeType::default()));
                     blocks.clear();
@@ -190,7 +206,12 @@ pub fn parse_pahole(text: &str) -> BTreeMap<String, PaholeType> {
                     parent.push((format!("{name}.{n}"), m, typ));
                 }
                 if let Some((off, _, size)) = p {
-                    let m = Member { offset: off, size, bit_offset: None, bit_size: None };
+                    let m = Member {
+                        offset: off,
+                        size,
+                        bit_offset: None,
+                        bit_size: None,
+                    };
                     parent.push((name, m, String::new()));
                 }
             }
@@ -209,7 +230,12 @@ pub fn parse_pahole(text: &str) -> BTreeMap<String, PaholeType> {
             let w = code.rsplit(':').next().unwrap().trim();
             num(w.split_whitespace().next().unwrap())
         });
-        let m = Member { offset: off, size, bit_offset: bit, bit_size };
+        let m = Member {
+            offset: off,
+            size,
+            bit_offset: bit,
+            bit_size,
+        };
         blocks.last_mut().unwrap().push((name, m, typ));
     }
     out
@@ -274,7 +300,11 @@ pub fn compare_with_pahole(path: &Path, profile: &Profile) {
     if !nested.is_empty() {
         let inner: Vec<String> = nested
             .iter()
-            .map(|(_, _, t)| t.trim_start_matches("struct ").trim_start_matches("union ").to_owned())
+            .map(|(_, _, t)| {
+                t.trim_start_matches("struct ")
+                    .trim_start_matches("union ")
+                    .to_owned()
+            })
             .collect();
         let inner_refs: Vec<&str> = inner.iter().map(String::as_str).collect();
         let reference2 = pahole(path, &inner_refs);
@@ -285,13 +315,24 @@ pub fn compare_with_pahole(path: &Path, profile: &Profile) {
                 errors.push(format!("{ty}.{p}: pahole has no {inner_ty}.{rest}"));
                 continue;
             };
-            let expect = Member { offset: outer.offset + im.offset, ..im.clone() };
+            let expect = Member {
+                offset: outer.offset + im.offset,
+                ..im.clone()
+            };
             if profile.types[ty].members[p] != expect {
-                errors.push(format!("{ty}.{p}: {:?} != pahole {expect:?}", profile.types[ty].members[p]));
+                errors.push(format!(
+                    "{ty}.{p}: {:?} != pahole {expect:?}",
+                    profile.types[ty].members[p]
+                ));
             }
         }
     }
-    assert!(errors.is_empty(), "{} mismatches with pahole:\n{}", errors.len(), errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{} mismatches with pahole:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
 }
 
 /// `nm` of `path`: name → addresses (a name can occur more than once).
@@ -324,5 +365,9 @@ pub fn compare_with_nm(path: &Path, profile: &Profile) {
             other => errors.push(format!("{name}: {addr:#x}, nm says {other:x?}")),
         }
     }
-    assert!(errors.is_empty(), "mismatches with nm:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "mismatches with nm:\n{}",
+        errors.join("\n")
+    );
 }
