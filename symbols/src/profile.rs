@@ -145,6 +145,22 @@ impl Profile {
         self.symbols.get(name).map(|s| s.size)
     }
 
+    /// The KASLR slide of a running kernel of this build, from its
+    /// `/proc/kallsyms` (or a `System.map`) parsed by
+    /// [`crate::parse_system_map`]: run-time minus link-time address of
+    /// `_text` (wrapping). `None` if `_text` is in neither, or if any other
+    /// symbol of the profile found in `map` disagrees (another build, or
+    /// kallsyms with addresses hidden as zeros).
+    pub fn kaslr_slide(&self, map: &BTreeMap<String, u64>) -> Option<u64> {
+        let slide = map.get("_text")?.wrapping_sub(self.symbol("_text")?);
+        let consistent = self
+            .symbols
+            .iter()
+            .filter_map(|(n, s)| map.get(n).map(|&a| a.wrapping_sub(s.address)))
+            .all(|d| d == slide);
+        consistent.then_some(slide)
+    }
+
     /// Offset of a per-CPU variable in the per-CPU area.
     pub fn percpu_offset(&self, name: &str) -> Option<u64> {
         self.percpu.get(name).copied()
@@ -359,4 +375,35 @@ fn extract(
         }
     }
     Ok((profile, missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kaslr_slide_from_kallsyms() {
+        let mut p = Profile::default();
+        for (n, a) in [
+            ("_text", 0xffffffff81000000u64),
+            ("panic", 0xffffffff81a00000),
+        ] {
+            p.symbols.insert(
+                n.into(),
+                Symbol {
+                    address: a,
+                    size: 0,
+                },
+            );
+        }
+        let kallsyms = "ffffffff9e000000 T _text\nffffffff9ea00000 T panic\n";
+        let map = crate::parse_system_map(kallsyms);
+        assert_eq!(p.kaslr_slide(&map), Some(0x1d000000));
+        let wrong = crate::parse_system_map("ffffffff9e000000 T _text\nffffffff9eb00000 T panic\n");
+        assert_eq!(p.kaslr_slide(&wrong), None);
+        let hidden =
+            crate::parse_system_map("0000000000000000 T _text\n0000000000000000 T panic\n");
+        assert_eq!(p.kaslr_slide(&hidden), None);
+        assert_eq!(p.kaslr_slide(&BTreeMap::new()), None);
+    }
 }

@@ -95,13 +95,28 @@ fn mutate(rng: &mut Rng, data: &[u8], regions: &[std::ops::Range<usize>]) -> Vec
     d
 }
 
-fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<u64, String> {
+/// Outcomes of a run: profiles built, then errors by kind.
+type Outcomes = std::collections::BTreeMap<String, u64>;
+
+fn outcome(r: &Result<(Profile, Vec<symbols::Missing>), symbols::Error>) -> String {
+    match r {
+        Ok((_, m)) if m.is_empty() => "profile".into(),
+        Ok(_) => "profile with missing items".into(),
+        Err(e) => format!("{e:?}")
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+    }
+}
+
+fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<Outcomes, String> {
     let (tx, rx) = mpsc::channel();
     let start = Instant::now();
     std::thread::spawn(move || {
         let mut rng = Rng(seed);
         let regions: Vec<_> = inputs.iter().map(|d| ranges(d)).collect();
-        let mut done = 0;
+        let mut done = Outcomes::new();
         for i in 0..ITERATIONS {
             if start.elapsed() > BUDGET {
                 break;
@@ -111,11 +126,13 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<u64, String> {
             let _ = tx.send(Err(i)); // "working on i", for the hang report
             let wanted = if i % 8 == 0 { DEFAULT_WANTED } else { WANTED };
             let r = catch_unwind(AssertUnwindSafe(|| {
-                if let Ok((p, _)) = Profile::from_bytes(&input, &wanted) {
+                let r = Profile::from_bytes(&input, &wanted);
+                if let Ok((p, _)) = &r {
                     let _ = Profile::from_json(&p.to_json());
                 }
+                outcome(&r)
             }));
-            if r.is_err() {
+            let Ok(kind) = r else {
                 let path = std::env::temp_dir().join(format!("symbols-fuzz-crash-{i}"));
                 let _ = std::fs::write(&path, &input);
                 let _ = tx.send(Ok(Err(format!(
@@ -123,8 +140,8 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<u64, String> {
                     path.display()
                 ))));
                 return;
-            }
-            done += 1;
+            };
+            *done.entry(kind).or_default() += 1;
         }
         let _ = tx.send(Ok(Ok(done)));
     });
@@ -157,7 +174,8 @@ fn mutated_elf_and_dwarf_never_panic_or_hang() {
     std::panic::set_hook(Box::new(|_| {}));
     let result = run_fuzz(0x5eed_cafe_f00d_0001, inputs);
     std::panic::set_hook(hook);
-    let done = result.unwrap_or_else(|e| panic!("{e}"));
+    let outcomes = result.unwrap_or_else(|e| panic!("{e}"));
+    let done: u64 = outcomes.values().sum();
     assert!(done >= 1000, "only {done} iterations in the time budget");
-    eprintln!("fuzz: {done} mutated inputs, no panic");
+    eprintln!("fuzz: {done} mutated inputs, no panic: {outcomes:?}");
 }
