@@ -56,7 +56,8 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
     if !has(Item::TaskStateNew) && !has(Item::TaskStateOld) {
         missing.push("task_struct.__state or task_struct.state".into());
     }
-    if !has(Item::PcpuCurrentTask) && !(has(Item::PcpuHot) && has(Item::PcpuHotCurrentTask)) {
+    let hot_current = has(Item::PcpuHot) && has(Item::PcpuHotCurrentTask);
+    if !has(Item::PcpuCurrentTask) && !hot_current {
         missing.push("per-CPU current_task or pcpu_hot.current_task".into());
     }
     if missing.is_empty() {

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 pub use elf::{builtin_unikernel, UNIKERNEL_ELF, UNIKERNEL_LINK_BASE};
 pub use image::{FileInfo, ImageError, KernelId, RepairImage, Segment, SnapshotSource, Unikernel};
 pub use layout::{layout_from_profile, LayoutError, WantedNames};
-pub use stage::{StageError, StagePlan};
+pub use stage::{Paging, StageError, StageOptions, StagePlan};
 
 use repair_kernel::layout::{Kind, ITEMS};
 use symbols::Profile;

@@ -49,6 +49,22 @@ pub enum Paging {
     FiveLevel,
 }
 
+/// What to stage besides the repair kernel itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageOptions {
+    pub paging: Paging,
+    /// Also stage the image's integrity data (page hashes, skip sites and
+    /// pristine pages) for the in-guest text/rodata check. Megabytes for a
+    /// distribution kernel: it needs a staged region (`memmap=`, an extra
+    /// memory slot), not borrowed low memory.
+    pub integrity: bool,
+}
+
+/// `"RPRINTEG"`: magic of the [integrity table](StagePlan::integrity_gva).
+pub const INTEGRITY_MAGIC: u64 = u64::from_le_bytes(*b"RPRINTEG");
+/// Version of the integrity table layout.
+pub const INTEGRITY_VERSION: u64 = 1;
+
 /// Why a plan could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StageError {
@@ -92,6 +108,15 @@ pub struct StagePlan {
     pub contract_gpa: u64,
     /// `repair_done`: the completion point (breakpoint address).
     pub done_rip: u64,
+    /// Virtual address of the integrity table, to pass in `rsi` (0: none,
+    /// the repair kernel then skips the text/rodata check). The table is
+    /// nine little-endian `u64`s: magic [`INTEGRITY_MAGIC`], version,
+    /// hashes (gva, count) as `repair_kernel::integrity::PageHash` (40
+    /// bytes each, sorted), skip sites (gva, count) as `SkipSite` (16
+    /// bytes, sorted), pristine index gva (sorted `u64` link-time page
+    /// addresses), pristine pages gva (4 KiB each, same order), pristine
+    /// count. All of it mapped read-only in the window.
+    pub integrity_gva: u64,
     /// Guest RAM `[0, identity_end)` is identity-mapped.
     pub identity_end: u64,
     /// Bytes of the borrowed range used, from its base.
@@ -159,12 +184,13 @@ impl Tables {
 }
 
 impl StagePlan {
-    /// A plan for 4-level paging (the usual case; see [`StagePlan::with_paging`]).
+    /// A plan for 4-level paging without the integrity data (the usual
+    /// case for borrowed low memory; see [`StagePlan::with_options`]).
     pub fn new(image: &RepairImage, base_gpa: u64, size: u64, ram_end: u64) -> Result<StagePlan, StageError> {
-        Self::with_paging(image, base_gpa, size, ram_end, Paging::FourLevel)
+        Self::with_options(image, base_gpa, size, ram_end, &StageOptions::default())
     }
 
-    /// A plan for the given paging mode.
+    /// A plan for the given paging mode, without the integrity data.
     pub fn with_paging(
         image: &RepairImage,
         base_gpa: u64,
@@ -172,7 +198,19 @@ impl StagePlan {
         ram_end: u64,
         paging: Paging,
     ) -> Result<StagePlan, StageError> {
-        if base_gpa % PAGE != 0 {
+        Self::with_options(image, base_gpa, size, ram_end, &StageOptions { paging, integrity: false })
+    }
+
+    /// A plan with the given options.
+    pub fn with_options(
+        image: &RepairImage,
+        base_gpa: u64,
+        size: u64,
+        ram_end: u64,
+        opts: &StageOptions,
+    ) -> Result<StagePlan, StageError> {
+        let paging = opts.paging;
+        if !base_gpa.is_multiple_of(PAGE) {
             return Err(StageError::Unaligned(base_gpa));
         }
         let size = size / PAGE * PAGE;
@@ -182,10 +220,15 @@ impl StagePlan {
         let u = &image.unikernel;
         // The window must be in its own PML4 slot, above slot 0, and in the
         // lower canonical half for either paging mode.
-        let window_ok = |a: u64| a >= (1 << 39) && a < (1 << 47);
+        let window_ok = |a: u64| ((1 << 39)..(1 << 47)).contains(&a);
         let contract_pages = (std::mem::size_of::<Contract>() as u64).div_ceil(PAGE);
         let contract_gva = u.end().next_multiple_of(PAGE) + PAGE;
-        let window_end = contract_gva + contract_pages * PAGE;
+        let integrity = opts.integrity.then(|| integrity_blob(image));
+        let integrity_gva = contract_gva + contract_pages * PAGE + PAGE;
+        let window_end = match &integrity {
+            Some(blob) => integrity_gva + blob.len() as u64,
+            None => contract_gva + contract_pages * PAGE,
+        };
         if !window_ok(u.link_base) || !window_ok(window_end) {
             return Err(StageError::BadWindow(u.link_base));
         }
@@ -220,7 +263,7 @@ impl StagePlan {
         let stack_ok = window
             .iter()
             .any(|p| p.writable && u.stack_top > p.gva && u.stack_top <= p.gva + PAGE);
-        if !stack_ok || u.stack_top % 16 != 0 {
+        if !stack_ok || !u.stack_top.is_multiple_of(16) {
             return Err(StageError::BadStack(u.stack_top));
         }
 
@@ -235,6 +278,25 @@ impl StagePlan {
             tables.map(&mut alloc, gva, gpa, 1, true);
             window.push(WindowPage { gva, gpa, writable: true });
             data_pages.push((gpa, vec![0u8; PAGE_SIZE]));
+        }
+
+        // The integrity data, read-only, after another guard page; its
+        // table's pointers are fixed up to virtual addresses here.
+        if let Some(mut blob) = integrity {
+            for word in [2, 4, 6, 7] {
+                let at = word * 8;
+                let off = u64::from_le_bytes(blob[at..at + 8].try_into().expect("8 bytes"));
+                blob[at..at + 8].copy_from_slice(&(integrity_gva + off).to_le_bytes());
+            }
+            for (i, chunk) in blob.chunks(PAGE_SIZE).enumerate() {
+                let gpa = alloc.page();
+                let gva = integrity_gva + i as u64 * PAGE;
+                tables.map(&mut alloc, gva, gpa, 1, false);
+                window.push(WindowPage { gva, gpa, writable: false });
+                let mut page = chunk.to_vec();
+                page.resize(PAGE_SIZE, 0);
+                data_pages.push((gpa, page));
+            }
         }
 
         // Guest RAM, identity-mapped with 2 MiB pages.
@@ -270,6 +332,7 @@ impl StagePlan {
             contract_gva,
             contract_gpa,
             done_rip: u.done,
+            integrity_gva: if opts.integrity { integrity_gva } else { 0 },
             identity_end,
             used: alloc.next,
             window,
@@ -318,4 +381,44 @@ impl StagePlan {
         }
         None
     }
+}
+
+/// The integrity data as one blob: the table (pointers as offsets from the
+/// blob's start, fixed up by the caller), then hashes, skip sites, the
+/// pristine index and the pristine pages, each part page-aligned.
+fn integrity_blob(image: &RepairImage) -> Vec<u8> {
+    let mut blob = vec![0u8; PAGE_SIZE];
+    let part = |blob: &mut Vec<u8>, bytes: &mut dyn Iterator<Item = u8>| {
+        let at = blob.len() as u64;
+        blob.extend(bytes);
+        blob.resize(blob.len().next_multiple_of(PAGE_SIZE), 0);
+        at
+    };
+    let hashes = part(
+        &mut blob,
+        &mut image.page_hashes.iter().flat_map(|(p, h)| p.to_le_bytes().into_iter().chain(*h)),
+    );
+    let skips = part(
+        &mut blob,
+        &mut image.skips.iter().flat_map(|k| {
+            k.addr.to_le_bytes().into_iter().chain(k.len.to_le_bytes()).chain(k.kind.to_le_bytes())
+        }),
+    );
+    let index = part(&mut blob, &mut image.pristine.keys().flat_map(|p| p.to_le_bytes()));
+    let pages = part(&mut blob, &mut image.pristine.values().flat_map(|p| p.iter().copied()));
+    let table = [
+        INTEGRITY_MAGIC,
+        INTEGRITY_VERSION,
+        hashes,
+        image.page_hashes.len() as u64,
+        skips,
+        image.skips.len() as u64,
+        index,
+        pages,
+        image.pristine.len() as u64,
+    ];
+    for (i, w) in table.iter().enumerate() {
+        blob[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    blob
 }

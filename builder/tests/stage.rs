@@ -134,3 +134,53 @@ fn refuses_what_does_not_fit() {
     assert!(matches!(StagePlan::new(&image, 0x10800, 0x80000, 1 << 30), Err(StageError::Unaligned(_))));
     assert!(matches!(StagePlan::new(&image, 0x10000, 0x80000, 0x20000), Err(StageError::OutsideRam { .. })));
 }
+
+#[test]
+fn integrity_data_is_staged_read_only() {
+    use builder::stage::{StageOptions, INTEGRITY_MAGIC};
+    use repair_kernel::integrity::SkipSite;
+    let mut image = image();
+    image.skips = vec![SkipSite { addr: 0xffff_ffff_8100_0010, len: 5, kind: 1 }];
+    let pages = (0..3u64).map(|i| (0xffff_ffff_8100_0000 + i * 4096, [i as u8 + 1; 4096]));
+    image.set_snapshot(pages, true);
+
+    let opts = StageOptions { integrity: true, ..Default::default() };
+    let plan = StagePlan::with_options(&image, 0x100000, 0x100000, 1 << 30, &opts).unwrap();
+    check_integrity(&plan, &image, INTEGRITY_MAGIC);
+    // Without the option, nothing is staged and rsi is 0.
+    assert_eq!(StagePlan::new(&image, 0x10000, 0x80000, 1 << 30).unwrap().integrity_gva, 0);
+}
+
+fn check_integrity(plan: &StagePlan, image: &RepairImage, magic: u64) {
+    let read = |gva: u64, len: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| {
+                let (gpa, w) = plan.translate(gva + i).expect("mapped");
+                assert!(!w, "integrity data is read-only");
+                let (g, b) = plan.writes.iter().rfind(|(g, _)| *g <= gpa).expect("written");
+                b[(gpa - g) as usize]
+            })
+            .collect()
+    };
+    let word = |gva: u64| u64::from_le_bytes(read(gva, 8).try_into().unwrap());
+    let t = plan.integrity_gva;
+    assert!(t > plan.contract_gva);
+    assert_eq!(word(t), magic);
+    assert_eq!(word(t + 8), 1);
+    let (hashes, n_hashes) = (word(t + 16), word(t + 24));
+    assert_eq!(n_hashes, 3);
+    for (i, (page, h)) in image.page_hashes.iter().enumerate() {
+        let rec = read(hashes + 40 * i as u64, 40);
+        assert_eq!(u64::from_le_bytes(rec[..8].try_into().unwrap()), *page);
+        assert_eq!(&rec[8..], h);
+    }
+    let (skips, n_skips) = (word(t + 32), word(t + 40));
+    assert_eq!(n_skips, 1);
+    assert_eq!(word(skips), 0xffff_ffff_8100_0010);
+    let (index, pages, n) = (word(t + 48), word(t + 56), word(t + 64));
+    assert_eq!(n, 3);
+    for (i, (page, bytes)) in image.pristine.iter().enumerate() {
+        assert_eq!(word(index + 8 * i as u64), *page);
+        assert_eq!(read(pages + 4096 * i as u64, 4096), bytes.to_vec());
+    }
+}

@@ -12,6 +12,7 @@
 #![no_main]
 
 mod arch;
+mod integrity;
 mod mem;
 
 use arch::entry::{finish, FaultFrame};
@@ -37,13 +38,14 @@ extern "C" {
     static __repair_stack_bottom: u8;
 }
 
-/// Called by `_start` with the contract's virtual address.
+/// Called by `_start` with the contract's virtual address (`rdi`) and the
+/// integrity table's (`rsi`, 0 for none), as the loader set them.
 #[no_mangle]
-extern "C" fn rust_start(contract: *mut Contract) -> ! {
+extern "C" fn rust_start(contract: *mut Contract, integrity_table: u64) -> ! {
     arch::tables::save_guest_and_load_own();
     fill_canary();
 
-    if contract.is_null() || (contract as usize) % core::mem::align_of::<Contract>() != 0 {
+    if contract.is_null() || !(contract as usize).is_multiple_of(core::mem::align_of::<Contract>()) {
         finish(RunStatus::NotRun as u32);
     }
     // SAFETY: the loader mapped the block at this address, readable and
@@ -59,7 +61,7 @@ extern "C" fn rust_start(contract: *mut Contract) -> ! {
     set_status(&mut c.output, RunStatus::Running);
     c.output.cpu = c.input.cpu;
     let mut mem = mem::IdentityMem::new(&c.input);
-    repair_kernel::run(&mut mem, &c.input, &mut c.output);
+    integrity::run(&mut mem, integrity_table, &c.input, &mut c.output);
 
     if !canary_intact() {
         record_fault(

@@ -3,6 +3,7 @@
 //! ABI (what the loader provides, see `builder/DESIGN.md`):
 //! - `rip = _start`, `rsp = __repair_stack_top` (16-byte aligned),
 //!   `rdi` = virtual address of the [`Contract`](repair_kernel::contract::Contract),
+//!   `rsi` = virtual address of the staged integrity table, or 0,
 //! - IF = 0, CPL 0, long mode, CS = 0x10 (Linux's `__KERNEL_CS`),
 //! - CR3 = the loader's page tables: guest RAM identity-mapped in PML4 slot 0
 //!   and this image's window at its link base.
