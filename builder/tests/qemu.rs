@@ -1,0 +1,179 @@
+//! Runs the embedded repair kernel for real, under QEMU (TCG), on the page
+//! tables of a [`StagePlan`]: a 60-byte multiboot stub enters long mode,
+//! loads a stand-in "guest" GDT/IDT and jumps to the plan's entry with the
+//! plan's registers. Completion writes the run status to port 0x501, where
+//! QEMU's `isa-debug-exit` device turns it into QEMU's exit status
+//! `(status << 1) | 1`. This checks entry, descriptor tables, the fault
+//! path and completion; the loader's tests run it inside real kernels.
+//!
+//! Needs `qemu-system-x86_64` (Debian: `qemu-system-x86`); fails without it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use builder::image::{KernelId, RepairImage, SnapshotSource};
+use builder::{builtin_unikernel, StagePlan};
+use repair_kernel::contract::{Contract, ContractIn, CpuState, RunStatus};
+use repair_kernel::layout::KernelLayout;
+
+/// `tests/qemu-stub.S` assembled at 0x100000 (`as --64`, `ld -Ttext=0x100000
+/// --oformat binary`): multiboot header, 32-bit entry at +12 enabling PAE,
+/// long mode and paging with `cr3 = params[0]`, a far jump to 64-bit code
+/// that loads data segments, `lidt` a fake guest IDT, and jumps to
+/// `params[4]` with rsp, rdi, rsi = params[1..4]. `params` is at +0xb0.
+const STUB: [u8; 216] = [
+    0x02, 0xb0, 0xad, 0x1b, 0x00, 0x00, 0x00, 0x00, 0xfe, 0x4f, 0x52, 0xe4, 0xfa, 0x0f, 0x20, 0xe0, 0x83,
+    0xc8, 0x20, 0x0f, 0x22, 0xe0, 0xa1, 0xb0, 0x00, 0x10, 0x00, 0x0f, 0x22, 0xd8, 0xb9, 0x80, 0x00, 0x00,
+    0xc0, 0x0f, 0x32, 0x0d, 0x00, 0x01, 0x00, 0x00, 0x0f, 0x30, 0x0f, 0x20, 0xc0, 0x0d, 0x01, 0x00, 0x00,
+    0x80, 0x0f, 0x22, 0xc0, 0x0f, 0x01, 0x15, 0x98, 0x00, 0x10, 0x00, 0xea, 0x45, 0x00, 0x10, 0x00, 0x10,
+    0x00, 0x66, 0xb8, 0x18, 0x00, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0, 0x0f, 0x01, 0x1d, 0x4a, 0x00, 0x00,
+    0x00, 0x48, 0x8b, 0x25, 0x5b, 0x00, 0x00, 0x00, 0x48, 0x8b, 0x3d, 0x5c, 0x00, 0x00, 0x00, 0x48, 0x8b,
+    0x35, 0x5d, 0x00, 0x00, 0x00, 0x48, 0x8b, 0x05, 0x5e, 0x00, 0x00, 0x00, 0xff, 0xe0, 0x0f, 0x1f, 0x40,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0x00, 0x00, 0x00, 0x9a, 0xaf, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x92, 0xcf, 0x00, 0x1f,
+    0x00, 0x78, 0x00, 0x10, 0x00, 0x66, 0x90, 0xff, 0x0f, 0x00, 0x40, 0x23, 0x01, 0x00, 0x00, 0x00, 0x00,
+    0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+];
+const STUB_BASE: u32 = 0x10_0000;
+const PARAMS: usize = 0xb0;
+const RAM: u64 = 128 << 20;
+const BASE: u64 = 0x20_0000;
+const SIZE: u64 = 0x8_0000;
+
+/// A minimal ELF32 (EM_386) with one `PT_LOAD` per chunk, loaded by QEMU's
+/// multiboot loader at the chunks' physical addresses.
+fn elf32(entry: u32, chunks: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let phoff = 52u32;
+    let mut off = phoff + 32 * chunks.len() as u32;
+    let mut head = Vec::new();
+    head.extend_from_slice(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+    for v in [2u16, 3] {
+        head.extend_from_slice(&v.to_le_bytes()); // ET_EXEC, EM_386
+    }
+    head.extend_from_slice(&1u32.to_le_bytes());
+    head.extend_from_slice(&entry.to_le_bytes());
+    head.extend_from_slice(&phoff.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes()); // shoff
+    head.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for v in [52u16, 32, chunks.len() as u16, 40, 0, 0] {
+        head.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut body = Vec::new();
+    for (addr, bytes) in chunks {
+        off = off.next_multiple_of(4);
+        for v in [1u32, off, *addr as u32, *addr as u32, bytes.len() as u32, bytes.len() as u32, 7, 4] {
+            head.extend_from_slice(&v.to_le_bytes());
+        }
+        off += bytes.len() as u32;
+    }
+    for (_, bytes) in chunks {
+        while (head.len() + body.len()) % 4 != 0 {
+            body.push(0);
+        }
+        body.extend_from_slice(bytes);
+    }
+    head.extend_from_slice(&body);
+    head
+}
+
+/// Runs the plan under QEMU; returns the run status the repair kernel
+/// signalled, or a description of what else happened.
+fn run(contract: &Contract, rsi_override: Option<u64>) -> Result<u32, String> {
+    let image = RepairImage {
+        kernel: KernelId::default(),
+        profile_json: "{}".into(),
+        layout: KernelLayout::default(),
+        unikernel: builtin_unikernel().unwrap(),
+        snapshot_source: SnapshotSource::VmlinuxFile,
+        skips: Vec::new(),
+        page_hashes: Default::default(),
+        pristine: Default::default(),
+    };
+    let plan = StagePlan::new(&image, BASE, SIZE, RAM).unwrap();
+    let mut stub = STUB.to_vec();
+    let rsi = rsi_override.unwrap_or(plan.integrity_gva);
+    for (i, v) in [plan.cr3, plan.stack_top, plan.contract_gva, rsi, plan.entry_rip].iter().enumerate() {
+        stub[PARAMS + 8 * i..PARAMS + 8 * i + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let mut chunks = vec![(STUB_BASE as u64, stub)];
+    chunks.extend(plan.writes.iter().cloned());
+    chunks.push((plan.contract_gpa, contract.as_bytes().to_vec()));
+    // QEMU's multiboot loader copies [lowest, highest) of the ELF as one
+    // block: give it one segment without holes.
+    let end = chunks.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
+    let mut flat = vec![0u8; (end - STUB_BASE as u64) as usize];
+    for (a, b) in &chunks {
+        let at = (a - STUB_BASE as u64) as usize;
+        flat[at..at + b.len()].copy_from_slice(b);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stub.elf");
+    std::fs::write(&path, elf32(STUB_BASE + 12, &[(STUB_BASE as u64, flat)])).unwrap();
+
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "128", "-no-reboot", "-display", "none", "-serial", "none"])
+        .args(["-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-system-x86_64 ({e}); install it (Debian: apt-get install qemu-system-x86)")
+        });
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            if !err.trim().is_empty() {
+                return Err(format!("QEMU failed: {err}"));
+            }
+            return match st.code() {
+                Some(c) if c & 1 == 1 => Ok((c as u32) >> 1),
+                other => Err(format!("QEMU exited with {other:?} (0: triple fault, the guest reset)")),
+            };
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("no completion within 60 s (hung?)".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn contract() -> Contract {
+    Contract::new(ContractIn {
+        crashed: CpuState::default(),
+        cpu: 0,
+        nr_vcpus: 1,
+        kaslr_slide: 0,
+        ram_end: RAM,
+        borrowed_base: BASE,
+        borrowed_size: SIZE,
+        max_tasks: 100,
+        read_only: 1,
+        layout: KernelLayout::default(),
+    })
+}
+
+#[test]
+fn runs_to_completion() {
+    // An empty layout: the run declines, but it runs to the end.
+    assert_eq!(run(&contract(), None), Ok(RunStatus::Done as u32));
+}
+
+#[test]
+fn a_cpu_exception_ends_the_run_as_faulted() {
+    // rsi pointing into the window where nothing is mapped: reading the
+    // integrity table page-faults inside the repair kernel.
+    assert_eq!(run(&contract(), Some(0x0000_0080_1000_0000)), Ok(RunStatus::Faulted as u32));
+}
+
+#[test]
+fn an_invalid_contract_is_not_run() {
+    let mut c = contract();
+    c.version = 999;
+    assert_eq!(run(&c, None), Ok(RunStatus::NotRun as u32));
+}
