@@ -1,1 +1,239 @@
-fn main() {}
+//! `repair-guest`: attach to a QEMU guest through its gdbstub (and QMP), and
+//! repair its kernel crashes without a reboot. See `repair-guest --help`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use loader::access::{Endpoint, GuestAccess};
+use loader::flow::{FlowConfig, Mode, Session};
+use loader::gdb::GdbGuest;
+use loader::memory::{RamFile, WithRam};
+use loader::watch::{watch, Event, EventSink};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "repair-guest",
+    version,
+    about = "Repairs crashed Linux guests without a reboot",
+    long_about = "Repairs crashed Linux guests without a reboot.\n\n\
+        It attaches to QEMU's gdbstub (start QEMU with `-gdb unix:PATH,server=on,wait=off` or `-s`), \
+        traps the guest at the entry of panic(), injects the repair kernel of a repair image \
+        (build-repair-image) into the crashed vCPU, and applies its verdict: kill the task that \
+        crashed the kernel and resume, or decline with a reason and let the panic complete.\n\n\
+        ADDR is unix:PATH or tcp:HOST:PORT."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Attach {
+    /// The guest's gdbstub: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    gdb: String,
+    /// The repair image built for the guest's kernel (build-repair-image).
+    #[arg(long, value_name = "IMAGE")]
+    image: PathBuf,
+    /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT), to learn the RAM size.
+    #[arg(long, value_name = "ADDR")]
+    qmp: Option<String>,
+    /// The file backing guest RAM (QEMU `-object memory-backend-file,mem-path=FILE,share=on`):
+    /// memory is then read at memory speed instead of through the gdbstub.
+    #[arg(long, value_name = "FILE")]
+    ram_file: Option<PathBuf>,
+    /// Guest-physical range the repair kernel borrows, BASE:SIZE (hex),
+    /// saved and restored byte for byte around each run.
+    #[arg(long, value_name = "BASE:SIZE", default_value = "0x10000:0x80000")]
+    borrow: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stay attached and repair every crash; one JSON line per event.
+    Watch {
+        #[command(flatten)]
+        attach: Attach,
+        /// Where events go: a file, or - for standard output.
+        #[arg(long, value_name = "FILE|-", default_value = "-")]
+        events: String,
+        /// Detach after this many repairs.
+        #[arg(long, value_name = "N")]
+        max_repairs: Option<u32>,
+    },
+    /// One-shot repair of a guest stopped at a crash (forensic mode).
+    Repair {
+        #[command(flatten)]
+        attach: Attach,
+    },
+    /// Read-only report of a stopped guest: crash, offender, backtrace,
+    /// log tail, task list. Changes nothing in the guest.
+    Diagnose {
+        #[command(flatten)]
+        attach: Attach,
+        /// The guest kernel's vmlinux, to name backtrace frames with
+        /// function+offset and file:line.
+        #[arg(long, value_name = "PATH")]
+        vmlinux: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The demo: boot the guest kit's Debian guest, watch it, crash a
+    /// process in it, repair it, show it carrying on.
+    Demo {
+        /// Crashes to make, one after another.
+        #[arg(long, default_value_t = 3)]
+        crashes: u32,
+    },
+}
+
+fn parse_hex(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let v = if let Some(h) = t.strip_prefix("0x") { u64::from_str_radix(h, 16) } else { t.parse() };
+    v.with_context(|| format!("{s:?} is not a number (use 0x... for hex)"))
+}
+
+/// A connected guest: gdbstub for control, RAM file (when given) for memory.
+enum Backend {
+    Gdb(GdbGuest),
+    GdbRam(WithRam<GdbGuest, RamFile>),
+}
+
+impl Backend {
+    fn guest(&mut self) -> &mut dyn GuestAccess {
+        match self {
+            Backend::Gdb(g) => g,
+            Backend::GdbRam(g) => g,
+        }
+    }
+}
+
+fn connect(a: &Attach) -> Result<(Backend, FlowConfig)> {
+    let ep: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
+    let gdb = GdbGuest::connect(ep).with_context(|| format!("attaching to the gdbstub at {}", a.gdb))?;
+    let mut cfg = FlowConfig::default();
+    let (base, size) = a
+        .borrow
+        .split_once(':')
+        .with_context(|| format!("--borrow {:?}: expected BASE:SIZE", a.borrow))?;
+    cfg.borrowed_base = parse_hex(base)?;
+    cfg.borrowed_size = parse_hex(size)?;
+    if let Some(q) = &a.qmp {
+        let ep: Endpoint = q.parse().with_context(|| format!("--qmp {q}"))?;
+        let mut qmp = loader::qmp::Qmp::connect(&ep).with_context(|| format!("connecting to QMP at {q}"))?;
+        cfg.ram_end = Some(qmp.ram_size().context("asking QMP for the RAM size")?);
+    }
+    let backend = match &a.ram_file {
+        Some(path) => {
+            let ram = RamFile::open_pc(path, 0xe000_0000)
+                .with_context(|| format!("mapping the guest RAM file {}", path.display()))?;
+            if cfg.ram_end.is_none() {
+                cfg.ram_end = ram.regions().first().map(|r| r.len);
+            }
+            Backend::GdbRam(WithRam::new(gdb, ram))
+        }
+        None => Backend::Gdb(gdb),
+    };
+    Ok((backend, cfg))
+}
+
+fn load_image(path: &Path) -> Result<builder::RepairImage> {
+    builder::RepairImage::read(path).with_context(|| format!("reading the repair image {}", path.display()))
+}
+
+fn attach(a: &Attach) -> Result<(Backend, Session)> {
+    let image = load_image(&a.image)?;
+    let (mut backend, cfg) = connect(a)?;
+    let session = Session::attach(backend.guest(), image, cfg)
+        .with_context(|| format!("attaching to the guest at {} with image {}", a.gdb, a.image.display()))?;
+    Ok((backend, session))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("repair-guest: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Watch { attach: a, events, max_repairs } => {
+            let (mut backend, mut session) = attach(&a)?;
+            let mut sink = if events == "-" {
+                EventSink::stdout()
+            } else {
+                EventSink::file(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&events)
+                        .with_context(|| format!("opening the events file {events}"))?,
+                )
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                signal_flag(sig, stop.clone())?;
+            }
+            let end = watch(backend.guest(), &mut session, &mut sink, max_repairs, stop)?;
+            tracing::info!(?end, "watch ended");
+            Ok(())
+        }
+        Command::Repair { attach: a } => {
+            let (mut backend, session) = attach(&a)?;
+            let g = backend.guest();
+            let vcpu = loader::report::crashed_vcpu(g, session.panic_addr()?)?;
+            let outcome = session.repair(g, vcpu, Mode::Repair)?;
+            let mut sink = EventSink::stdout();
+            sink.emit(&Event::crash(&outcome));
+            g.resume().context("resuming the guest")?;
+            sink.emit(&Event::verdict(&outcome, 0.0));
+            Ok(())
+        }
+        Command::Diagnose { attach: a, vmlinux, json } => {
+            let (mut backend, session) = attach(&a)?;
+            let sym = match &vmlinux {
+                Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let g = backend.guest();
+            let vcpu = loader::report::crashed_vcpu(g, session.panic_addr()?)?;
+            let report = loader::report::diagnose(g, &session, vcpu, sym.as_ref(), 40)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", loader::report::render_text(&report));
+                if vmlinux.is_none() {
+                    println!("(pass --vmlinux PATH to name the backtrace's frames)");
+                }
+            }
+            Ok(())
+        }
+        Command::Demo { crashes } => loader::demo::run(crashes),
+    }
+}
+
+/// Sets `flag` when `sig` arrives.
+fn signal_flag(sig: libc::c_int, flag: Arc<AtomicBool>) -> Result<()> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    // SAFETY: `on_signal` only performs an atomic store, which is
+    // async-signal-safe; the handler stays valid for the program's life.
+    let r = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    if r == libc::SIG_ERR {
+        bail!("cannot install a handler for signal {sig}");
+    }
+    Ok(())
+}

@@ -94,7 +94,16 @@ impl Client {
             Self { stream, deframer: Deframer::default(), pending: Default::default(), no_ack: false, packet_size: 4096, timeout, features: String::new() };
         // Some stubs want to see an ack before the first packet.
         c.write_raw(b"+")?;
-        let reply = c.request("qSupported:xmlRegisters=i386;vContSupported+")?;
+        let mut reply = c.request("qSupported:xmlRegisters=i386;vContSupported+")?;
+        // Attaching to a running guest makes QEMU stop it and announce that
+        // stop unprompted (`T02thread:..`), ahead of our first reply: skip it.
+        let deadline = Instant::now() + timeout;
+        while parse_stop_reply(&reply).is_some() {
+            reply = c.recv(Some(deadline))?.ok_or_else(|| AccessError::Timeout {
+                what: format!("{WHAT} (reply to qSupported)"),
+                after: timeout,
+            })?;
+        }
         c.features = String::from_utf8_lossy(&reply).into_owned();
         for f in c.features.split(';') {
             if let Some(v) = f.strip_prefix("PacketSize=") {

@@ -1,0 +1,344 @@
+//! The repair flow, written once over [`GuestAccess`]: attach (find KASLR,
+//! check the build, plan the staging), arm the trap at `panic`, and on each
+//! trap: save, stage, run the repair kernel on the crashed vCPU, read its
+//! verdict, restore, apply, resume. Every step is timed.
+
+use crate::access::{self, AccessError, BpKind, GuestAccess, RunOutcome, VcpuId};
+use crate::guestmem::{probe_ram_end, GuestPhys};
+use crate::kaslr::{self, KaslrError};
+use builder::{RepairImage, StageError, StagePlan};
+use repair_kernel::arch::x86_64::pgtable::Paging as WalkPaging;
+use repair_kernel::contract::{
+    field_str, Action, Contract, ContractIn, ContractOut, CpuState, RunStatus,
+};
+use repair_kernel::layout::Item;
+use std::time::{Duration, Instant};
+
+/// Errors of the flow. Each says what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Kaslr(#[from] KaslrError),
+    #[error("cannot stage the repair kernel: {0}")]
+    Stage(#[from] StageError),
+    #[error("the image's layout lacks {0:?}; rebuild it with build-repair-image")]
+    Layout(Item),
+    #[error("the repair kernel did not finish within {0:?} (it stopped at {1:#x}); the guest was restored as it was at the trap")]
+    RunTimeout(Duration, u64),
+    #[error("the repair kernel stopped at {rip:#x} instead of its completion point {done:#x}; the guest was restored as it was at the trap")]
+    RunStray { rip: u64, done: u64 },
+    #[error("the repair kernel left no valid contract block (status {0}); the guest was restored as it was at the trap")]
+    BadContract(String),
+    #[error("the repair kernel's resume state is not a sound kill ({0}); refusing to apply it")]
+    UnsoundResume(String),
+}
+
+/// Where to put the repair kernel and how long it may run.
+#[derive(Clone, Debug)]
+pub struct FlowConfig {
+    /// Guest-physical range borrowed for the repair kernel, saved and
+    /// restored byte for byte around each run. Default: 0x10000..0x90000,
+    /// in the first MiB that Linux reserves and does not use at run time.
+    pub borrowed_base: u64,
+    pub borrowed_size: u64,
+    /// End of guest RAM; `None` probes it.
+    pub ram_end: Option<u64>,
+    pub run_timeout: Duration,
+    pub max_tasks: u32,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        Self {
+            borrowed_base: 0x10000,
+            borrowed_size: 0x80000,
+            ram_end: None,
+            run_timeout: Duration::from_secs(10),
+            max_tasks: 32768,
+        }
+    }
+}
+
+/// Per-step wall times of one repair, in milliseconds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub save: f64,
+    pub stage: f64,
+    pub run: f64,
+    pub verdict: f64,
+    pub restore: f64,
+    pub total: f64,
+}
+
+/// What one run of the repair kernel found and what was done.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub out: ContractOut,
+    /// The crashed vCPU's registers at the trap.
+    pub crashed: CpuState,
+    pub vcpu: VcpuId,
+    /// True when the verdict was applied (a kill): the vCPU now has
+    /// `out.resume`.
+    pub applied: bool,
+    pub timings: Timings,
+}
+
+impl Outcome {
+    pub fn action(&self) -> Action {
+        Action::from_u32(self.out.action).unwrap_or(Action::None)
+    }
+    pub fn message(&self) -> &str {
+        field_str(&self.out.message)
+    }
+    pub fn reason(&self) -> &str {
+        field_str(&self.out.reason)
+    }
+    pub fn comm(&self) -> &str {
+        field_str(&self.out.comm)
+    }
+}
+
+/// Whether the verdict may change the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Apply a kill verdict.
+    Repair,
+    /// Run the repair kernel read-only; restore everything whatever it says.
+    Diagnose,
+}
+
+/// One guest, attached: the image checked against its kernel, the slide
+/// known, the staging planned (pre-staged: everything to write is ready).
+#[derive(Debug)]
+pub struct Session {
+    pub image: RepairImage,
+    pub slide: u64,
+    pub slide_from_page_tables: bool,
+    pub ram_end: u64,
+    pub plan: StagePlan,
+    pub cfg: FlowConfig,
+    pub nr_vcpus: u32,
+    armed: bool,
+}
+
+/// Wall time since `t` in ms.
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl Session {
+    /// Attaches to a stopped guest: finds the KASLR slide, refuses an image
+    /// of another kernel build, plans the staging.
+    pub fn attach<G: GuestAccess + ?Sized>(
+        guest: &mut G,
+        image: RepairImage,
+        cfg: FlowConfig,
+    ) -> Result<Session, FlowError> {
+        guest.pause()?;
+        let vcpus = guest.vcpus()?;
+        let first = *vcpus.first().ok_or_else(|| AccessError::Other("the guest has no vCPUs".into()))?;
+        let regs = guest.get_regs(first)?;
+        let ram_end = match cfg.ram_end {
+            Some(e) => e,
+            None => probe_ram_end(guest)?,
+        };
+        let paging = WalkPaging::from_regs(regs.cr3, regs.cr4);
+        let slide = {
+            let mem = GuestPhys::read_only(guest, ram_end);
+            kaslr::find_slide(&mem, paging, &image.layout, &image.kernel.banner)?
+        };
+        let stage_paging = if paging.la57 { builder::stage::Paging::FiveLevel } else { builder::stage::Paging::FourLevel };
+        let plan = StagePlan::with_paging(&image, cfg.borrowed_base, cfg.borrowed_size, ram_end, stage_paging)?;
+        Ok(Session {
+            image,
+            slide: slide.slide,
+            slide_from_page_tables: slide.from_page_tables,
+            ram_end,
+            plan,
+            cfg,
+            nr_vcpus: vcpus.len() as u32,
+            armed: false,
+        })
+    }
+
+    /// Run-time address of a layout symbol.
+    pub fn symbol(&self, item: Item) -> Result<u64, FlowError> {
+        self.image.layout.get(item).map(|a| a.wrapping_add(self.slide)).ok_or(FlowError::Layout(item))
+    }
+
+    /// Where the trap goes: the entry of `panic`.
+    pub fn panic_addr(&self) -> Result<u64, FlowError> {
+        self.symbol(Item::SymPanic)
+    }
+
+    /// Sets the trap at the entry of `panic` (a hardware breakpoint: no
+    /// guest byte changes).
+    pub fn arm<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
+        if !self.armed {
+            guest.set_breakpoint(access::Gva(self.panic_addr()?), BpKind::Hardware)?;
+            self.armed = true;
+        }
+        Ok(())
+    }
+
+    pub fn disarm<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
+        if self.armed {
+            guest.clear_breakpoint(access::Gva(self.panic_addr()?), BpKind::Hardware)?;
+            self.armed = false;
+        }
+        Ok(())
+    }
+
+    /// The contract input for a run on `vcpu` with these registers.
+    pub fn contract_input(&self, vcpu: VcpuId, crashed: &CpuState, mode: Mode) -> ContractIn {
+        ContractIn {
+            crashed: *crashed,
+            cpu: vcpu.0,
+            nr_vcpus: self.nr_vcpus,
+            kaslr_slide: self.slide,
+            ram_end: self.ram_end,
+            borrowed_base: self.cfg.borrowed_base,
+            borrowed_size: self.cfg.borrowed_size,
+            max_tasks: self.cfg.max_tasks,
+            read_only: (mode == Mode::Diagnose) as u32,
+            layout: self.image.layout,
+        }
+    }
+
+    /// The registers the repair kernel starts with on the crashed vCPU:
+    /// its page tables, its entry and stack, the contract in `rdi`, IF=0.
+    /// Everything else (CR0, CR4, EFER, segments) stays the guest's.
+    fn run_regs(&self, crashed: &CpuState) -> CpuState {
+        CpuState {
+            rip: self.plan.entry_rip,
+            rsp: self.plan.stack_top,
+            rdi: self.plan.contract_gva,
+            rflags: 0x2,
+            cr3: self.plan.cr3,
+            ..*crashed
+        }
+    }
+
+    /// Runs the repair kernel on `vcpu` of a guest stopped at the trap, and
+    /// in [`Mode::Repair`] applies a kill verdict. Whatever happens, the
+    /// borrowed memory is restored byte for byte and the vCPU gets either the
+    /// verdict's resume state or its registers as they were at the trap. The
+    /// guest is left stopped; the caller resumes it.
+    pub fn repair<G: GuestAccess + ?Sized>(
+        &self,
+        guest: &mut G,
+        vcpu: VcpuId,
+        mode: Mode,
+    ) -> Result<Outcome, FlowError> {
+        let start = Instant::now();
+        let mut t = Timings::default();
+
+        // Save: the crashed registers and the bytes we are about to borrow.
+        let step = Instant::now();
+        let crashed = guest.get_regs(vcpu)?;
+        let used = self.plan.used as usize;
+        let mut saved = vec![0u8; used];
+        guest.read_phys(access::Gpa(self.cfg.borrowed_base), &mut saved)?;
+        t.save = ms(step);
+
+        let result = self.stage_and_run(guest, vcpu, &crashed, mode, &mut t);
+
+        // Restore, whatever the run did.
+        let step = Instant::now();
+        let restore_mem = guest.write_phys(access::Gpa(self.cfg.borrowed_base), &saved);
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                guest.set_regs(vcpu, &crashed)?;
+                restore_mem?;
+                return Err(e);
+            }
+        };
+        restore_mem?;
+        let kill = mode == Mode::Repair
+            && out.status == RunStatus::Done as u32
+            && out.action == Action::Kill as u32;
+        let applied = if kill {
+            if let Err(why) = self.check_resume(&crashed, &out.resume) {
+                guest.set_regs(vcpu, &crashed)?;
+                return Err(FlowError::UnsoundResume(why));
+            }
+            guest.set_regs(vcpu, &out.resume)?;
+            true
+        } else {
+            guest.set_regs(vcpu, &crashed)?;
+            false
+        };
+        t.restore = ms(step);
+        t.total = ms(start);
+        Ok(Outcome { out, crashed, vcpu, applied, timings: t })
+    }
+
+    fn stage_and_run<G: GuestAccess + ?Sized>(
+        &self,
+        guest: &mut G,
+        vcpu: VcpuId,
+        crashed: &CpuState,
+        mode: Mode,
+        t: &mut Timings,
+    ) -> Result<ContractOut, FlowError> {
+        let step = Instant::now();
+        for (gpa, bytes) in &self.plan.writes {
+            guest.write_phys(access::Gpa(*gpa), bytes)?;
+        }
+        let contract = Contract::new(self.contract_input(vcpu, crashed, mode));
+        guest.write_phys(access::Gpa(self.plan.contract_gpa), contract.as_bytes())?;
+        guest.set_regs(vcpu, &self.run_regs(crashed))?;
+        t.stage = ms(step);
+
+        let step = Instant::now();
+        let outcome = guest.run_vcpu_until(vcpu, access::Gva(self.plan.done_rip), self.cfg.run_timeout)?;
+        t.run = ms(step);
+        match outcome {
+            RunOutcome::Reached(_) => {}
+            RunOutcome::TimedOut(ev) => return Err(FlowError::RunTimeout(self.cfg.run_timeout, ev.rip.0)),
+            RunOutcome::StoppedElsewhere(ev) => {
+                return Err(FlowError::RunStray { rip: ev.rip.0, done: self.plan.done_rip })
+            }
+        }
+
+        let step = Instant::now();
+        let mut bytes = vec![0u8; std::mem::size_of::<Contract>()];
+        guest.read_phys(access::Gpa(self.plan.contract_gpa), &mut bytes)?;
+        let back = Contract::from_bytes(&bytes)
+            .ok_or_else(|| FlowError::BadContract("magic, version or size wrong".into()))?;
+        t.verdict = ms(step);
+        match RunStatus::from_u32(back.output.status) {
+            Some(RunStatus::Done) => Ok(back.output),
+            Some(RunStatus::Faulted) => {
+                let f = back.output.fault;
+                Err(FlowError::BadContract(format!(
+                    "the repair kernel faulted: vector {} at rip {:#x}, error code {:#x}, cr2 {:#x}",
+                    f.vector, f.rip, f.error_code, f.cr2
+                )))
+            }
+            other => Err(FlowError::BadContract(format!("{other:?}"))),
+        }
+    }
+
+    /// The loader trusts the repair kernel, not the guest memory it read: a
+    /// kill may only send the vCPU to `rewind_stack_and_make_dead` with the
+    /// crashed context's address space and CPU modes.
+    fn check_resume(&self, crashed: &CpuState, resume: &CpuState) -> Result<(), String> {
+        let rewind = self.symbol(Item::SymRewindStackAndMakeDead).map_err(|e| e.to_string())?;
+        if resume.rip != rewind {
+            return Err(format!("rip {:#x} is not rewind_stack_and_make_dead ({rewind:#x})", resume.rip));
+        }
+        let same = |what: &str, a: u64, b: u64| if a == b { Ok(()) } else { Err(format!("{what} changed: {a:#x} -> {b:#x}")) };
+        same("cr3", crashed.cr3, resume.cr3)?;
+        same("cr0", crashed.cr0, resume.cr0)?;
+        same("cr4", crashed.cr4, resume.cr4)?;
+        same("efer", crashed.efer, resume.efer)?;
+        same("cs", crashed.cs, resume.cs)?;
+        same("ss", crashed.ss, resume.ss)?;
+        same("gs_base", crashed.gs_base, resume.gs_base)?;
+        Ok(())
+    }
+}

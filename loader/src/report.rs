@@ -1,0 +1,242 @@
+//! `repair-guest diagnose`: a read-only report of a stopped guest, made on
+//! the host with the repair kernel's own walkers over [`GuestPhys`]: the crash
+//! and its message, the offending task, a symbolized backtrace, the log tail,
+//! the task list. Nothing is written to the guest (the memory view refuses
+//! writes, and registers are only read).
+
+use crate::access::{GuestAccess, VcpuId};
+use crate::flow::{Mode, Session};
+use crate::guestmem::GuestPhys;
+use crate::symbolize::{Frame, Symbolizer};
+use crate::watch::{crash_kind_name, reason_name};
+use repair_kernel::contract::{field_str, Action, ContractOut};
+use repair_kernel::mem::{Gva, PhysMem};
+use repair_kernel::task::{self, TaskInfo};
+use serde::Serialize;
+
+/// One task of the task list.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TaskLine {
+    pub pid: i32,
+    pub tgid: i32,
+    pub ppid: i32,
+    pub state: String,
+    pub comm: String,
+    pub kthread: bool,
+}
+
+/// One frame of the backtrace.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameLine {
+    pub addr: String,
+    pub function: Option<String>,
+    pub text: String,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub kaslr_slide: String,
+    pub cpu: u32,
+    pub rip: String,
+    pub at_panic: bool,
+    pub kind: String,
+    pub message: String,
+    pub pid: i32,
+    pub tgid: i32,
+    pub comm: String,
+    pub verdict: String,
+    pub reason_code: String,
+    pub reason: String,
+    pub backtrace: Vec<FrameLine>,
+    pub log_tail: Vec<String>,
+    pub tasks: Vec<TaskLine>,
+    pub tasks_error: Option<String>,
+}
+
+/// Picks the vCPU to report on: the one stopped at `panic`, else vCPU 0.
+pub fn crashed_vcpu<G: GuestAccess + ?Sized>(guest: &mut G, panic_addr: u64) -> Result<VcpuId, crate::access::AccessError> {
+    let vcpus = guest.vcpus()?;
+    for v in &vcpus {
+        if guest.get_regs(*v)?.rip == panic_addr {
+            return Ok(*v);
+        }
+    }
+    Ok(vcpus.first().copied().unwrap_or(VcpuId(0)))
+}
+
+/// Makes the report. `symbolizer` (from the vmlinux) names the frames.
+pub fn diagnose<G: GuestAccess + ?Sized>(
+    guest: &mut G,
+    session: &Session,
+    vcpu: VcpuId,
+    symbolizer: Option<&Symbolizer>,
+    log_lines: u32,
+) -> Result<Report, crate::flow::FlowError> {
+    let regs = guest.get_regs(vcpu)?;
+    let input = session.contract_input(vcpu, &regs, Mode::Diagnose);
+    let mut mem = GuestPhys::read_only(guest, session.ram_end);
+
+    // The repair kernel's walk and decision, run on the host, read-only.
+    let mut out = ContractOut::empty();
+    repair_kernel::run(&mut mem, &input, &mut out);
+
+    let k = repair_kernel::kernel_view(&mut mem, &input);
+    let mut addrs = [Gva(0); 256];
+    let n = repair_kernel::backtrace(&k, &input, &mut addrs);
+    let backtrace = build_backtrace(&k, regs.rip, &addrs[..n], session.slide, symbolizer);
+
+    let mut log = vec![0u8; 64 * 1024];
+    let log_len = repair_kernel::printk::log_tail(&k, log_lines, &mut log).unwrap_or(0);
+    let log_tail = String::from_utf8_lossy(&log[..log_len]).lines().map(str::to_string).collect();
+
+    let mut tasks = Vec::new();
+    let walk = task::for_each_process(&k, session.cfg.max_tasks, |t| {
+        if let Ok(info) = TaskInfo::read(&k, t) {
+            tasks.push(task_line(&info));
+        }
+        true
+    });
+    let tasks_error = walk.err().map(|e| e.to_string());
+
+    let action = Action::from_u32(out.action).unwrap_or(Action::None);
+    Ok(Report {
+        kernel: session.image.kernel.release.clone(),
+        kaslr_slide: format!("{:#x}", session.slide),
+        cpu: vcpu.0,
+        rip: format!("{:#x}", regs.rip),
+        at_panic: regs.rip == session.panic_addr()?,
+        kind: crash_kind_name(out.crash_kind),
+        message: field_str(&out.message).to_string(),
+        pid: out.pid,
+        tgid: out.tgid,
+        comm: field_str(&out.comm).to_string(),
+        verdict: match action {
+            Action::Kill => "kill".into(),
+            Action::Decline => "decline".into(),
+            Action::None => "none".into(),
+        },
+        reason_code: reason_name(out.reason_code),
+        reason: field_str(&out.reason).to_string(),
+        backtrace,
+        log_tail,
+        tasks,
+        tasks_error,
+    })
+}
+
+fn task_line(t: &TaskInfo) -> TaskLine {
+    TaskLine {
+        pid: t.pid,
+        tgid: t.tgid,
+        ppid: t.parent_pid,
+        state: (task::task_state_to_char(t.state, t.exit_state) as char).to_string(),
+        comm: t.comm_str().to_string(),
+        kthread: t.flags & task::PF_KTHREAD != 0,
+    }
+}
+
+/// Keeps the stack words that are real return addresses: the instruction
+/// before each must be a call, and a direct call's target must be the
+/// function of the frame above (or a retpoline thunk). What stays is the
+/// reliable part of the trace, the one the kernel's unwinder prints without
+/// `?`.
+fn build_backtrace<M: PhysMem + ?Sized>(
+    k: &repair_kernel::kmem::Kernel<'_, M>,
+    rip: u64,
+    candidates: &[Gva],
+    slide: u64,
+    sym: Option<&Symbolizer>,
+) -> Vec<FrameLine> {
+    let mut frames = vec![frame_line(sym.map(|s| s.frame(rip, slide, false)), rip)];
+    let Some(sym) = sym else {
+        frames.extend(candidates.iter().map(|a| frame_line(None, a.0)));
+        return frames;
+    };
+    let mut callee_start = sym.function_start(rip.wrapping_sub(slide));
+    for &ret in candidates {
+        let Some(target) = call_target(k, ret.0) else { continue };
+        let ok = match target {
+            CallTarget::Direct(t) => {
+                let t_link = t.wrapping_sub(slide);
+                Some(t_link) == callee_start
+                    || sym.frame(t, slide, false).function.is_some_and(|f| f.starts_with("__x86_indirect_thunk") || f.starts_with("__x86_return_thunk"))
+            }
+            CallTarget::Indirect => true,
+        };
+        if !ok {
+            continue;
+        }
+        let f = sym.frame(ret.0, slide, true);
+        callee_start = sym.function_start(ret.0.wrapping_sub(slide).wrapping_sub(1));
+        frames.push(frame_line(Some(f), ret.0));
+    }
+    frames
+}
+
+fn frame_line(f: Option<Frame>, addr: u64) -> FrameLine {
+    match f {
+        Some(f) => FrameLine { addr: format!("{addr:#x}"), function: f.function.clone(), text: f.display() },
+        None => FrameLine { addr: format!("{addr:#x}"), function: None, text: format!("{addr:#x}") },
+    }
+}
+
+enum CallTarget {
+    Direct(u64),
+    Indirect,
+}
+
+/// Decodes the call instruction that ends just before `ret`, if any.
+fn call_target<M: PhysMem + ?Sized>(k: &repair_kernel::kmem::Kernel<'_, M>, ret: u64) -> Option<CallTarget> {
+    let mut b = [0u8; 7];
+    k.read(Gva(ret.wrapping_sub(7)), &mut b).ok()?;
+    // e8 rel32
+    if b[2] == 0xe8 {
+        let rel = i32::from_le_bytes([b[3], b[4], b[5], b[6]]);
+        return Some(CallTarget::Direct(ret.wrapping_add(rel as i64 as u64)));
+    }
+    // ff /2 forms: ff d0+r (2 bytes), ff 50+r disp8 (3), ff 14 24 / ff 55 xx (3),
+    // ff 15 disp32 (6), ff 90+r disp32 (6), ff 94 sib disp32 (7)
+    let modrm_is_call = |m: u8| (m >> 3) & 7 == 2;
+    if b[5] == 0xff && modrm_is_call(b[6]) && b[6] >> 6 == 3 {
+        return Some(CallTarget::Indirect);
+    }
+    if b[4] == 0xff && modrm_is_call(b[5]) && b[5] >> 6 == 1 {
+        return Some(CallTarget::Indirect);
+    }
+    if b[1] == 0xff && modrm_is_call(b[2]) && (b[2] >> 6 == 2 || b[2] & 0xc7 == 0x05) {
+        return Some(CallTarget::Indirect);
+    }
+    if b[0] == 0xff && modrm_is_call(b[1]) && b[1] >> 6 == 2 && b[1] & 7 == 4 {
+        return Some(CallTarget::Indirect);
+    }
+    None
+}
+
+/// The report as text for a person.
+pub fn render_text(r: &Report) -> String {
+    let mut s = String::new();
+    use std::fmt::Write;
+    let _ = writeln!(s, "kernel:    {} (KASLR slide {})", r.kernel, r.kaslr_slide);
+    let _ = writeln!(s, "vCPU:      {} at {}{}", r.cpu, r.rip, if r.at_panic { " (entry of panic)" } else { "" });
+    let _ = writeln!(s, "crash:     {}: {}", r.kind, r.message);
+    let _ = writeln!(s, "offender:  pid {} (tgid {}) comm {}", r.pid, r.tgid, r.comm);
+    let _ = writeln!(s, "verdict:   {} [{}]", r.verdict, r.reason_code);
+    let _ = writeln!(s, "           {}", r.reason);
+    let _ = writeln!(s, "backtrace:");
+    for f in &r.backtrace {
+        let _ = writeln!(s, "  {}", f.text);
+    }
+    let _ = writeln!(s, "log tail:");
+    for l in &r.log_tail {
+        let _ = writeln!(s, "  {l}");
+    }
+    let _ = writeln!(s, "tasks ({}{}):", r.tasks.len(), r.tasks_error.as_deref().map(|e| format!(", walk stopped: {e}")).unwrap_or_default());
+    let _ = writeln!(s, "  {:>6} {:>6} {:>6} S COMM", "PID", "TGID", "PPID");
+    for t in &r.tasks {
+        let comm = if t.kthread { format!("[{}]", t.comm) } else { t.comm.clone() };
+        let _ = writeln!(s, "  {:>6} {:>6} {:>6} {} {}", t.pid, t.tgid, t.ppid, t.state, comm);
+    }
+    s
+}
