@@ -154,23 +154,23 @@ fn build_backtrace<M: PhysMem + ?Sized>(
         frames.extend(candidates.iter().map(|a| frame_line(None, a.0)));
         return frames;
     };
-    let mut callee_start = sym.function_start(rip.wrapping_sub(slide));
+    // The function the next (outer) frame must have called.
+    let mut callee = sym.base_name(rip.wrapping_sub(slide)).map(str::to_string);
     for &ret in candidates {
         let Some(target) = call_target(k, ret.0) else { continue };
         let ok = match target {
             CallTarget::Direct(t) => {
                 let t_link = t.wrapping_sub(slide);
-                Some(t_link) == callee_start
-                    || sym.frame(t, slide, false).function.is_some_and(|f| f.starts_with("__x86_indirect_thunk") || f.starts_with("__x86_return_thunk"))
+                sym.is_thunk(t_link) || (callee.is_some() && sym.base_name(t_link) == callee.as_deref())
             }
             CallTarget::Indirect => true,
         };
         if !ok {
             continue;
         }
-        let f = sym.frame(ret.0, slide, true);
-        callee_start = sym.function_start(ret.0.wrapping_sub(slide).wrapping_sub(1));
-        frames.push(frame_line(Some(f), ret.0));
+        let ret_link = ret.0.wrapping_sub(slide).wrapping_sub(1);
+        callee = sym.base_name(ret_link).map(str::to_string);
+        frames.push(frame_line(Some(sym.frame(ret.0, slide, true)), ret.0));
     }
     frames
 }

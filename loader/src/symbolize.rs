@@ -45,6 +45,9 @@ impl Frame {
 /// Text symbols and line tables of one vmlinux.
 pub struct Symbolizer {
     funcs: Vec<Func>,
+    /// Retpoline and return thunks (`__x86_indirect_thunk_rax`, ...): asm
+    /// labels without a symbol type, so not in `funcs`.
+    thunks: Vec<u64>,
     lines: Option<addr2line::Loader>,
 }
 
@@ -67,10 +70,16 @@ impl Symbolizer {
             .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
             .filter_map(|s| Some(Func { addr: s.address(), size: s.size(), name: s.name().ok()?.to_string() }))
             .collect();
+        let mut thunks: Vec<u64> = obj
+            .symbols()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with("__x86_indirect_thunk") || n.starts_with("__x86_return_thunk")))
+            .map(|s| s.address())
+            .collect();
+        thunks.sort_unstable();
         funcs.sort_by_key(|f| (f.addr, std::cmp::Reverse(f.size)));
         funcs.dedup_by_key(|f| f.addr);
         let lines = addr2line::Loader::new(path).ok();
-        Ok(Self { funcs, lines })
+        Ok(Self { funcs, thunks, lines })
     }
 
     fn func(&self, link: u64) -> Option<&Func> {
@@ -79,9 +88,15 @@ impl Symbolizer {
         (link < f.addr + f.size.max(1)).then_some(f)
     }
 
-    /// Link-time start of the function containing `link`.
-    pub fn function_start(&self, link: u64) -> Option<u64> {
-        self.func(link).map(|f| f.addr)
+    /// True for the link-time address of a retpoline or return thunk.
+    pub fn is_thunk(&self, link: u64) -> bool {
+        self.thunks.binary_search(&link).is_ok()
+    }
+
+    /// Name of the function containing `link`, without a compiler suffix
+    /// (`__handle_sysrq.cold` -> `__handle_sysrq`).
+    pub fn base_name(&self, link: u64) -> Option<&str> {
+        self.func(link).map(|f| f.name.split('.').next().unwrap_or(&f.name))
     }
 
     /// Link-time address of a function by name.

@@ -428,6 +428,14 @@ impl Guest {
         Ok(CrashHandle { id, pid })
     }
 
+    /// Crashes the guest kernel from init itself (pid 1, `sysrq-c` written
+    /// by the init's own shell): a crash no repair may make by killing.
+    pub fn crash_init(&mut self) -> Result<CrashHandle> {
+        let id = self.send("crash-init")?;
+        self.read_reply(id, Duration::from_secs(30), |l| l.starts_with("crashing pid "))?;
+        Ok(CrashHandle { id, pid: 1 })
+    }
+
     /// After a repair: waits for the crashing child's exit status as its
     /// parent saw it (137 for SIGKILL).
     pub fn wait_crash_exit(&mut self, crash: &CrashHandle, timeout: Duration) -> Result<i32> {
