@@ -1,0 +1,96 @@
+//! The `repair-guest` binary as a user runs it, against real guests.
+
+use harness::{Guest, GuestConfig, Kernel};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_repair-guest"))
+}
+
+fn image_file(kernel: Kernel, dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join(format!("{}.img", kernel.dir_name()));
+    loader::demo::kit_image(kernel).unwrap().write(&path).unwrap();
+    path
+}
+
+#[test]
+fn watch_repairs_crashes_and_reports_each_as_json() {
+    let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file()).unwrap();
+    let image = image_file(Kernel::Debian, guest.dir());
+    let events = guest.dir().join("events.jsonl");
+    let mut watcher = bin()
+        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .arg("--image")
+        .arg(&image)
+        .arg("--events")
+        .arg(&events)
+        .args(["--max-repairs", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the watcher has armed its trap.
+    let start = Instant::now();
+    while !std::fs::read_to_string(&events).unwrap_or_default().contains("\"attached\"") {
+        assert!(start.elapsed() < Duration::from_secs(60), "watcher never attached");
+        if let Some(st) = watcher.try_wait().unwrap() {
+            let out = watcher.wait_with_output().unwrap();
+            panic!("watcher exited {st}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let c = guest.crash("sysrq-c").unwrap();
+        assert_eq!(guest.wait_crash_exit(&c, Duration::from_secs(90)).unwrap(), 137);
+        pids.push(c.pid);
+    }
+    let out = watcher.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let repaired: Vec<&serde_json::Value> = lines.iter().filter(|e| e["event"] == "repaired").collect();
+    assert_eq!(repaired.len(), 2, "{lines:#?}");
+    for (e, pid) in repaired.iter().zip(&pids) {
+        assert_eq!(e["pid"], *pid as i64);
+        assert_eq!(e["comm"], "sh");
+        assert_eq!(e["action"], "kill");
+        assert_eq!(e["message"], "sysrq triggered crash");
+        assert_eq!(e["kind"], "sysrq-c crash");
+        assert!(e["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(lines.iter().filter(|e| e["event"] == "crash").count(), 2);
+    assert!(guest.verify_bystander().unwrap().ok);
+}
+
+#[test]
+fn an_image_of_another_kernel_is_refused_with_a_clear_error() {
+    let guest = Guest::boot(&GuestConfig::new(Kernel::Debian)).unwrap();
+    let image = image_file(Kernel::Lkdtm, guest.dir());
+    let out = bin().args(["diagnose", "--gdb", &guest.gdb_addr(), "--image"]).arg(&image).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not the image's build"), "{err}");
+    assert!(err.contains("6.1.0-56-cloud-amd64"), "names the guest's kernel: {err}");
+    assert!(err.contains("build-repair-image"), "says how to fix it: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_message_not_a_backtrace() {
+    let out = bin().args(["watch", "--gdb", "unix:/nonexistent/gdb.sock", "--image", "/nonexistent.img"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent.img"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = bin().args(["watch", "--gdb", "nonsense", "--image", "/etc/hostname"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a repair image") || err.contains("unix:PATH"), "{err}");
+}
