@@ -208,13 +208,15 @@ impl Session {
     }
 
     /// The registers the repair kernel starts with on the crashed vCPU:
-    /// its page tables, its entry and stack, the contract in `rdi`, IF=0.
+    /// its page tables, its entry and stack, the contract in `rdi`, the
+    /// integrity table (or 0) in `rsi`, IF=0.
     /// Everything else (CR0, CR4, EFER, segments) stays the guest's.
     fn run_regs(&self, crashed: &CpuState) -> CpuState {
         CpuState {
             rip: self.plan.entry_rip,
             rsp: self.plan.stack_top,
             rdi: self.plan.contract_gva,
+            rsi: self.plan.integrity_gva,
             rflags: 0x2,
             cr3: self.plan.cr3,
             ..*crashed
