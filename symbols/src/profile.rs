@@ -311,17 +311,18 @@ fn extract(
             )
         })
         .collect();
-    let mut requests = Vec::new();
+    // One request per type name, with the paths of every entry naming it.
+    let mut requests: Vec<TypeRequest> = Vec::new();
     for (tg, mgs) in &type_groups {
-        let paths: Vec<&str> = mgs
-            .iter()
-            .flat_map(|g| g.alternatives.iter().copied())
-            .collect();
+        let paths = mgs.iter().flat_map(|g| g.alternatives.iter().copied());
         for &name in &tg.alternatives {
-            requests.push(TypeRequest {
-                name,
-                paths: paths.clone(),
-            });
+            match requests.iter_mut().find(|r| r.name == name) {
+                Some(r) => r.paths.extend(paths.clone()),
+                None => requests.push(TypeRequest {
+                    name,
+                    paths: paths.clone().collect(),
+                }),
+            }
         }
     }
     if !requests.is_empty() {

@@ -27,6 +27,8 @@ const WANTED: Wanted<'static> = Wanted {
         ("later", &["b"]),
         ("anon_t", &["y"]),
         ("absent_optional?", &["x"]),
+        // A type named twice: the paths of both entries are resolved.
+        ("task_struct", &["thread.sp0", "tasks.prev"]),
     ],
 };
 
@@ -71,6 +73,8 @@ fn fixture_profile_contents() {
     assert!(p.offset("task_struct", "state").is_none());
     // Nested path, anonymous union/struct members, named inline struct.
     assert_eq!(p.offset("task_struct", "thread.sp"), Some(0x50 + 8));
+    assert_eq!(p.offset("task_struct", "thread.sp0"), Some(0x50));
+    assert_eq!(p.offset("task_struct", "tasks.prev"), Some(0x40 + 8));
     assert_eq!(
         p.offset("task_struct", "lo"),
         p.offset("task_struct", "on_cpu")
