@@ -57,6 +57,9 @@ mod system_map;
 mod wanted;
 
 pub use error::{Error, Missing};
-pub use profile::{from_bytes_strict, read_build_id, Member, Profile, Range, Symbol, TypeLayout};
+pub use profile::{
+    from_bytes_strict, read_build_id, read_identity, Identity, Member, Profile, Range, Symbol,
+    TypeLayout,
+};
 pub use system_map::parse_system_map;
 pub use wanted::{Wanted, DEFAULT_WANTED};

@@ -212,6 +212,40 @@ pub fn read_build_id(path: &Path) -> Result<Option<String>, Error> {
     Elf::parse(&map, path)?.build_id(path)
 }
 
+/// Who a vmlinux is, read without its DWARF (milliseconds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub build_id: String,
+    pub banner: String,
+    pub release: String,
+    pub arch: String,
+}
+
+/// The build-id, banner, release and arch of a vmlinux: enough to tell
+/// whether a profile or a guest belongs to it. Needs `.symtab`, not DWARF.
+pub fn read_identity(path: &Path) -> Result<Identity, Error> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: as in `from_vmlinux_lenient`: read-only map, dropped on return.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let elf = Elf::parse(&map, path)?;
+    let syms = elf.symbols(&HashSet::from(["linux_banner"]), path)?;
+    let banner = syms
+        .get("linux_banner")
+        .and_then(|s| elf.symbol_bytes(s))
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    Ok(Identity {
+        build_id: elf.build_id(path)?.unwrap_or_default(),
+        release: release_from_banner(&banner).unwrap_or_default(),
+        banner,
+        arch: elf.arch(),
+    })
+}
+
 fn extract(
     data: &[u8],
     path: &Path,

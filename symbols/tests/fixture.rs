@@ -248,9 +248,15 @@ fn non_elf_truncated_and_unreadable_files_give_clear_errors() {
 }
 
 #[test]
-fn read_build_id_matches_profile() {
+fn read_build_id_and_identity_match_profile() {
+    let p = profile(5);
     let id = symbols::read_build_id(fixture(5)).unwrap().unwrap();
-    assert_eq!(id, profile(5).build_id);
+    assert_eq!(id, p.build_id);
+    let ident = symbols::read_identity(fixture(5)).unwrap();
+    assert_eq!(
+        (ident.build_id, ident.banner, ident.release, ident.arch),
+        (p.build_id, p.banner, p.release, p.arch)
+    );
 }
 
 #[test]
