@@ -26,6 +26,9 @@ pub(crate) type R<'a> = EndianSlice<'a, RunTimeEndian>;
 /// Pages of `.debug_info` are handed back in steps of this many bytes.
 const RELEASE_STEP: usize = 8 << 20;
 
+/// Most members (at all nesting levels) visited for one struct.
+const MAX_MEMBERS: usize = 1 << 16;
+
 /// Longest typedef/qualifier chain or anonymous-member nesting followed.
 const MAX_HOPS: usize = 64;
 
@@ -371,7 +374,17 @@ impl<'a> Scanner<'a> {
                 _ => return Ok((die, a)),
             }
         }
-        Err(gimli::Error::TooManyRegisterRules)
+        // A cycle (only in corrupt input): give back a DIE that is no type
+        // shape, so the type is reported missing rather than looped on.
+        let a = self.attrs(die)?;
+        Ok((
+            die,
+            DieAttrs {
+                tag: constants::DW_TAG_null,
+                byte_size: None,
+                ..a
+            },
+        ))
     }
 
     /// Size in bytes of the type at `die`, or `None` if it has none (void,
@@ -382,7 +395,7 @@ impl<'a> Scanner<'a> {
 
     fn type_size_at(&self, die: DieRef<'_, 'a>, depth: usize) -> gimli::Result<Option<u64>> {
         if depth > MAX_HOPS {
-            return Err(gimli::Error::TooManyRegisterRules);
+            return Ok(None); // a cycle in corrupt input: size unknown
         }
         let (die, a) = self.peel(die)?;
         if let Some(s) = a.byte_size {
@@ -478,10 +491,30 @@ impl<'a> Scanner<'a> {
         out: &mut BTreeMap<String, Member>,
         types: &mut HashMap<String, UnitOffset<usize>>,
     ) -> gimli::Result<()> {
+        let mut budget = MAX_MEMBERS;
+        self.collect_members_at(die, base, depth, out, types, &mut budget)
+    }
+
+    /// [`Self::collect_members`] with a bound on nesting and on the members
+    /// visited in all: corrupt input could nest anonymous members in a cycle
+    /// or in a tree that doubles at every level.
+    fn collect_members_at(
+        &self,
+        die: DieRef<'_, 'a>,
+        base: u64,
+        depth: usize,
+        out: &mut BTreeMap<String, Member>,
+        types: &mut HashMap<String, UnitOffset<usize>>,
+        budget: &mut usize,
+    ) -> gimli::Result<()> {
         if depth > MAX_HOPS {
-            return Err(gimli::Error::TooManyRegisterRules);
+            return Ok(());
         }
         for child in self.children(die)? {
+            if *budget == 0 {
+                return Ok(());
+            }
+            *budget -= 1;
             let cdie = DieRef {
                 unit: die.unit,
                 offset: child,
@@ -510,7 +543,7 @@ impl<'a> Scanner<'a> {
                         ia.tag,
                         constants::DW_TAG_structure_type | constants::DW_TAG_union_type
                     ) {
-                        self.collect_members(inner, m.offset, depth + 1, out, types)?;
+                        self.collect_members_at(inner, m.offset, depth + 1, out, types, budget)?;
                     }
                 }
                 None => {} // unnamed padding bitfield
