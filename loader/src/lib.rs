@@ -26,10 +26,12 @@
 
 pub mod access;
 pub mod arch;
+pub mod campaign;
 pub mod demo;
 pub mod flow;
 pub mod gdb;
 pub mod guestmem;
+pub mod hang;
 pub mod kaslr;
 pub mod memory;
 pub mod qmp;

@@ -88,6 +88,9 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         crashes: u32,
     },
+    /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
+    /// watched; writes the Markdown table and JSON.
+    Campaign(loader::campaign::CampaignArgs),
 }
 
 fn parse_hex(s: &str) -> Result<u64> {
@@ -217,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { crashes } => loader::demo::run(crashes),
+        Command::Campaign(args) => loader::campaign::cli(&args),
     }
 }
 

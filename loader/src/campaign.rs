@@ -1,0 +1,812 @@
+//! `repair-guest campaign`: the crash catalogue. Boots the guest kit's
+//! LKDTM kernel with `oops=panic`, watches it, triggers LKDTM crash types
+//! one by one from a child process, and records per type what happened:
+//! did the kernel crash, did we trap it (or see it hang), what we did, did
+//! the guest survive (liveness, bystander data, a new process), how long.
+//!
+//! One guest serves types as long as they leave it healthy; a type that
+//! kills it, hangs it, corrupts the heap, or is declined gets a fresh guest
+//! for the next type, so every row is measured on a sound guest.
+//!
+//! The output is a Markdown table and JSON (`docs/crash-catalogue.{md,json}`).
+
+use crate::access::{AccessError, Endpoint, GuestAccess, StopReason};
+use crate::flow::{FlowConfig, FlowError, Mode, Outcome, Session};
+use crate::gdb::GdbGuest;
+use crate::hang::{self, Hang, HangConfig, HangKind, HangLayout, Sampler};
+use crate::memory::{RamFile, WithRam};
+use crate::watch::{crash_kind_name, reason_name};
+use anyhow::{Context, Result};
+use harness::{Guest, GuestConfig, Kernel, Kit};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Every LKDTM crash type of Linux 6.1 on x86_64 (drivers/misc/lkdtm/*.c,
+/// the `CRASHTYPE()` entries in core.c's category order; PPC_SLB_MULTIHIT
+/// is powerpc-only and not offered here), with the file that defines it.
+pub const LKDTM_TYPES: &[(&str, &str)] = &[
+    ("PANIC", "bugs"), ("BUG", "bugs"), ("WARNING", "bugs"), ("WARNING_MESSAGE", "bugs"), ("EXCEPTION", "bugs"), ("LOOP", "bugs"), ("EXHAUST_STACK", "bugs"), ("CORRUPT_STACK", "bugs"), ("CORRUPT_STACK_STRONG", "bugs"), ("REPORT_STACK", "bugs"), ("REPORT_STACK_CANARY", "bugs"), ("UNALIGNED_LOAD_STORE_WRITE", "bugs"), ("SOFTLOCKUP", "bugs"), ("HARDLOCKUP", "bugs"), ("SPINLOCKUP", "bugs"), ("HUNG_TASK", "bugs"), ("OVERFLOW_SIGNED", "bugs"), ("OVERFLOW_UNSIGNED", "bugs"), ("ARRAY_BOUNDS", "bugs"), ("CORRUPT_LIST_ADD", "bugs"), ("CORRUPT_LIST_DEL", "bugs"), ("STACK_GUARD_PAGE_LEADING", "bugs"), ("STACK_GUARD_PAGE_TRAILING", "bugs"), ("UNSET_SMEP", "bugs"), ("DOUBLE_FAULT", "bugs"), ("CORRUPT_PAC", "bugs"),
+    ("SLAB_LINEAR_OVERFLOW", "heap"), ("VMALLOC_LINEAR_OVERFLOW", "heap"), ("WRITE_AFTER_FREE", "heap"), ("READ_AFTER_FREE", "heap"), ("WRITE_BUDDY_AFTER_FREE", "heap"), ("READ_BUDDY_AFTER_FREE", "heap"), ("SLAB_INIT_ON_ALLOC", "heap"), ("BUDDY_INIT_ON_ALLOC", "heap"), ("SLAB_FREE_DOUBLE", "heap"), ("SLAB_FREE_CROSS", "heap"), ("SLAB_FREE_PAGE", "heap"),
+    ("WRITE_RO", "perms"), ("WRITE_RO_AFTER_INIT", "perms"), ("WRITE_KERN", "perms"), ("WRITE_OPD", "perms"), ("EXEC_DATA", "perms"), ("EXEC_STACK", "perms"), ("EXEC_KMALLOC", "perms"), ("EXEC_VMALLOC", "perms"), ("EXEC_RODATA", "perms"), ("EXEC_USERSPACE", "perms"), ("EXEC_NULL", "perms"), ("ACCESS_USERSPACE", "perms"), ("ACCESS_NULL", "perms"),
+    ("REFCOUNT_INC_OVERFLOW", "refcount"), ("REFCOUNT_ADD_OVERFLOW", "refcount"), ("REFCOUNT_INC_NOT_ZERO_OVERFLOW", "refcount"), ("REFCOUNT_ADD_NOT_ZERO_OVERFLOW", "refcount"), ("REFCOUNT_DEC_ZERO", "refcount"), ("REFCOUNT_DEC_NEGATIVE", "refcount"), ("REFCOUNT_DEC_AND_TEST_NEGATIVE", "refcount"), ("REFCOUNT_SUB_AND_TEST_NEGATIVE", "refcount"), ("REFCOUNT_INC_ZERO", "refcount"), ("REFCOUNT_ADD_ZERO", "refcount"), ("REFCOUNT_INC_SATURATED", "refcount"), ("REFCOUNT_DEC_SATURATED", "refcount"), ("REFCOUNT_ADD_SATURATED", "refcount"), ("REFCOUNT_INC_NOT_ZERO_SATURATED", "refcount"), ("REFCOUNT_ADD_NOT_ZERO_SATURATED", "refcount"), ("REFCOUNT_DEC_AND_TEST_SATURATED", "refcount"), ("REFCOUNT_SUB_AND_TEST_SATURATED", "refcount"), ("ATOMIC_TIMING", "refcount"), ("REFCOUNT_TIMING", "refcount"),
+    ("USERCOPY_SLAB_SIZE_TO", "usercopy"), ("USERCOPY_SLAB_SIZE_FROM", "usercopy"), ("USERCOPY_SLAB_WHITELIST_TO", "usercopy"), ("USERCOPY_SLAB_WHITELIST_FROM", "usercopy"), ("USERCOPY_STACK_FRAME_TO", "usercopy"), ("USERCOPY_STACK_FRAME_FROM", "usercopy"), ("USERCOPY_STACK_BEYOND", "usercopy"), ("USERCOPY_VMALLOC", "usercopy"), ("USERCOPY_FOLIO", "usercopy"), ("USERCOPY_KERNEL", "usercopy"),
+    ("STACKLEAK_ERASING", "stackleak"),
+    ("CFI_FORWARD_PROTO", "cfi"), ("CFI_BACKWARD", "cfi"),
+    ("FORTIFY_STR_OBJECT", "fortify"), ("FORTIFY_STR_MEMBER", "fortify"), ("FORTIFY_MEM_OBJECT", "fortify"), ("FORTIFY_MEM_MEMBER", "fortify"), ("FORTIFY_STRSCPY", "fortify"),
+];
+
+/// The hang types of the issue: LOOP, SOFTLOCKUP, SPINLOCKUP, HARDLOCKUP,
+/// HUNG_TASK.
+pub const HANG_TYPES: &[&str] = &["LOOP", "SOFTLOCKUP", "SPINLOCKUP", "HARDLOCKUP", "HUNG_TASK"];
+
+/// A small set that covers every outcome class in a few minutes (CI).
+pub const QUICK_TYPES: &[&str] = &[
+    "PANIC", "BUG", "WARNING", "EXCEPTION", "ACCESS_NULL", "WRITE_RO", "EXEC_DATA",
+    "CORRUPT_STACK", "LOOP", "HUNG_TASK", "EXHAUST_STACK", "SLAB_FREE_DOUBLE",
+];
+
+/// How to run a campaign.
+#[derive(Clone, Debug)]
+pub struct CampaignConfig {
+    pub types: Vec<String>,
+    /// Extra kernel command-line words on top of `oops=panic`.
+    pub append: Vec<String>,
+    /// How long a type may take to crash, exit or hang.
+    pub type_timeout: Duration,
+    pub hang: HangConfig,
+    /// Kill a task found spinning in the kernel (through the repair
+    /// kernel's verdict), as for a crash.
+    pub repair_hangs: bool,
+    /// A fresh guest for every type.
+    pub fresh_each: bool,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+}
+
+impl Default for CampaignConfig {
+    fn default() -> Self {
+        Self {
+            types: LKDTM_TYPES.iter().map(|(n, _)| n.to_string()).collect(),
+            append: Vec::new(),
+            type_timeout: Duration::from_secs(8),
+            hang: HangConfig::default(),
+            repair_hangs: true,
+            fresh_each: false,
+            verbose: true,
+        }
+    }
+}
+
+/// What came of one type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Trapped, offender killed, guest alive, bystander intact, new process runs.
+    Recovered,
+    /// Trapped; the repair kernel declined with a reason; the panic completed.
+    Declined,
+    /// Hang detected from outside and the spinning task killed; guest fine.
+    HangRecovered,
+    /// Hang detected from outside; not repaired (with the reason).
+    HangDeclined,
+    /// The kernel did not crash: the child exited by itself (a WARN, an
+    /// XFAIL, a protection that is not configured).
+    NotCrashing,
+    /// Trapped and acted on, but a liveness check failed afterwards.
+    RepairFailed,
+    /// The guest died or reset without reaching `panic` (no trap).
+    GuestLost,
+    /// Nothing observed within the timeout: the child neither exited nor
+    /// crashed nor hung visibly.
+    NoOutcome,
+    /// The campaign itself failed on this type (boot, attach, channel).
+    Error,
+}
+
+impl Class {
+    fn label(self) -> &'static str {
+        match self {
+            Class::Recovered => "recovered",
+            Class::Declined => "declined",
+            Class::HangRecovered => "hang: recovered",
+            Class::HangDeclined => "hang: declined",
+            Class::NotCrashing => "no crash",
+            Class::RepairFailed => "REPAIR FAILED",
+            Class::GuestLost => "guest lost (no trap)",
+            Class::NoOutcome => "no outcome",
+            Class::Error => "campaign error",
+        }
+    }
+}
+
+/// One type's record.
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeRecord {
+    pub name: String,
+    pub source: String,
+    pub class: Class,
+    /// The kernel crashed (trapped at `panic`, or the guest died) or hung.
+    pub crashed: bool,
+    /// How we saw it: `panic trap`, `hang: stuck CPU n`, `hang: blocked task`.
+    pub detected: Option<String>,
+    /// `kill`, `decline`, or `none`.
+    pub action: Option<String>,
+    pub crash_kind: Option<String>,
+    pub panic_message: Option<String>,
+    pub reason_code: Option<String>,
+    pub reason: Option<String>,
+    pub offender_pid: Option<i32>,
+    pub offender_comm: Option<String>,
+    /// The crashing child's pid and its exit status as its parent saw it.
+    pub child_pid: Option<u32>,
+    pub child_status: Option<i32>,
+    pub alive: Option<bool>,
+    pub bystander_ok: Option<bool>,
+    pub spawn_ok: Option<bool>,
+    /// Trap to resume (the repair itself), ms.
+    pub repair_ms: Option<f64>,
+    /// Hang: from the last progress seen to the verdict, and from the
+    /// trigger to the verdict, ms.
+    pub hang_detect_ms: Option<f64>,
+    pub hang_after_trigger_ms: Option<f64>,
+    /// Trigger to the child's exit, ms.
+    pub trigger_to_exit_ms: Option<f64>,
+    /// Which guest boot of the campaign ran the type.
+    pub boot: u32,
+    /// LKDTM's own words on the console (`lkdtm: ...` lines), and the
+    /// guest's oops/panic headline.
+    pub console: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl TypeRecord {
+    fn new(name: &str, boot: u32) -> Self {
+        let source = LKDTM_TYPES.iter().find(|(n, _)| *n == name).map_or("?", |(_, s)| s);
+        TypeRecord {
+            name: name.into(),
+            source: source.into(),
+            class: Class::Error,
+            crashed: false,
+            detected: None,
+            action: None,
+            crash_kind: None,
+            panic_message: None,
+            reason_code: None,
+            reason: None,
+            offender_pid: None,
+            offender_comm: None,
+            child_pid: None,
+            child_status: None,
+            alive: None,
+            bystander_ok: None,
+            spawn_ok: None,
+            repair_ms: None,
+            hang_detect_ms: None,
+            hang_after_trigger_ms: None,
+            trigger_to_exit_ms: None,
+            boot,
+            console: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn take_outcome(&mut self, o: &Outcome, resume_ms: f64) {
+        self.crash_kind = Some(crash_kind_name(o.out.crash_kind));
+        self.panic_message = Some(o.message().to_string());
+        self.reason_code = Some(reason_name(o.out.reason_code));
+        self.reason = Some(o.reason().to_string());
+        self.offender_pid = Some(o.out.pid);
+        self.offender_comm = Some(o.comm().to_string());
+        self.action = Some(if o.applied { "kill" } else { "decline" }.into());
+        self.repair_ms = Some(o.timings.total + resume_ms);
+    }
+}
+
+/// The whole campaign.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cmdline: String,
+    pub command: String,
+    pub hang_threshold_ms: f64,
+    pub hang_period_ms: f64,
+    pub boots: u32,
+    pub wall_s: f64,
+    pub types: Vec<TypeRecord>,
+}
+
+/// What the watcher thread tells the campaign.
+#[derive(Debug)]
+enum Msg {
+    Repair { outcome: Box<Outcome>, resume_ms: f64, hang: bool },
+    FlowError(String),
+    Gone(String),
+    Hang(Hang),
+    /// A hang repair found nothing to act on (why).
+    HangSkipped(String),
+}
+
+/// What the campaign asks the watcher thread.
+#[derive(Debug)]
+enum Req {
+    RepairHang { cpu: u32 },
+}
+
+type Backend = WithRam<GdbGuest, RamFile>;
+
+/// A guest under watch: QEMU, the watcher thread (gdbstub), the sampler
+/// thread (RAM file).
+struct Live {
+    guest: Guest,
+    boot: u32,
+    rx: Receiver<Msg>,
+    req: Sender<Req>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Live {
+    fn boot(n: u32, cfg: &CampaignConfig, image: &builder::RepairImage, layout: &HangLayout) -> Result<Live> {
+        let mut gc = GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file();
+        for w in &cfg.append {
+            gc = gc.append(w);
+        }
+        let guest = Guest::boot(&gc).context("booting the LKDTM guest")?;
+        let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?).context("gdbstub")?;
+        let ram_path = guest.ram_file().context("RAM file")?;
+        let ram = RamFile::open_pc(&ram_path, 0xe000_0000)?;
+        let mut g = WithRam::new(gdb, ram);
+        let fc = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
+        let mut session = Session::attach(&mut g, image.clone(), fc).context("attach")?;
+        let regs = g.get_regs(crate::access::VcpuId(0))?;
+        let nr_cpus = session.nr_vcpus;
+        let slide = session.slide;
+        session.arm(&mut g)?;
+        g.resume()?;
+
+        let (tx, rx) = channel();
+        let (req_tx, req_rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped_on_purpose = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let (tx, stop, paused) = (tx.clone(), stop.clone(), stopped_on_purpose.clone());
+            threads.push(std::thread::spawn(move || watcher(g, session, tx, req_rx, stop, paused)));
+        }
+        {
+            let sampler_mem = RamFile::open_pc(&ram_path, 0xe000_0000)?;
+            let sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
+            let (stop, paused) = (stop.clone(), stopped_on_purpose.clone());
+            threads.push(std::thread::spawn(move || sample_loop(sampler, tx, stop, paused)));
+        }
+        Ok(Live { guest, boot: n, rx, req: req_tx, stop, threads })
+    }
+
+    fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Kill QEMU first: the watcher may be blocked on the gdbstub.
+        let _ = self.guest.run_detached_kill();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Kills QEMU without consuming the guest (the harness kills on drop).
+trait KillGuest {
+    fn run_detached_kill(&mut self) -> std::io::Result<()>;
+}
+
+impl KillGuest for Guest {
+    fn run_detached_kill(&mut self) -> std::io::Result<()> {
+        // SAFETY: kill(2) on the pid of a child we spawned and have not
+        // reaped (the harness reaps it when the Guest drops).
+        let r = unsafe { libc::kill(self.qemu_pid() as i32, libc::SIGKILL) };
+        if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+}
+
+/// The watcher thread: repairs every trap at `panic`, and hangs on request.
+fn watcher(
+    mut g: Backend,
+    mut session: Session,
+    tx: Sender<Msg>,
+    req: Receiver<Req>,
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+) {
+    let Ok(panic_addr) = session.panic_addr() else { return };
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(Req::RepairHang { cpu }) = req.try_recv() {
+            paused.store(true, Ordering::Relaxed);
+            match hang::repair_hang(&mut g, &mut session, cpu) {
+                Ok(hang::HangRepair::Repaired(o, resume_ms)) | Ok(hang::HangRepair::Declined(o, resume_ms)) => {
+                    let _ = tx.send(Msg::Repair { outcome: o, resume_ms, hang: true });
+                }
+                Ok(hang::HangRepair::Skipped(why)) => {
+                    let _ = tx.send(Msg::HangSkipped(why));
+                }
+                Err(e) => {
+                    let _ = tx.send(Msg::FlowError(format!("hang repair: {e}")));
+                }
+            }
+            paused.store(false, Ordering::Relaxed);
+            continue;
+        }
+        let ev = match g.wait_stop(Some(Duration::from_millis(50))) {
+            Ok(None) => continue,
+            Ok(Some(ev)) => ev,
+            Err(e) => {
+                let _ = tx.send(Msg::Gone(e.to_string()));
+                return;
+            }
+        };
+        paused.store(true, Ordering::Relaxed);
+        if ev.reason != StopReason::Trap || ev.rip.0 != panic_addr {
+            let _ = g.resume();
+            paused.store(false, Ordering::Relaxed);
+            continue;
+        }
+        match session.repair(&mut g, ev.vcpu, Mode::Repair) {
+            Ok(outcome) => {
+                let t = Instant::now();
+                if let Err(e) = g.resume() {
+                    let _ = tx.send(Msg::Gone(e.to_string()));
+                    return;
+                }
+                let resume_ms = t.elapsed().as_secs_f64() * 1e3;
+                let _ = tx.send(Msg::Repair { outcome: Box::new(outcome), resume_ms, hang: false });
+            }
+            Err(FlowError::Access(AccessError::GuestGone(why))) => {
+                let _ = tx.send(Msg::Gone(why));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Msg::FlowError(e.to_string()));
+                let _ = g.resume();
+            }
+        }
+        paused.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The sampler thread.
+fn sample_loop(mut s: Sampler<RamFile>, tx: Sender<Msg>, stop: Arc<AtomicBool>, paused: Arc<AtomicBool>) {
+    let period = s.cfg.period;
+    while !stop.load(Ordering::Relaxed) {
+        if paused.load(Ordering::Relaxed) {
+            s.reset();
+        } else {
+            for h in s.sample(Instant::now()) {
+                if tx.send(Msg::Hang(h)).is_err() {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(period);
+    }
+}
+
+/// Runs the campaign.
+pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
+    let start = Instant::now();
+    let image = crate::demo::kit_image(Kernel::Lkdtm)?;
+    let vmlinux = Kit::locate()?.vmlinux(Kernel::Lkdtm)?;
+    let layout = HangLayout::from_vmlinux(&vmlinux, 0)?;
+    let mut report = Report {
+        kernel: image.kernel.release.clone(),
+        cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
+        command: command.to_string(),
+        hang_threshold_ms: cfg.hang.cpu_threshold.as_secs_f64() * 1e3,
+        hang_period_ms: cfg.hang.period.as_secs_f64() * 1e3,
+        boots: 0,
+        wall_s: 0.0,
+        types: Vec::new(),
+    };
+    let mut live: Option<Live> = None;
+    for (i, name) in cfg.types.iter().enumerate() {
+        if live.is_none() {
+            report.boots += 1;
+            match Live::boot(report.boots, cfg, &image, &layout) {
+                Ok(l) => live = Some(l),
+                Err(e) => {
+                    let mut r = TypeRecord::new(name, report.boots);
+                    r.notes.push(format!("boot/attach failed: {e:#}"));
+                    report.types.push(r);
+                    continue;
+                }
+            }
+        }
+        let l = live.as_mut().expect("live guest");
+        let rec = run_type(l, name, cfg);
+        if cfg.verbose {
+            eprintln!(
+                "[{:>3}/{}] {:<32} {:<22} {} {}",
+                i + 1,
+                cfg.types.len(),
+                name,
+                rec.class.label(),
+                rec.reason.clone().unwrap_or_default(),
+                rec.notes.join("; ")
+            );
+        }
+        let keep = !cfg.fresh_each
+            && matches!(rec.class, Class::Recovered | Class::NotCrashing)
+            && rec.alive == Some(true)
+            && rec.source != "heap";
+        report.types.push(rec);
+        if !keep {
+            if let Some(l) = live.take() {
+                l.shutdown();
+            }
+        }
+    }
+    if let Some(l) = live.take() {
+        l.shutdown();
+    }
+    report.wall_s = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn lkdtm_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| {
+            l.contains("lkdtm:")
+                || l.contains("Kernel panic")
+                || l.contains("BUG:")
+                || l.contains("kernel BUG")
+                || l.contains("general protection")
+                || l.contains("Oops:")
+                || l.contains("WARNING:")
+                || l.contains("traps:")
+        })
+        .map(|l| {
+            // Drop the printk timestamp.
+            let l = l.trim();
+            let l = match l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+                Some((_, rest)) => rest.trim(),
+                None => l,
+            };
+            l.chars().take(160).collect()
+        })
+        .take(6)
+        .collect()
+}
+
+/// Triggers one type on a live guest and classifies what happened.
+fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
+    let mut r = TypeRecord::new(name, l.boot);
+    // Anything left over from the previous type is stale.
+    while l.rx.try_recv().is_ok() {}
+    let con0 = l.guest.console_len();
+    let t0 = Instant::now();
+    let crash = match l.guest.crash(name) {
+        Ok(c) => c,
+        Err(e) => {
+            r.notes.push(format!("trigger failed: {e}"));
+            r.alive = Some(false);
+            return r;
+        }
+    };
+    r.child_pid = Some(crash.pid);
+    let mut deadline = t0 + cfg.type_timeout;
+    let mut outcome: Option<(Box<Outcome>, f64, bool)> = None;
+    let mut extra_traps = 0u32;
+    let mut hang: Option<Hang> = None;
+    let mut hang_requested = false;
+    let mut gone: Option<String> = None;
+    let mut flow_err: Option<String> = None;
+    loop {
+        loop {
+            match l.rx.try_recv() {
+                Ok(Msg::Repair { outcome: o, resume_ms, hang: h }) => {
+                    if outcome.is_none() {
+                        outcome = Some((o, resume_ms, h));
+                    } else {
+                        extra_traps += 1;
+                    }
+                }
+                Ok(Msg::FlowError(e)) => flow_err = Some(e),
+                Ok(Msg::Gone(e)) => gone = Some(e),
+                Ok(Msg::Hang(h)) => {
+                    if hang.is_none() {
+                        hang = Some(h);
+                    }
+                }
+                Ok(Msg::HangSkipped(why)) => r.notes.push(format!("hang repair skipped: {why}")),
+                Err(_) => break,
+            }
+        }
+        if r.child_status.is_some() || gone.is_some() || flow_err.is_some() {
+            break;
+        }
+        if let Some((o, _, _)) = &outcome {
+            if !o.applied {
+                // Declined: the panic completes; nothing more to see.
+                std::thread::sleep(Duration::from_millis(300));
+                break;
+            }
+        }
+        if let Some(h) = &hang {
+            if !hang_requested && outcome.is_none() {
+                hang_requested = true;
+                match h.kind {
+                    HangKind::StuckCpu { cpu, .. } if cfg.repair_hangs && !h.kthread => {
+                        let _ = l.req.send(Req::RepairHang { cpu });
+                        deadline = Instant::now() + Duration::from_secs(15);
+                    }
+                    HangKind::StuckCpu { .. } if h.kthread => {
+                        r.notes.push(format!("hang declined: the spinning task {} (pid {}) is a kernel thread", h.comm, h.pid));
+                        break;
+                    }
+                    HangKind::StuckCpu { .. } => break,
+                    HangKind::BlockedTask => {
+                        r.notes.push(format!(
+                            "hang declined: pid {} ({}) sleeps in TASK_UNINTERRUPTIBLE, not running: SIGKILL cannot wake it and \
+                             forcing it into do_exit from outside would abandon whatever it waits on",
+                            h.pid, h.comm
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        match l.guest.wait_crash_exit(&crash, Duration::from_millis(150)) {
+            Ok(s) => {
+                r.child_status = Some(s);
+                r.trigger_to_exit_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Err(harness::Error::Timeout { .. }) => {}
+            Err(e) => gone = Some(e.to_string()),
+        }
+    }
+    // Let the console catch up before reading it.
+    std::thread::sleep(Duration::from_millis(100));
+    r.console = lkdtm_lines(l.guest.console().get(con0..).unwrap_or(""));
+
+    if let Some(h) = &hang {
+        r.crashed = true;
+        r.detected = Some(match h.kind {
+            HangKind::StuckCpu { cpu, no_ticks } => {
+                format!("hang: stuck CPU {cpu}{}", if no_ticks { " (no ticks: IRQs off)" } else { "" })
+            }
+            HangKind::BlockedTask => "hang: blocked task".into(),
+        });
+        r.hang_detect_ms = Some(h.detected.duration_since(h.since).as_secs_f64() * 1e3);
+        r.hang_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        if h.pid as u32 != crash.pid {
+            r.notes.push(format!("the hung task is pid {} ({}), the child is {}", h.pid, h.comm, crash.pid));
+        }
+    }
+    if let Some((o, resume_ms, was_hang)) = &outcome {
+        r.crashed = true;
+        if !was_hang {
+            r.detected = Some("panic trap".into());
+        }
+        r.take_outcome(o, *resume_ms);
+        if *was_hang {
+            r.crash_kind = Some("hang (watcher-injected panic entry)".into());
+        }
+    }
+    if extra_traps > 0 {
+        r.notes.push(format!("{extra_traps} more trap(s) at panic during this type"));
+    }
+    if let Some(e) = &flow_err {
+        r.crashed = true;
+        r.detected.get_or_insert_with(|| "panic trap".into());
+        r.notes.push(format!("flow error: {e}"));
+    }
+    if let Some(e) = &gone {
+        r.notes.push(format!("guest gone: {}", e.lines().next().unwrap_or("")));
+    }
+
+    // Liveness, when the guest should be alive.
+    let declined = outcome.as_ref().is_some_and(|(o, _, _)| !o.applied);
+    if gone.is_none() && flow_err.is_none() && !declined {
+        // A child still running (a blocked or spinning task) may keep a CPU:
+        // a shorter wait then.
+        let wait = if r.child_status.is_some() { 15 } else { 5 };
+        let ping = l.guest.ping(Duration::from_secs(wait));
+        r.alive = Some(ping.is_ok());
+        if ping.is_ok() {
+            r.bystander_ok = Some(l.guest.verify_bystander().map(|v| v.ok).unwrap_or(false));
+            r.spawn_ok = Some(
+                l.guest
+                    .run("echo alive", Duration::from_secs(wait))
+                    .map(|x| x.output == ["alive"])
+                    .unwrap_or(false),
+            );
+        }
+        // A late crash (heap corruption found by a later allocation) shows here.
+        while let Ok(m) = l.rx.try_recv() {
+            if let Msg::Repair { outcome: o, .. } = m {
+                r.notes.push(format!("later trap during the liveness check: pid {} ({}) {}", o.out.pid, o.comm(), o.reason()));
+                if o.applied {
+                    r.alive = Some(false);
+                }
+            }
+        }
+    } else {
+        r.alive = Some(false);
+    }
+
+    let healthy = r.alive == Some(true) && r.bystander_ok == Some(true) && r.spawn_ok == Some(true);
+    r.class = match (&outcome, &hang) {
+        (Some((o, _, true)), _) if o.applied => {
+            if healthy && r.child_status == Some(137) { Class::HangRecovered } else { Class::RepairFailed }
+        }
+        (Some((_, _, true)), _) => Class::HangDeclined,
+        (Some((o, _, false)), _) if o.applied => {
+            if healthy && r.child_status == Some(137) { Class::Recovered } else { Class::RepairFailed }
+        }
+        (Some(_), _) => Class::Declined,
+        (None, Some(_)) => Class::HangDeclined,
+        (None, None) if flow_err.is_some() => Class::Declined,
+        (None, None) if gone.is_some() => Class::GuestLost,
+        (None, None) if r.child_status.is_some() => Class::NotCrashing,
+        (None, None) => Class::NoOutcome,
+    };
+    if r.class == Class::Declined && r.reason.is_none() {
+        r.reason = flow_err.clone();
+    }
+    if r.class == Class::HangDeclined && r.reason.is_none() {
+        r.reason = r.notes.iter().find(|n| n.starts_with("hang")).cloned();
+    }
+    r
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("".into(), |x| format!("{x:.0}"))
+}
+
+fn yn(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "NO",
+        None => "",
+    }
+}
+
+/// The Markdown table and its summary.
+pub fn markdown(rep: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let count = |c: Class| rep.types.iter().filter(|t| t.class == c).count();
+    let _ = writeln!(s, "# The crash catalogue: every LKDTM type, measured\n");
+    let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` under QEMU TCG, 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.cmdline);
+    let _ = writeln!(s, "Each type is written to `/sys/kernel/debug/provoke-crash/DIRECT` by a new child of the guest's init while the watcher is attached (hardware breakpoint at `panic`) and the hang sampler reads guest RAM every {:.0} ms (threshold {:.0} ms).\n", rep.hang_period_ms, rep.hang_threshold_ms);
+    let _ = writeln!(s, "## Summary\n");
+    let _ = writeln!(s, "| outcome | types |\n|---|---|");
+    for c in [Class::Recovered, Class::HangRecovered, Class::Declined, Class::HangDeclined, Class::NotCrashing, Class::RepairFailed, Class::GuestLost, Class::NoOutcome, Class::Error] {
+        let n = count(c);
+        if n > 0 {
+            let names: Vec<&str> = rep.types.iter().filter(|t| t.class == c).map(|t| t.name.as_str()).collect();
+            let _ = writeln!(s, "| {} | {} ({}) |", c.label(), n, names.join(", "));
+        }
+    }
+    let _ = writeln!(s, "| total | {} |\n", rep.types.len());
+    let hangs: Vec<&TypeRecord> = rep.types.iter().filter(|t| t.hang_detect_ms.is_some()).collect();
+    if !hangs.is_empty() {
+        let _ = writeln!(s, "Hangs detected from outside: {}; latency from the last progress seen to the verdict: {}; from the trigger: {}.\n",
+            hangs.len(),
+            hangs.iter().map(|t| format!("{} {} ms", t.name, opt_ms(t.hang_detect_ms))).collect::<Vec<_>>().join(", "),
+            hangs.iter().map(|t| format!("{} {} ms", t.name, opt_ms(t.hang_after_trigger_ms))).collect::<Vec<_>>().join(", "));
+    }
+    let _ = writeln!(s, "## Per type\n");
+    let _ = writeln!(s, "Columns: crashed (the kernel reached `panic`, died, or hung); detected (how we saw it); action; child (the crashing child's exit status, 137 = SIGKILL); alive / bystander / spawn (the guest answers, the bystander's checksummed data is intact, a new process runs); repair ms (trap to resume); boot (which guest of the campaign).\n");
+    let _ = writeln!(s, "| type | file | outcome | crashed | detected | action | child | alive | bystander | spawn | repair ms | boot | reason / what the kernel said |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for t in &rep.types {
+        let mut why = Vec::new();
+        if let Some(r) = &t.reason {
+            why.push(r.clone());
+        }
+        if t.class == Class::NotCrashing || t.class == Class::GuestLost || t.class == Class::NoOutcome {
+            why.extend(t.console.iter().take(2).cloned());
+        }
+        if let Some(m) = &t.panic_message {
+            if !m.is_empty() && t.class != Class::Recovered {
+                why.push(format!("panic: \"{m}\""));
+            }
+        }
+        why.extend(t.notes.iter().filter(|n| !t.reason.as_ref().is_some_and(|r| r == *n)).cloned());
+        let cell = why.join("; ").replace('|', "\\|");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.name,
+            t.source,
+            t.class.label(),
+            if t.crashed { "yes" } else { "no" },
+            t.detected.clone().unwrap_or_default(),
+            t.action.clone().unwrap_or_default(),
+            t.child_status.map_or("".into(), |c| c.to_string()),
+            yn(t.alive),
+            yn(t.bystander_ok),
+            yn(t.spawn_ok),
+            opt_ms(t.repair_ms),
+            t.boot,
+            cell
+        );
+    }
+    s
+}
+
+/// `repair-guest campaign`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CampaignArgs {
+    /// Types to trigger (comma-separated); default: every LKDTM type.
+    #[arg(long, value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Only the quick subset (one type per outcome class).
+    #[arg(long)]
+    pub quick: bool,
+    /// Only the hang types.
+    #[arg(long)]
+    pub hangs: bool,
+    /// Extra guest kernel command-line words (on top of oops=panic).
+    #[arg(long, value_name = "WORD")]
+    pub append: Vec<String>,
+    /// Seconds a type may take to crash, exit or hang.
+    #[arg(long, default_value_t = 8.0)]
+    pub timeout: f64,
+    /// Hang threshold in ms (no progress this long).
+    #[arg(long, default_value_t = 500)]
+    pub hang_ms: u64,
+    /// Hang sampling period in ms.
+    #[arg(long, default_value_t = 20)]
+    pub period_ms: u64,
+    /// Detect hangs but never repair them.
+    #[arg(long)]
+    pub no_repair_hangs: bool,
+    /// A fresh guest for every type.
+    #[arg(long)]
+    pub fresh_each: bool,
+    /// Write DIR/crash-catalogue.md and DIR/crash-catalogue.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// Runs `repair-guest campaign`.
+pub fn cli(a: &CampaignArgs) -> Result<()> {
+    let mut cfg = CampaignConfig::default();
+    if a.quick {
+        cfg.types = QUICK_TYPES.iter().map(|s| s.to_string()).collect();
+    } else if a.hangs {
+        cfg.types = HANG_TYPES.iter().map(|s| s.to_string()).collect();
+    }
+    if !a.types.is_empty() {
+        cfg.types = a.types.clone();
+    }
+    cfg.append = a.append.clone();
+    cfg.type_timeout = Duration::from_secs_f64(a.timeout);
+    cfg.hang.cpu_threshold = Duration::from_millis(a.hang_ms);
+    cfg.hang.blocked_threshold = Duration::from_millis(a.hang_ms);
+    cfg.hang.period = Duration::from_millis(a.period_ms);
+    cfg.repair_hangs = !a.no_repair_hangs;
+    cfg.fresh_each = a.fresh_each;
+    let command = std::iter::once("repair-guest".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rep = run(&cfg, &command)?;
+    let md = markdown(&rep);
+    let json = serde_json::to_string_pretty(&rep)?;
+    match &a.out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("crash-catalogue.md"), &md)?;
+            std::fs::write(dir.join("crash-catalogue.json"), json + "\n")?;
+            eprintln!("wrote {}/crash-catalogue.{{md,json}}", dir.display());
+        }
+        None => print!("{md}"),
+    }
+    Ok(())
+}
