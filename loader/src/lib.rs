@@ -38,3 +38,5 @@ pub mod qmp;
 pub mod report;
 pub mod symbolize;
 pub mod watch;
+pub mod kvm;
+pub mod replay;

@@ -88,6 +88,19 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         crashes: u32,
     },
+    /// Replay a QEMU dump-guest-memory ELF dump taken at the trap in a fresh
+    /// in-process KVM VM: run the repair kernel there, print its verdict and
+    /// diagnosis (reported, not applied).
+    Replay {
+        /// The dump (QMP dump-guest-memory, ELF format).
+        dump: PathBuf,
+        /// The repair image built for the dumped guest's kernel.
+        #[arg(long, value_name = "IMAGE")]
+        image: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
     /// watched; writes the Markdown table and JSON.
     Campaign(loader::campaign::CampaignArgs),
@@ -220,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { crashes } => loader::demo::run(crashes),
+        Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json),
         Command::Campaign(args) => loader::campaign::cli(&args),
     }
 }

@@ -1,0 +1,454 @@
+//! [`KvmGuest`]: the guest-access backend over an in-process KVM VM.
+//!
+//! The guest is "stopped" whenever no `KVM_RUN` is in progress on this
+//! thread: [`GuestAccess::resume`] only marks it running, and
+//! [`GuestAccess::wait_stop`] runs the vCPUs on the calling thread, one
+//! after another in short slices, until one stops on a breakpoint. A VMM
+//! that runs its vCPUs on threads of its own uses [`super::Repairer`]
+//! instead, which only needs the guest stopped at the trap.
+
+use super::memory::{GuestMemory, OwnedMmap, Region};
+use super::vcpu::{KvmVcpu, RunExit, HW_BREAKPOINTS};
+use super::{Caps, KvmError};
+use crate::access::{
+    self, AccessError, BpKind, CpuState, GuestAccess, Gpa, Gva, RunOutcome, StopEvent, StopReason, VcpuId,
+};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use std::time::{Duration, Instant};
+
+/// The extra memory slot the repair kernel is staged in, above guest RAM:
+/// the guest never sees it (no e820 entry, no ACPI), so no guest page is
+/// borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingSlot {
+    /// KVM memory slot number (must be free in the VM).
+    pub slot: u32,
+    /// Guest-physical base (4 KiB-aligned, above RAM).
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl StagingSlot {
+    /// 2 MiB at the first 2 MiB boundary at or above `ram_end`.
+    pub fn above(ram_end: u64, slot: u32) -> StagingSlot {
+        StagingSlot { slot, gpa: ram_end.next_multiple_of(2 << 20), size: 2 << 20 }
+    }
+}
+
+/// A KVM VM seen through [`GuestAccess`].
+#[derive(Debug)]
+pub struct KvmGuest {
+    // Field order matters for drop: the VM (and its slots) goes after the
+    // staging slot is removed in `Drop`, the memory after the VM.
+    vcpus: Vec<KvmVcpu>,
+    vm: VmFd,
+    memory: GuestMemory,
+    staging: Option<StagingSlot>,
+    caps: Caps,
+    legacy_xsave_ok: bool,
+    running: bool,
+    /// Vcpu kicked by the last `pause`, for the stop it reports.
+    slice: Duration,
+}
+
+fn vm_ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    KvmError::ioctl(what)
+}
+
+impl KvmGuest {
+    /// Wraps a VM whose memory slots already map `memory` (a VMM's), with
+    /// its vCPUs in index order. `caps` from [`Caps::probe`].
+    pub fn new(vm: VmFd, vcpus: Vec<kvm_ioctls::VcpuFd>, memory: GuestMemory, caps: Caps) -> KvmGuest {
+        let xsave2 = vm.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        KvmGuest {
+            vcpus: vcpus.into_iter().enumerate().map(|(i, fd)| KvmVcpu::new(fd, i as u32)).collect(),
+            vm,
+            memory,
+            staging: None,
+            caps,
+            // KVM_CAP_XSAVE2 gives the XSAVE size; 0 means the legacy 4 KiB.
+            legacy_xsave_ok: xsave2 <= 4096,
+            running: false,
+            slice: Duration::from_millis(20),
+        }
+    }
+
+    /// Registers `region` with the VM as memory slot `slot` and keeps it.
+    pub fn add_region(&mut self, slot: u32, region: Region) -> Result<(), KvmError> {
+        let mr = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.gpa.0,
+            memory_size: region.len as u64,
+            userspace_addr: region.host_addr(),
+        };
+        // SAFETY: the region's host memory stays mapped as long as it is in
+        // `self.memory`, and the slot is removed from the VM (Drop,
+        // `remove_staging`) before a region it maps is dropped; VM slots
+        // never outlive `self.vm`, which `self` owns.
+        unsafe { self.vm.set_user_memory_region(mr) }.map_err(vm_ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        if let Err(e) = self.memory.push(region) {
+            self.delete_slot(slot, mr.guest_phys_addr);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn delete_slot(&mut self, slot: u32, gpa: u64) {
+        let mr = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: 0, userspace_addr: 0 };
+        // SAFETY: a zero-sized region deletes the slot; no memory is lent.
+        let _ = unsafe { self.vm.set_user_memory_region(mr) };
+    }
+
+    /// Adds the extra slot the repair kernel is staged in (zeroed memory
+    /// owned by this guest, removed from the VM and unmapped on drop).
+    pub fn add_staging(&mut self, st: StagingSlot) -> Result<(), KvmError> {
+        if st.gpa < self.memory.end() && self.memory.regions().iter().any(|r| r.gpa.0 < st.gpa + st.size && st.gpa < r.end()) {
+            return Err(KvmError::BadRegions(format!("staging slot {:#x}+{:#x} overlaps guest RAM", st.gpa, st.size)));
+        }
+        let map = OwnedMmap::anonymous(st.size as usize)?;
+        self.add_region(st.slot, Region::owned(Gpa(st.gpa), map))?;
+        self.staging = Some(st);
+        Ok(())
+    }
+
+    pub fn staging(&self) -> Option<StagingSlot> {
+        self.staging
+    }
+
+    /// End of guest RAM: the end of the highest region that is not the
+    /// staging slot.
+    pub fn ram_end(&self) -> u64 {
+        self.memory
+            .regions()
+            .iter()
+            .filter(|r| self.staging.is_none_or(|s| r.gpa.0 != s.gpa))
+            .map(|r| r.end())
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub fn memory(&mut self) -> &mut GuestMemory {
+        &mut self.memory
+    }
+
+    pub fn vcpu(&self, v: VcpuId) -> Result<&KvmVcpu, AccessError> {
+        let count = self.vcpus.len();
+        self.vcpus.get(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })
+    }
+
+    pub fn vcpu_mut(&mut self, v: VcpuId) -> Result<&mut KvmVcpu, AccessError> {
+        let count = self.vcpus.len();
+        self.vcpus.get_mut(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })
+    }
+
+    /// Whether `KVM_SET_XSAVE` with the legacy area is safe on this VM.
+    pub fn legacy_xsave_ok(&self) -> bool {
+        self.legacy_xsave_ok
+    }
+
+    /// Tells every vCPU's kvmclock that the host paused the guest
+    /// (`KVM_KVMCLOCK_CTRL`), best effort: absent the capability, or on a
+    /// guest without a registered kvmclock (`EINVAL`), nothing is done.
+    /// Returns how many vCPUs took it.
+    pub fn signal_pause(&self) -> usize {
+        if !self.caps.kvmclock_ctrl {
+            return 0;
+        }
+        self.vcpus.iter().filter(|v| v.kvmclock_ctrl().is_ok()).count()
+    }
+
+    fn hw_breakpoints(&self) -> [Option<u64>; HW_BREAKPOINTS] {
+        self.vcpus.first().map_or([None; HW_BREAKPOINTS], |v| *v.hw_breakpoints())
+    }
+
+    fn program_all(&mut self, bps: [Option<u64>; HW_BREAKPOINTS]) -> Result<(), AccessError> {
+        if !self.caps.guest_debug {
+            return Err(KvmError::MissingCap {
+                cap: "KVM_CAP_SET_GUEST_DEBUG",
+                consequence: "no hardware breakpoint can trap the guest at panic(); replay still works",
+            }
+            .into());
+        }
+        for v in &mut self.vcpus {
+            v.program_breakpoints(bps)?;
+        }
+        Ok(())
+    }
+
+    /// Resuming a vCPU that sits on one of our breakpoints would trap at
+    /// once: set RF so the instruction runs once without the #DB.
+    fn step_over_breakpoint(&self, v: &KvmVcpu) -> Result<(), KvmError> {
+        let mut r = v.regs()?;
+        if v.hw_breakpoints().iter().flatten().any(|&a| a == r.rip) {
+            r.rflags |= 1 << 16;
+            v.set_regs(&r)?;
+        }
+        Ok(())
+    }
+
+    fn stop_event(&self, vcpu: VcpuId, reason: StopReason) -> Result<StopEvent, AccessError> {
+        let rip = self.vcpu(vcpu)?.regs()?.rip;
+        Ok(StopEvent { vcpu, rip: Gva(rip), reason })
+    }
+
+    fn translate(&mut self, vcpu: VcpuId, gva: Gva) -> Result<Gpa, AccessError> {
+        let s = self.vcpu(vcpu)?.sregs()?;
+        let mem = &mut self.memory;
+        let mut rd = |g: Gpa| {
+            let mut b = [0u8; 8];
+            mem.read(g, &mut b)?;
+            Ok(u64::from_le_bytes(b))
+        };
+        access::translate(&mut rd, s.cr3, s.cr4, gva)?.ok_or(AccessError::NotMapped(gva))
+    }
+
+    fn run_one(&mut self, vcpu: VcpuId, deadline: Instant) -> Result<RunExit, AccessError> {
+        let step = {
+            let v = self.vcpu(vcpu)?;
+            self.step_over_breakpoint(v)?;
+            self.vcpu_mut(vcpu)?.run_until(deadline)?
+        };
+        Ok(step)
+    }
+
+    fn exit_error(vcpu: VcpuId, e: &RunExit) -> AccessError {
+        AccessError::Other(match e {
+            RunExit::Shutdown => format!("{vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
+            RunExit::FailEntry(r) => format!(
+                "{vcpu}: KVM refused to enter the guest (KVM_EXIT_FAIL_ENTRY, reason {r:#x}): the register state is not one this host accepts"
+            ),
+            other => format!("{vcpu} stopped with an exit the KVM backend does not serve: {other:?}"),
+        })
+    }
+}
+
+impl Drop for KvmGuest {
+    fn drop(&mut self) {
+        // Unmap the staging slot from the VM before its memory goes.
+        if let Some(st) = self.staging.take() {
+            self.delete_slot(st.slot, st.gpa);
+        }
+    }
+}
+
+impl GuestAccess for KvmGuest {
+    fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.memory.read(gpa, buf)
+    }
+
+    fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError> {
+        self.memory.write(gpa, data)
+    }
+
+    fn read_virt(&mut self, vcpu: VcpuId, gva: Gva, buf: &mut [u8]) -> Result<(), AccessError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = Gva(gva.0.wrapping_add(done as u64));
+            let n = (4096 - (at.0 & 0xfff) as usize).min(buf.len() - done);
+            let gpa = self.translate(vcpu, at)?;
+            self.memory.read(gpa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_virt(&mut self, vcpu: VcpuId, gva: Gva, data: &[u8]) -> Result<(), AccessError> {
+        let mut done = 0;
+        while done < data.len() {
+            let at = Gva(gva.0.wrapping_add(done as u64));
+            let n = (4096 - (at.0 & 0xfff) as usize).min(data.len() - done);
+            let gpa = self.translate(vcpu, at)?;
+            self.memory.write(gpa, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn vcpus(&mut self) -> Result<Vec<VcpuId>, AccessError> {
+        Ok((0..self.vcpus.len() as u32).map(VcpuId).collect())
+    }
+
+    fn get_regs(&mut self, vcpu: VcpuId) -> Result<CpuState, AccessError> {
+        Ok(self.vcpu(vcpu)?.cpu_state()?)
+    }
+
+    fn set_regs(&mut self, vcpu: VcpuId, regs: &CpuState) -> Result<(), AccessError> {
+        Ok(self.vcpu(vcpu)?.set_cpu_state(regs)?)
+    }
+
+    fn pause(&mut self) -> Result<Option<StopEvent>, AccessError> {
+        if !self.running {
+            return Ok(None);
+        }
+        self.running = false;
+        self.signal_pause();
+        Ok(Some(self.stop_event(VcpuId(0), StopReason::Interrupted)?))
+    }
+
+    fn resume(&mut self) -> Result<(), AccessError> {
+        self.running = true;
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.running
+    }
+
+    fn wait_stop(&mut self, timeout: Option<Duration>) -> Result<Option<StopEvent>, AccessError> {
+        if !self.running {
+            return Err(AccessError::NotRunning);
+        }
+        let end = timeout.map(|t| Instant::now() + t);
+        let mut halted = vec![false; self.vcpus.len()];
+        loop {
+            for i in 0..self.vcpus.len() {
+                if halted[i] {
+                    continue;
+                }
+                let mut slice_end = Instant::now() + self.slice;
+                if let Some(e) = end {
+                    slice_end = slice_end.min(e);
+                }
+                let vcpu = VcpuId(i as u32);
+                match self.run_one(vcpu, slice_end)? {
+                    RunExit::TimedOut { .. } => {}
+                    RunExit::Debug { .. } => {
+                        self.running = false;
+                        self.signal_pause();
+                        return Ok(Some(self.stop_event(vcpu, StopReason::Trap)?));
+                    }
+                    // No interrupt can wake it: this backend has no irqchip.
+                    RunExit::Hlt { .. } => halted[i] = true,
+                    other => {
+                        self.running = false;
+                        return Err(Self::exit_error(vcpu, &other));
+                    }
+                }
+            }
+            let all_halted = halted.iter().all(|&h| h);
+            if end.is_some_and(|e| Instant::now() >= e) || all_halted {
+                if all_halted && end.is_none() {
+                    self.running = false;
+                    return Err(AccessError::GuestGone("every vCPU halted with nothing to wake it".into()));
+                }
+                if all_halted {
+                    if let Some(e) = end {
+                        std::thread::sleep(e.saturating_duration_since(Instant::now()));
+                    }
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    fn run_vcpu_until(&mut self, vcpu: VcpuId, stop_at: Gva, timeout: Duration) -> Result<RunOutcome, AccessError> {
+        let deadline = Instant::now() + timeout;
+        // A hardware breakpoint at `stop_at` when the host can; a `hlt` at
+        // `stop_at` (the repair kernel's `repair_done`) is recognised
+        // either way.
+        let saved = self.hw_breakpoints();
+        let mut use_bp = false;
+        if self.caps.guest_debug && !saved.iter().flatten().any(|&a| a == stop_at.0) {
+            let mut bps = saved;
+            if let Some(free) = bps.iter_mut().find(|b| b.is_none()) {
+                *free = Some(stop_at.0);
+                let v = self.vcpu_mut(vcpu)?;
+                v.program_breakpoints(bps)?;
+                use_bp = true;
+            }
+        }
+        let exit = self.run_one(vcpu, deadline);
+        if use_bp {
+            self.vcpu_mut(vcpu)?.program_breakpoints(saved)?;
+        }
+        let exit = exit?;
+        let outcome = match exit {
+            RunExit::Hlt { rip, .. } if rip.wrapping_sub(1) == stop_at.0 => {
+                // Report the stop at the `hlt` itself, as a breakpoint would.
+                let v = self.vcpu(vcpu)?;
+                let mut r = v.regs()?;
+                r.rip = stop_at.0;
+                v.set_regs(&r)?;
+                RunOutcome::Reached(StopEvent { vcpu, rip: stop_at, reason: StopReason::Trap })
+            }
+            RunExit::Debug { pc, .. } if pc == stop_at.0 => {
+                RunOutcome::Reached(StopEvent { vcpu, rip: stop_at, reason: StopReason::Trap })
+            }
+            RunExit::Debug { .. } => RunOutcome::StoppedElsewhere(self.stop_event(vcpu, StopReason::Trap)?),
+            RunExit::Hlt { .. } => RunOutcome::StoppedElsewhere(self.stop_event(vcpu, StopReason::Signal(0))?),
+            RunExit::TimedOut { .. } => RunOutcome::TimedOut(self.stop_event(vcpu, StopReason::Interrupted)?),
+            other => return Err(Self::exit_error(vcpu, &other)),
+        };
+        Ok(outcome)
+    }
+
+    fn step_vcpu(&mut self, vcpu: VcpuId) -> Result<StopEvent, AccessError> {
+        if !self.caps.guest_debug {
+            return Err(KvmError::MissingCap { cap: "KVM_CAP_SET_GUEST_DEBUG", consequence: "no single step" }.into());
+        }
+        let bps = self.hw_breakpoints();
+        let mut dbg = kvm_bindings::kvm_guest_debug {
+            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+            ..Default::default()
+        };
+        let mut dr7 = 0;
+        for (i, b) in bps.iter().enumerate() {
+            if let Some(a) = b {
+                dbg.arch.debugreg[i] = *a;
+                dr7 |= 1 << (2 * i);
+            }
+        }
+        if dr7 != 0 {
+            dbg.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[7] = dr7;
+        }
+        self.vcpu(vcpu)?.set_guest_debug(&dbg)?;
+        let exit = self.run_one(vcpu, Instant::now() + Duration::from_secs(5));
+        self.vcpu_mut(vcpu)?.program_breakpoints(bps)?;
+        match exit? {
+            RunExit::Debug { .. } | RunExit::Hlt { .. } => self.stop_event(vcpu, StopReason::Trap),
+            RunExit::TimedOut { .. } => Err(AccessError::Timeout { what: "a single step".into(), after: Duration::from_secs(5) }),
+            other => Err(Self::exit_error(vcpu, &other)),
+        }
+    }
+
+    fn set_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError> {
+        if kind == BpKind::Software {
+            return Err(AccessError::Unsupported(
+                "software breakpoints on KVM (they patch int3 into guest text); use a hardware breakpoint".into(),
+            ));
+        }
+        let mut bps = self.hw_breakpoints();
+        if bps.iter().flatten().any(|&a| a == addr.0) {
+            return Ok(());
+        }
+        let free = bps.iter_mut().find(|b| b.is_none()).ok_or_else(|| {
+            AccessError::Unsupported("a fifth hardware breakpoint (x86 has four: DR0-DR3)".into())
+        })?;
+        *free = Some(addr.0);
+        self.program_all(bps)
+    }
+
+    fn clear_breakpoint(&mut self, addr: Gva, _kind: BpKind) -> Result<(), AccessError> {
+        let mut bps = self.hw_breakpoints();
+        for b in bps.iter_mut() {
+            if *b == Some(addr.0) {
+                *b = None;
+            }
+        }
+        if bps == self.hw_breakpoints() {
+            return Ok(());
+        }
+        self.program_all(bps)
+    }
+}
