@@ -177,3 +177,120 @@ fn an_invalid_contract_is_not_run() {
     c.version = 999;
     assert_eq!(run(&c, None), Ok(RunStatus::NotRun as u32));
 }
+
+/// Runs the plan under QEMU with its monitor on stdio, waits until the vCPU
+/// sits in `repair_done`, and returns the contract block read back from
+/// guest memory and the IDTR base the vCPU ended with.
+fn run_and_read_back(contract: &Contract, rsi_override: Option<u64>) -> (Contract, u64) {
+    use std::io::{BufRead, BufReader, Write};
+
+    let image = RepairImage {
+        kernel: KernelId::default(),
+        profile_json: "{}".into(),
+        layout: KernelLayout::default(),
+        unikernel: builtin_unikernel().unwrap(),
+        snapshot_source: SnapshotSource::VmlinuxFile,
+        skips: Vec::new(),
+        page_hashes: Default::default(),
+        pristine: Default::default(),
+    };
+    let plan = StagePlan::new(&image, BASE, SIZE, RAM).unwrap();
+    let mut stub = STUB.to_vec();
+    let rsi = rsi_override.unwrap_or(plan.integrity_gva);
+    for (i, v) in [plan.cr3, plan.stack_top, plan.contract_gva, rsi, plan.entry_rip].iter().enumerate() {
+        stub[PARAMS + 8 * i..PARAMS + 8 * i + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let mut chunks = vec![(STUB_BASE as u64, stub)];
+    chunks.extend(plan.writes.iter().cloned());
+    chunks.push((plan.contract_gpa, contract.as_bytes().to_vec()));
+    let end = chunks.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
+    let mut flat = vec![0u8; (end - STUB_BASE as u64) as usize];
+    for (a, b) in &chunks {
+        let at = (a - STUB_BASE as u64) as usize;
+        flat[at..at + b.len()].copy_from_slice(b);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stub.elf");
+    std::fs::write(&path, elf32(STUB_BASE + 12, &[(STUB_BASE as u64, flat)])).unwrap();
+    let dump = dir.path().join("contract.bin");
+
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "128", "-no-reboot", "-display", "none", "-serial", "none"])
+        .args(["-monitor", "none", "-qmp", "stdio", "-kernel"])
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 runs (Debian: apt-get install qemu-system-x86)");
+    // Kill QEMU whatever happens below.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let _reap = Reap(child);
+    let mut greeting = String::new();
+    stdout.read_line(&mut greeting).unwrap();
+    // One QMP command, its "return" (events are skipped).
+    let mut qmp = |cmd: serde_json::Value| -> serde_json::Value {
+        writeln!(stdin, "{cmd}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "QEMU closed QMP");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
+        }
+    };
+    qmp(serde_json::json!({"execute": "qmp_capabilities"}));
+    let field = |text: &str, key: &str| -> Option<u64> {
+        let at = text.find(key)? + key.len();
+        let hex: String = text[at..].trim_start().chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+        u64::from_str_radix(&hex, 16).ok()
+    };
+    let start = std::time::Instant::now();
+    let mut idt_base = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        let r = qmp(serde_json::json!({"execute": "human-monitor-command",
+                                        "arguments": {"command-line": "info registers"}}));
+        let text = r.as_str().unwrap_or_default();
+        if let Some(rip) = field(text, "RIP=") {
+            if (plan.done_rip..plan.done_rip + 8).contains(&rip) {
+                idt_base = field(text, "IDT=");
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let idt_base = idt_base.expect("the repair kernel reached repair_done within 60 s");
+    let size = std::mem::size_of::<Contract>();
+    qmp(serde_json::json!({"execute": "pmemsave",
+        "arguments": {"val": plan.contract_gpa, "size": size, "filename": dump.to_str().unwrap()}}));
+    let bytes = std::fs::read(&dump).unwrap();
+    (Contract::from_bytes(&bytes).expect("a valid contract block"), idt_base)
+}
+
+#[test]
+fn fault_is_recorded_and_guest_idtr_restored() {
+    use repair_kernel::contract::{field_str, Action};
+    let (c, idt) = run_and_read_back(&contract(), Some(0x0000_0080_1000_0000));
+    assert_eq!(idt, 0x123_4000, "the stand-in guest's IDTR is back");
+    let out = c.output;
+    assert_eq!(out.status, RunStatus::Faulted as u32);
+    assert_eq!(out.action, Action::Decline as u32);
+    assert_eq!(out.fault.vector, 14, "#PF");
+    assert_eq!(out.fault.cr2 & !0xfff, 0x0000_0080_1000_0000, "cr2 {:#x}", out.fault.cr2);
+    let reason = field_str(&out.reason);
+    assert!(reason.contains("#PF page fault"), "{reason}");
+
+    let (c, idt) = run_and_read_back(&contract(), None);
+    assert_eq!(idt, 0x123_4000);
+    assert_eq!(c.output.status, RunStatus::Done as u32);
+    assert_eq!(c.output.action, Action::Decline as u32, "{}", field_str(&c.output.reason));
+}
