@@ -353,8 +353,8 @@ impl CoreDump {
     }
 
     /// Fills `buf` (guest-physical `[start, start + len)`) from the loads
-    /// inside it.
-    fn fill(&self, start: u64, buf: &mut [u8]) -> Result<(), ReplayError> {
+    /// inside it; bytes no load covers are left as they are.
+    pub fn fill(&self, start: u64, buf: &mut [u8]) -> Result<(), ReplayError> {
         let end = start + buf.len() as u64;
         for l in self.loads.iter().filter(|l| l.paddr < end && start < l.paddr + l.size) {
             let s = l.paddr.max(start);
@@ -393,8 +393,11 @@ pub struct Replay {
     pub caps: Caps,
     pub slide: u64,
     pub nr_vcpus: usize,
+    /// Where guest RAM ends for the repair kernel (the staging slot's base).
     pub ram_end: u64,
     pub staging: StagingSlot,
+    /// The dump's memory blocks, `[start, end)`.
+    pub ram_ranges: Vec<(u64, u64)>,
 }
 
 /// Options of a replay.
@@ -411,7 +414,7 @@ impl Default for ReplayOptions {
 
 /// True when the host CPU has NX (CPUID 0x8000_0001 EDX bit 20), per the
 /// CPUID KVM offers its guests.
-fn cpuid_nx(cpuid: &kvm_bindings::CpuId) -> bool {
+pub fn cpuid_nx(cpuid: &kvm_bindings::CpuId) -> bool {
     cpuid.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 20) != 0)
 }
 
@@ -440,22 +443,73 @@ pub fn load_into_kvm(dump: &CoreDump) -> Result<KvmGuest, ReplayError> {
     }
     for (i, c) in dump.cpus.iter().enumerate() {
         let v = guest.vcpu(VcpuId(i as u32)).map_err(|e| KvmError::Other(e.to_string()))?;
-        let base = v.sregs()?;
-        v.set_sregs(&c.kvm_sregs(&base, nx))?;
-        v.set_regs(&c.kvm_regs())?;
-        if let Some(kgs) = c.kernel_gs_base {
-            v.set_msrs(&[(MSR_KERNEL_GS_BASE, kgs)])?;
-        }
+        set_vcpu_state(v, c, nx)?;
     }
     Ok(guest)
+}
+
+/// Gives a vCPU the state of a dumped one (`nx`: [`cpuid_nx`] of the CPUID
+/// the vCPU was given, for the inferred EFER).
+pub fn set_vcpu_state(v: &crate::kvm::KvmVcpu, c: &DumpCpu, nx: bool) -> Result<(), KvmError> {
+    let base = v.sregs()?;
+    v.set_sregs(&c.kvm_sregs(&base, nx))?;
+    v.set_regs(&c.kvm_regs())?;
+    if let Some(kgs) = c.kernel_gs_base {
+        v.set_msrs(&[(MSR_KERNEL_GS_BASE, kgs)])?;
+    }
+    Ok(())
+}
+
+/// A crash trapped at `panic` in a QEMU guest, dumped, and diagnosed there
+/// by the QEMU backend: the reference a replay is compared with.
+#[derive(Debug)]
+pub struct Captured {
+    pub dump: PathBuf,
+    /// The QEMU backend's [`Mode::Diagnose`] run on the held guest.
+    pub qemu: Outcome,
+    /// The pid of the guest process that crashed the kernel.
+    pub crashed_pid: u32,
+}
+
+/// Boots a kit guest under QEMU (TCG, RAM file), traps the crash `crash`
+/// (a harness crash kind: `sysrq-c`, an LKDTM type) at the entry of
+/// `panic`, writes a QMP `dump-guest-memory` ELF dump to `dump` while the
+/// guest is held there, then runs the repair kernel on the held guest with
+/// the QEMU backend in [`Mode::Diagnose`]. For tests and examples.
+pub fn capture_at_trap(cfg: &harness::GuestConfig, crash: &str, dump: &Path) -> anyhow::Result<Captured> {
+    use crate::access::{Endpoint, GuestAccess};
+    use crate::flow::{FlowConfig, Session};
+    use anyhow::{ensure, Context};
+    let cfg = cfg.clone().with_ram_file();
+    let mut guest = harness::Guest::boot(&cfg).context("booting the kit guest under QEMU")?;
+    let image = crate::demo::kit_image(cfg.kernel)?;
+    let gdb = crate::gdb::GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?)?;
+    let ram = crate::memory::RamFile::open_pc(&guest.ram_file().context("RAM file")?, 0xe000_0000)?;
+    let mut g = crate::memory::WithRam::new(gdb, ram);
+    let fcfg = FlowConfig { ram_end: Some((cfg.mem_mib as u64) << 20), ..FlowConfig::default() };
+    let mut session = Session::attach(&mut g, image, fcfg)?;
+    session.arm(&mut g)?;
+    g.resume()?;
+    let handle = guest.crash(crash)?;
+    let stop = g.wait_stop(Some(Duration::from_secs(120)))?.context("no trap at panic within 120 s")?;
+    ensure!(stop.rip.0 == session.panic_addr()?, "stopped at {} instead of panic", stop.rip);
+    let _ = std::fs::remove_file(dump);
+    let mut qmp = crate::qmp::Qmp::connect_timeout(&guest.qmp_addr().parse()?, Duration::from_secs(300))?;
+    qmp.execute(
+        "dump-guest-memory",
+        Some(serde_json::json!({ "paging": false, "protocol": format!("file:{}", dump.display()) })),
+    )
+    .with_context(|| format!("QMP dump-guest-memory to {}", dump.display()))?;
+    let qemu = session.repair(&mut g, stop.vcpu, Mode::Diagnose)?;
+    Ok(Captured { dump: dump.to_path_buf(), qemu, crashed_pid: handle.pid })
 }
 
 /// Replays `dump` with the repair kernel of `image`, in
 /// [`Mode::Diagnose`].
 pub fn replay(dump: &CoreDump, image: builder::RepairImage, opts: &ReplayOptions) -> Result<Replay, ReplayError> {
-    let guest = load_into_kvm(dump)?;
-    let ram_end = guest.ram_end();
-    let staging = StagingSlot::above(ram_end, dump.ram_ranges().len() as u32);
+    let mut guest = load_into_kvm(dump)?;
+    let staging = StagingSlot::above_ram(guest.memory(), dump.ram_ranges().len() as u32);
+    let ram_end = staging.gpa;
     let caps = *guest.caps();
     let cfg = EmbedConfig { staging: Some(staging), run_timeout: opts.run_timeout, ..EmbedConfig::default() };
     let mut r = Repairer::new(guest, image, cfg)?;
@@ -472,6 +526,7 @@ pub fn replay(dump: &CoreDump, image: builder::RepairImage, opts: &ReplayOptions
         caps,
         ram_end,
         staging,
+        ram_ranges: dump.ram_ranges(),
     })
 }
 
@@ -525,6 +580,7 @@ struct JsonReport<'a> {
     crashed_vcpu: u32,
     kaslr_slide: String,
     ram_end: String,
+    memory: Vec<String>,
     staging: String,
     verdict: Verdict,
     applied: bool,
@@ -548,6 +604,7 @@ pub fn run(dump: &Path, image: &Path, json: bool) -> anyhow::Result<()> {
             crashed_vcpu: r.outcome.vcpu.0,
             kaslr_slide: format!("{:#x}", r.slide),
             ram_end: format!("{:#x}", r.ram_end),
+            memory: r.ram_ranges.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect(),
             staging: format!("{:#x}+{:#x} (slot {})", r.staging.gpa, r.staging.size, r.staging.slot),
             verdict: v,
             applied: r.outcome.applied,
@@ -557,6 +614,8 @@ pub fn run(dump: &Path, image: &Path, json: bool) -> anyhow::Result<()> {
     } else {
         println!("replay of {} under in-process KVM ({} vCPUs, RAM {:#x}, KASLR slide {:#x})", dump.display(), r.nr_vcpus, r.ram_end, r.slide);
         println!("  {}", r.caps);
+        let blocks: Vec<String> = r.ram_ranges.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect();
+        println!("  memory blocks {}; repair kernel staged in slot {} at {:#x}+{:#x}", blocks.join(", "), r.staging.slot, r.staging.gpa, r.staging.size);
         println!("crash:    {} on CPU {}: {:?}", v.crash_kind, r.outcome.vcpu.0, v.message);
         println!("offender: pid {} (tgid {}) {:?}", v.pid, v.tgid, v.comm);
         println!("tasks:    {}", v.nr_tasks);

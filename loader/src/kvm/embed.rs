@@ -36,8 +36,8 @@ use std::time::Duration;
 /// Where the staging slot goes and how long a run may take.
 #[derive(Clone, Debug)]
 pub struct EmbedConfig {
-    /// The staging slot; `None`: 2 MiB at the first 2 MiB boundary above
-    /// guest RAM, slot number `staging_slot_number`.
+    /// The staging slot; `None`: [`StagingSlot::above_ram`], slot number
+    /// `staging_slot_number`.
     pub staging: Option<StagingSlot>,
     /// KVM slot number for the default staging slot (must be free).
     pub staging_slot_number: u32,
@@ -73,7 +73,7 @@ impl Repairer {
         let st = match guest.staging() {
             Some(s) => s,
             None => {
-                let s = cfg.staging.unwrap_or_else(|| StagingSlot::above(guest.ram_end(), cfg.staging_slot_number));
+                let s = cfg.staging.unwrap_or_else(|| StagingSlot::above_ram(guest.memory(), cfg.staging_slot_number));
                 guest.add_staging(s).map_err(AccessError::from)?;
                 s
             }
@@ -120,8 +120,10 @@ impl Repairer {
     /// vCPU stopped too). The vCPU's full state (registers, MSRs, FPU/XSAVE,
     /// debug registers) is saved first; unless a kill verdict is applied it
     /// is put back exactly, and after a kill everything but the registers
-    /// the verdict sets is. The kvmclock is told of the pause (best effort).
-    /// Afterwards the vCPU can simply be run again.
+    /// the verdict sets is; in the first case the vCPU is then stepped over
+    /// the trapped instruction (the first of `panic`), with the trap lifted,
+    /// so that running it again does not trap at once. The kvmclock is told
+    /// of the pause (best effort). Afterwards the vCPU can simply be run.
     pub fn on_trap(&mut self, vcpu: VcpuId, mode: Mode) -> Result<Outcome, FlowError> {
         let caps = *self.guest.caps();
         let legacy = self.guest.legacy_xsave_ok();
@@ -138,10 +140,12 @@ impl Repairer {
                 v.restore(&keep).map_err(AccessError::from)?;
             }
             _ => {
-                let mut back = snap;
-                // Leaving `panic` again would re-trap at once: step over.
-                back.regs.rflags |= 1 << 16;
-                v.restore(&back).map_err(AccessError::from)?;
+                v.restore(&snap).map_err(AccessError::from)?;
+                // Running from `panic` again would re-trap at once: execute
+                // its first instruction now, with the trap lifted.
+                if result.is_ok() {
+                    self.guest.step_over_breakpoint(vcpu)?;
+                }
             }
         }
         result

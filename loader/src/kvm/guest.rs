@@ -34,6 +34,22 @@ impl StagingSlot {
     pub fn above(ram_end: u64, slot: u32) -> StagingSlot {
         StagingSlot { slot, gpa: ram_end.next_multiple_of(2 << 20), size: 2 << 20 }
     }
+
+    /// 2 MiB just above the lowest block of guest memory that has room
+    /// after it: right above RAM on a PC guest, below the PCI hole and the
+    /// BIOS (which a QEMU dump carries as a block at 4 GiB - 256 KiB), so
+    /// the repair kernel's identity map stays small.
+    pub fn above_ram(memory: &GuestMemory, slot: u32) -> StagingSlot {
+        let size = 2u64 << 20;
+        let free = |gpa: u64| !memory.regions().iter().any(|r| r.gpa.0 < gpa + size && gpa < r.end());
+        let gpa = memory
+            .regions()
+            .iter()
+            .map(|r| r.end().next_multiple_of(size))
+            .find(|&g| free(g))
+            .unwrap_or_else(|| memory.end().next_multiple_of(size));
+        StagingSlot { slot, gpa, size }
+    }
 }
 
 /// A KVM VM seen through [`GuestAccess`].
@@ -186,14 +202,32 @@ impl KvmGuest {
     }
 
     /// Resuming a vCPU that sits on one of our breakpoints would trap at
-    /// once: set RF so the instruction runs once without the #DB.
-    fn step_over_breakpoint(&self, v: &KvmVcpu) -> Result<(), KvmError> {
-        let mut r = v.regs()?;
-        if v.hw_breakpoints().iter().flatten().any(|&a| a == r.rip) {
-            r.rflags |= 1 << 16;
-            v.set_regs(&r)?;
+    /// once: execute that one instruction with the breakpoint lifted (a
+    /// single step, as QEMU's gdbstub does), then put the breakpoints back.
+    /// RF would be the lighter way, but not every KVM honours it with
+    /// `KVM_SET_GUEST_DEBUG` (this machine's PVM does not). Returns the exit
+    /// when the step stopped somewhere other than the next instruction.
+    pub fn step_over_breakpoint(&mut self, vcpu: VcpuId) -> Result<(), AccessError> {
+        let v = self.vcpu(vcpu)?;
+        let bps = *v.hw_breakpoints();
+        let rip = v.regs()?.rip;
+        if !bps.iter().flatten().any(|&a| a == rip) {
+            return Ok(());
         }
-        Ok(())
+        let mut lifted = bps;
+        for b in lifted.iter_mut() {
+            if *b == Some(rip) {
+                *b = None;
+            }
+        }
+        let dbg = debug_control(&lifted, true);
+        self.vcpu(vcpu)?.set_guest_debug(&dbg)?;
+        let exit = self.vcpu_mut(vcpu)?.run_until(Instant::now() + Duration::from_secs(10));
+        self.vcpu_mut(vcpu)?.program_breakpoints(bps)?;
+        match exit? {
+            RunExit::Debug { .. } | RunExit::Hlt { .. } => Ok(()),
+            other => Err(Self::exit_error(vcpu, &other)),
+        }
     }
 
     fn stop_event(&self, vcpu: VcpuId, reason: StopReason) -> Result<StopEvent, AccessError> {
@@ -213,12 +247,8 @@ impl KvmGuest {
     }
 
     fn run_one(&mut self, vcpu: VcpuId, deadline: Instant) -> Result<RunExit, AccessError> {
-        let step = {
-            let v = self.vcpu(vcpu)?;
-            self.step_over_breakpoint(v)?;
-            self.vcpu_mut(vcpu)?.run_until(deadline)?
-        };
-        Ok(step)
+        self.step_over_breakpoint(vcpu)?;
+        Ok(self.vcpu_mut(vcpu)?.run_until(deadline)?)
     }
 
     fn exit_error(vcpu: VcpuId, e: &RunExit) -> AccessError {
@@ -230,6 +260,28 @@ impl KvmGuest {
             other => format!("{vcpu} stopped with an exit the KVM backend does not serve: {other:?}"),
         })
     }
+}
+
+/// `KVM_SET_GUEST_DEBUG` argument: hardware execute breakpoints `bps`,
+/// single-stepping when `step`.
+pub(crate) fn debug_control(bps: &[Option<u64>; HW_BREAKPOINTS], step: bool) -> kvm_bindings::kvm_guest_debug {
+    let mut dbg = kvm_bindings::kvm_guest_debug::default();
+    let mut dr7 = 0u64;
+    for (i, b) in bps.iter().enumerate() {
+        if let Some(a) = b {
+            dbg.arch.debugreg[i] = *a;
+            // Ln (local enable); R/W = 00 (execute), LEN = 00.
+            dr7 |= 1 << (2 * i);
+        }
+    }
+    if dr7 != 0 {
+        dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+        dbg.arch.debugreg[7] = dr7;
+    }
+    if step {
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+    }
+    dbg
 }
 
 impl Drop for KvmGuest {
@@ -397,23 +449,16 @@ impl GuestAccess for KvmGuest {
             return Err(KvmError::MissingCap { cap: "KVM_CAP_SET_GUEST_DEBUG", consequence: "no single step" }.into());
         }
         let bps = self.hw_breakpoints();
-        let mut dbg = kvm_bindings::kvm_guest_debug {
-            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
-            ..Default::default()
-        };
-        let mut dr7 = 0;
-        for (i, b) in bps.iter().enumerate() {
-            if let Some(a) = b {
-                dbg.arch.debugreg[i] = *a;
-                dr7 |= 1 << (2 * i);
+        let mut lifted = bps;
+        let rip = self.vcpu(vcpu)?.regs()?.rip;
+        for b in lifted.iter_mut() {
+            if *b == Some(rip) {
+                *b = None;
             }
         }
-        if dr7 != 0 {
-            dbg.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
-            dbg.arch.debugreg[7] = dr7;
-        }
+        let dbg = debug_control(&lifted, true);
         self.vcpu(vcpu)?.set_guest_debug(&dbg)?;
-        let exit = self.run_one(vcpu, Instant::now() + Duration::from_secs(5));
+        let exit = self.vcpu_mut(vcpu)?.run_until(Instant::now() + Duration::from_secs(5));
         self.vcpu_mut(vcpu)?.program_breakpoints(bps)?;
         match exit? {
             RunExit::Debug { .. } | RunExit::Hlt { .. } => self.stop_event(vcpu, StopReason::Trap),

@@ -8,7 +8,6 @@ use super::{Caps, KvmError};
 use crate::access::CpuState;
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::time::{Duration, Instant};
@@ -53,7 +52,11 @@ pub const HW_BREAKPOINTS: usize = 4;
 /// The FPU/SSE/AVX state: the full XSAVE area where the host has it.
 #[derive(Debug)]
 pub enum FpuState {
-    Xsave { xsave: Box<kvm_xsave>, xcrs: Option<kvm_xcrs> },
+    /// `fpu` too: `KVM_SET_XSAVE` leaves the legacy area's bytes as they
+    /// were for components the XSAVE header marks as in their initial
+    /// state, and `KVM_GET_FPU` reads those bytes; restoring `fpu` first
+    /// keeps both views equal to the snapshot.
+    Xsave { xsave: Box<kvm_xsave>, xcrs: Option<kvm_xcrs>, fpu: kvm_fpu },
     Legacy(kvm_fpu),
 }
 
@@ -204,7 +207,7 @@ impl KvmVcpu {
     pub fn snapshot(&self, caps: &Caps, legacy_xsave_ok: bool) -> Result<VcpuSnapshot, KvmError> {
         let fpu = if caps.xsave && legacy_xsave_ok {
             let xcrs = if caps.xcrs { Some(self.xcrs()?) } else { None };
-            FpuState::Xsave { xsave: self.xsave()?, xcrs }
+            FpuState::Xsave { xsave: self.xsave()?, xcrs, fpu: self.fpu()? }
         } else {
             FpuState::Legacy(self.fpu()?)
         };
@@ -222,7 +225,8 @@ impl KvmVcpu {
         self.set_sregs(&s.sregs)?;
         self.set_msrs(&s.msrs)?;
         match &s.fpu {
-            FpuState::Xsave { xsave, xcrs } => {
+            FpuState::Xsave { xsave, xcrs, fpu } => {
+                self.set_fpu(fpu)?;
                 if let Some(x) = xcrs {
                     self.set_xcrs(x)?;
                 }
@@ -317,20 +321,7 @@ impl KvmVcpu {
     /// Programs DR0-DR3 (execute, length 1) with `bps` through
     /// `KVM_SET_GUEST_DEBUG`; all `None` turns guest debugging off.
     pub fn program_breakpoints(&mut self, bps: [Option<u64>; HW_BREAKPOINTS]) -> Result<(), KvmError> {
-        let mut dbg = kvm_guest_debug::default();
-        let mut dr7 = 0u64;
-        for (i, bp) in bps.iter().enumerate() {
-            if let Some(a) = bp {
-                dbg.arch.debugreg[i] = *a;
-                // Lx (local enable); R/W = 00 (execute), LEN = 00.
-                dr7 |= 1 << (2 * i);
-            }
-        }
-        if dr7 != 0 {
-            dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-            dbg.arch.debugreg[7] = dr7;
-        }
-        self.set_guest_debug(&dbg)?;
+        self.set_guest_debug(&super::guest::debug_control(&bps, false))?;
         self.hw_bps = bps;
         Ok(())
     }
