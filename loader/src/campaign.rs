@@ -43,6 +43,9 @@ pub const LKDTM_TYPES: &[(&str, &str)] = &[
 /// HUNG_TASK.
 pub const HANG_TYPES: &[&str] = &["LOOP", "SOFTLOCKUP", "SPINLOCKUP", "HARDLOCKUP", "HUNG_TASK"];
 
+/// Types that only misbehave when triggered a second time.
+pub const TWICE: &[&str] = &["SPINLOCKUP"];
+
 /// A small set that covers every outcome class in a few minutes (CI).
 pub const QUICK_TYPES: &[&str] = &[
     "PANIC", "BUG", "WARNING", "EXCEPTION", "ACCESS_NULL", "WRITE_RO", "EXEC_DATA",
@@ -63,6 +66,9 @@ pub struct CampaignConfig {
     pub repair_hangs: bool,
     /// A fresh guest for every type.
     pub fresh_each: bool,
+    /// QEMU `-cpu` model. The default adds SMEP and SMAP to qemu64, so
+    /// EXEC_USERSPACE and ACCESS_USERSPACE fault as on real hardware.
+    pub cpu: String,
     /// Progress lines on stderr.
     pub verbose: bool,
 }
@@ -76,6 +82,7 @@ impl Default for CampaignConfig {
             hang: HangConfig::default(),
             repair_hangs: true,
             fresh_each: false,
+            cpu: "qemu64,+smep,+smap".into(),
             verbose: true,
         }
     }
@@ -98,6 +105,10 @@ pub enum Class {
     NotCrashing,
     /// Trapped and acted on, but a liveness check failed afterwards.
     RepairFailed,
+    /// The trigger itself returned, but the corruption it left crashed
+    /// other processes afterwards (each trapped and killed): the guest
+    /// lives, innocent processes did not.
+    Collateral,
     /// The guest died or reset without reaching `panic` (no trap).
     GuestLost,
     /// Nothing observed within the timeout: the child neither exited nor
@@ -116,6 +127,7 @@ impl Class {
             Class::HangDeclined => "hang: declined",
             Class::NotCrashing => "no crash",
             Class::RepairFailed => "REPAIR FAILED",
+            Class::Collateral => "collateral kills",
             Class::GuestLost => "guest lost (no trap)",
             Class::NoOutcome => "no outcome",
             Class::Error => "campaign error",
@@ -211,6 +223,7 @@ impl TypeRecord {
 pub struct Report {
     pub kernel: String,
     pub cmdline: String,
+    pub cpu: String,
     pub command: String,
     pub hang_threshold_ms: f64,
     pub hang_period_ms: f64,
@@ -255,6 +268,7 @@ impl Live {
         for w in &cfg.append {
             gc = gc.append(w);
         }
+        gc.qemu_args.extend(["-cpu".to_string(), cfg.cpu.clone()]);
         let guest = Guest::boot(&gc).context("booting the LKDTM guest")?;
         let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?).context("gdbstub")?;
         let ram_path = guest.ram_file().context("RAM file")?;
@@ -400,6 +414,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     let mut report = Report {
         kernel: image.kernel.release.clone(),
         cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
+        cpu: cfg.cpu.clone(),
         command: command.to_string(),
         hang_threshold_ms: cfg.hang.cpu_threshold.as_secs_f64() * 1e3,
         hang_period_ms: cfg.hang.period.as_secs_f64() * 1e3,
@@ -484,6 +499,14 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     while l.rx.try_recv().is_ok() {}
     let con0 = l.guest.console_len();
     let t0 = Instant::now();
+    // SPINLOCKUP takes lkdtm's lock and returns holding it: the second
+    // trigger is the one that spins.
+    if TWICE.contains(&name) {
+        match l.guest.crash(name).and_then(|c| l.guest.wait_crash_exit(&c, cfg.type_timeout)) {
+            Ok(s) => r.notes.push(format!("first trigger returned ({s}) holding the lock; the second spins")),
+            Err(e) => r.notes.push(format!("first trigger: {e}")),
+        }
+    }
     let crash = match l.guest.crash(name) {
         Ok(c) => c,
         Err(e) => {
@@ -595,9 +618,6 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
             r.crash_kind = Some("hang (watcher-injected panic entry)".into());
         }
     }
-    if extra_traps > 0 {
-        r.notes.push(format!("{extra_traps} more trap(s) at panic during this type"));
-    }
     if let Some(e) = &flow_err {
         r.crashed = true;
         r.detected.get_or_insert_with(|| "panic trap".into());
@@ -609,6 +629,7 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
 
     // Liveness, when the guest should be alive.
     let declined = outcome.as_ref().is_some_and(|(o, _, _)| !o.applied);
+    let mut late: Vec<String> = Vec::new();
     if gone.is_none() && flow_err.is_none() && !declined {
         // A child still running (a blocked or spinning task) may keep a CPU:
         // a shorter wait then.
@@ -625,19 +646,20 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
             );
         }
         // A late crash (heap corruption found by a later allocation) shows here.
+        std::thread::sleep(Duration::from_millis(200));
         while let Ok(m) = l.rx.try_recv() {
             if let Msg::Repair { outcome: o, .. } = m {
-                r.notes.push(format!("later trap during the liveness check: pid {} ({}) {}", o.out.pid, o.comm(), o.reason()));
-                if o.applied {
-                    r.alive = Some(false);
-                }
+                late.push(format!("pid {} ({}) {}", o.out.pid, o.comm(), if o.applied { "killed" } else { "declined" }));
             }
         }
     } else {
         r.alive = Some(false);
     }
 
-    let healthy = r.alive == Some(true) && r.bystander_ok == Some(true) && r.spawn_ok == Some(true);
+    if extra_traps > 0 || !late.is_empty() {
+        r.notes.push(format!("{} later trap(s) in other processes: {}", extra_traps as usize + late.len(), late.join(", ")));
+    }
+    let healthy = r.alive == Some(true) && r.bystander_ok == Some(true) && r.spawn_ok == Some(true) && late.is_empty();
     r.class = match (&outcome, &hang) {
         (Some((o, _, true)), _) if o.applied => {
             if healthy && r.child_status == Some(137) { Class::HangRecovered } else { Class::RepairFailed }
@@ -650,6 +672,7 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
         (None, Some(_)) => Class::HangDeclined,
         (None, None) if flow_err.is_some() => Class::Declined,
         (None, None) if gone.is_some() => Class::GuestLost,
+        (None, None) if r.child_status.is_some() && !late.is_empty() => Class::Collateral,
         (None, None) if r.child_status.is_some() => Class::NotCrashing,
         (None, None) => Class::NoOutcome,
     };
@@ -680,11 +703,11 @@ pub fn markdown(rep: &Report) -> String {
     let mut s = String::new();
     let count = |c: Class| rep.types.iter().filter(|t| t.class == c).count();
     let _ = writeln!(s, "# The crash catalogue: every LKDTM type, measured\n");
-    let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` under QEMU TCG, 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.cmdline);
+    let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` under QEMU TCG (`-cpu {}`), 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.cpu, rep.cmdline);
     let _ = writeln!(s, "Each type is written to `/sys/kernel/debug/provoke-crash/DIRECT` by a new child of the guest's init while the watcher is attached (hardware breakpoint at `panic`) and the hang sampler reads guest RAM every {:.0} ms (threshold {:.0} ms).\n", rep.hang_period_ms, rep.hang_threshold_ms);
     let _ = writeln!(s, "## Summary\n");
     let _ = writeln!(s, "| outcome | types |\n|---|---|");
-    for c in [Class::Recovered, Class::HangRecovered, Class::Declined, Class::HangDeclined, Class::NotCrashing, Class::RepairFailed, Class::GuestLost, Class::NoOutcome, Class::Error] {
+    for c in [Class::Recovered, Class::HangRecovered, Class::Declined, Class::HangDeclined, Class::NotCrashing, Class::Collateral, Class::RepairFailed, Class::GuestLost, Class::NoOutcome, Class::Error] {
         let n = count(c);
         if n > 0 {
             let names: Vec<&str> = rep.types.iter().filter(|t| t.class == c).map(|t| t.name.as_str()).collect();
@@ -769,9 +792,15 @@ pub struct CampaignArgs {
     /// A fresh guest for every type.
     #[arg(long)]
     pub fresh_each: bool,
-    /// Write DIR/crash-catalogue.md and DIR/crash-catalogue.json.
+    /// QEMU -cpu model.
+    #[arg(long, default_value = "qemu64,+smep,+smap")]
+    pub cpu: String,
+    /// Write DIR/NAME.md and DIR/NAME.json.
     #[arg(long, value_name = "DIR")]
     pub out: Option<std::path::PathBuf>,
+    /// Output file stem.
+    #[arg(long, default_value = "crash-catalogue")]
+    pub name: String,
 }
 
 /// Runs `repair-guest campaign`.
@@ -792,6 +821,7 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     cfg.hang.period = Duration::from_millis(a.period_ms);
     cfg.repair_hangs = !a.no_repair_hangs;
     cfg.fresh_each = a.fresh_each;
+    cfg.cpu = a.cpu.clone();
     let command = std::iter::once("repair-guest".to_string())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
@@ -802,11 +832,71 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     match &a.out {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("crash-catalogue.md"), &md)?;
-            std::fs::write(dir.join("crash-catalogue.json"), json + "\n")?;
-            eprintln!("wrote {}/crash-catalogue.{{md,json}}", dir.display());
+            std::fs::write(dir.join(format!("{}.md", a.name)), &md)?;
+            std::fs::write(dir.join(format!("{}.json", a.name)), json + "\n")?;
+            eprintln!("wrote {}/{}.{{md,json}}", dir.display(), a.name);
         }
         None => print!("{md}"),
     }
     Ok(())
+}
+
+/// The busy workload of the false-positive benchmark: a user-space spin, a
+/// syscall-heavy copy (1 MiB reads of /dev/zero: long stretches in the
+/// kernel without a switch, the case closest to a hang), a fork/exec
+/// storm, tmpfs writes, and sleepers, all at once, for `secs` seconds.
+pub fn busy_workload(secs: u64) -> String {
+    format!(
+        "awk 'BEGIN{{for(;;);}}' & a=$!; \
+         dd if=/dev/zero of=/dev/null bs=1M count=1000000 2>/dev/null & b=$!; \
+         (while :; do ls /proc >/dev/null; cat /proc/self/stat >/dev/null; done) & c=$!; \
+         (while :; do dd if=/dev/urandom of=/data/busy bs=64k count=16 2>/dev/null; rm -f /data/busy; done) & d=$!; \
+         (while :; do sleep 0.1; done) & e=$!; \
+         sleep {secs}; kill $a $b $c $d $e; wait; echo busy-done"
+    )
+}
+
+/// What the false-positive run saw.
+#[derive(Clone, Debug, Serialize)]
+pub struct BusyReport {
+    pub secs: f64,
+    pub period_ms: f64,
+    pub threshold_ms: f64,
+    pub workload: String,
+    pub completed: bool,
+    /// Every hang the sampler declared (each a false positive: nothing hung).
+    pub hangs: Vec<String>,
+    /// Traps at panic during the run (there should be none).
+    pub traps: u32,
+}
+
+/// Boots a guest, runs [`busy_workload`] for `secs` with the sampler
+/// watching (hang repair off), and returns every hang it declared.
+pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyReport> {
+    let image = crate::demo::kit_image(Kernel::Lkdtm)?;
+    let vmlinux = Kit::locate()?.vmlinux(Kernel::Lkdtm)?;
+    let layout = HangLayout::from_vmlinux(&vmlinux, 0)?;
+    let mut l = Live::boot(1, cfg, &image, &layout)?;
+    let workload = busy_workload(secs);
+    let t = Instant::now();
+    let res = l.guest.run(&workload, Duration::from_secs(secs + 60));
+    let elapsed = t.elapsed().as_secs_f64();
+    let mut rep = BusyReport {
+        secs: elapsed,
+        period_ms: cfg.hang.period.as_secs_f64() * 1e3,
+        threshold_ms: cfg.hang.cpu_threshold.as_secs_f64() * 1e3,
+        workload,
+        completed: res.as_ref().is_ok_and(|r| r.output.iter().any(|o| o == "busy-done")),
+        hangs: Vec::new(),
+        traps: 0,
+    };
+    while let Ok(m) = l.rx.try_recv() {
+        match m {
+            Msg::Hang(h) => rep.hangs.push(format!("{:?} pid {} ({}) after {:.0} ms without progress", h.kind, h.pid, h.comm, h.detected.duration_since(h.since).as_secs_f64() * 1e3)),
+            Msg::Repair { .. } | Msg::FlowError(_) => rep.traps += 1,
+            _ => {}
+        }
+    }
+    l.shutdown();
+    Ok(rep)
 }
