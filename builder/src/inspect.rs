@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use repair_kernel::integrity::SkipKind;
 use repair_kernel::layout::ABSENT;
 
 use crate::image::{FileInfo, RepairImage, PAGE_SIZE, PF_R, PF_W, PF_X};
@@ -68,7 +69,22 @@ pub fn report(image: &RepairImage, info: &FileInfo) -> String {
         image.page_hashes.len(),
         kib((image.page_hashes.len() * PAGE_SIZE) as u64)
     );
-    let _ = writeln!(s, "skip sites:       {} (run-time patch sites, zeroed before hashing)", image.skips.len());
+    let mut by_kind = [0usize; 5];
+    for k in &image.skips {
+        let kind = if k.kind <= 4 { k.kind as usize } else { SkipKind::Other as usize };
+        by_kind[kind] += 1;
+    }
+    let _ = writeln!(
+        s,
+        "skip sites:       {} (run-time patch sites, zeroed before hashing: jump labels {}, ftrace {}, \
+         static calls {}, alternatives {}, other {})",
+        image.skips.len(),
+        by_kind[SkipKind::JumpLabel as usize],
+        by_kind[SkipKind::Ftrace as usize],
+        by_kind[SkipKind::StaticCall as usize],
+        by_kind[SkipKind::Alternative as usize],
+        by_kind[SkipKind::Other as usize]
+    );
     let _ = writeln!(
         s,
         "pristine pages:   {} ({})",
