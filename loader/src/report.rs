@@ -53,6 +53,19 @@ pub struct Report {
     pub log_tail: Vec<String>,
     pub tasks: Vec<TaskLine>,
     pub tasks_error: Option<String>,
+    pub integrity: Integrity,
+}
+
+/// Kernel text and rodata against the image's snapshot hashes.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct Integrity {
+    /// `vmlinux file` or `live guest`: what the hashes were taken from.
+    pub snapshot: String,
+    pub checked: u32,
+    pub mismatched: u32,
+    pub unreadable: u32,
+    /// The differing pages, link-time, with the function at the page's start.
+    pub pages: Vec<String>,
 }
 
 /// Picks the vCPU to report on: the one stopped at `panic`, else vCPU 0.
@@ -99,6 +112,8 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         true
     });
     let tasks_error = walk.err().map(|e| e.to_string());
+    drop(k);
+    let integrity = check_integrity(&mut mem, &input, session, symbolizer);
 
     let action = Action::from_u32(out.action).unwrap_or(Action::None);
     Ok(Report {
@@ -123,7 +138,37 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         log_tail,
         tasks,
         tasks_error,
+        integrity,
     })
+}
+
+/// Hashes the live text and rodata pages (read-only, nothing restored).
+fn check_integrity<M: PhysMem + ?Sized>(
+    mem: &mut M,
+    input: &repair_kernel::contract::ContractIn,
+    session: &Session,
+    sym: Option<&Symbolizer>,
+) -> Integrity {
+    use repair_kernel::integrity::{check_pages, IntegrityInput, PageHash};
+    let image = &session.image;
+    let hashes: Vec<PageHash> = image.page_hashes.iter().map(|(&page, &sha256)| PageHash { page, sha256 }).collect();
+    let mut k = repair_kernel::kernel_view(mem, input);
+    let mut pages = Vec::new();
+    let rep = check_pages(&mut k, &IntegrityInput { hashes: &hashes, skips: &image.skips, pristine: None }, false, |m| {
+        if pages.len() < 64 {
+            let name = sym
+                .map(|s| s.frame(m.gva.0, session.slide, false).display())
+                .unwrap_or_else(|| format!("{:#x}", m.gva.0));
+            pages.push(format!("{:#x}{} {name}", m.page.0, if m.unreadable { " (unreadable)" } else { "" }));
+        }
+    });
+    Integrity {
+        snapshot: image.snapshot_source.as_str().to_string(),
+        checked: rep.checked,
+        mismatched: rep.mismatched,
+        unreadable: rep.unreadable,
+        pages,
+    }
 }
 
 fn task_line(t: &TaskInfo) -> TaskLine {
@@ -227,6 +272,12 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(s, "backtrace:");
     for f in &r.backtrace {
         let _ = writeln!(s, "  {}", f.text);
+    }
+    let i = &r.integrity;
+    let _ = writeln!(s, "integrity: {} of {} text/rodata pages differ from the {} snapshot{}", i.mismatched, i.checked, i.snapshot,
+        if i.unreadable > 0 { format!(" ({} unreadable)", i.unreadable) } else { String::new() });
+    for p in &i.pages {
+        let _ = writeln!(s, "  {p}");
     }
     let _ = writeln!(s, "log tail:");
     for l in &r.log_tail {

@@ -177,3 +177,33 @@ fn a_panic_in_interrupt_context_is_declined_and_the_panic_completes() {
     assert!(p.message.contains("softlockup"), "{}", p.message);
     assert_eq!(o.message(), p.message);
 }
+
+#[test]
+fn a_live_snapshot_matches_and_corrupted_text_is_reported() {
+    let guest = boot(GuestConfig::new(Kernel::Debian));
+    let image = loader::demo::kit_image(Kernel::Debian).unwrap();
+    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
+    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
+    let mut g = WithRam::new(gdb, ram);
+    let mut session =
+        Session::attach(&mut g, image, FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() }).unwrap();
+    let kit = harness::Kit::locate().unwrap();
+    let sym = loader::symbolize::Symbolizer::from_vmlinux(&kit.vmlinux(Kernel::Debian).unwrap()).unwrap();
+
+    let stats = loader::snapshot::take_live_snapshot(&mut g, &mut session, false, |_, _| {}).unwrap();
+    assert!(stats.pages > 2000, "{stats:?}");
+    let vcpu = loader::access::VcpuId(0);
+    let healthy = loader::report::diagnose(&mut g, &session, vcpu, Some(&sym), 10).unwrap();
+    assert_eq!(healthy.integrity.snapshot, "live guest");
+    assert_eq!(healthy.integrity.mismatched, 0, "{:?}", healthy.integrity.pages);
+    assert!(healthy.integrity.checked as usize >= stats.pages);
+
+    // Corrupt one kernel function's text from outside (through the
+    // gdbstub, so QEMU drops its translations of it).
+    let link = sym.address_of("sysrq_handle_crash").unwrap();
+    let gva = loader::access::Gva(link.wrapping_add(session.slide) + 2);
+    g.write_virt(vcpu, gva, &[0x0f, 0x0b, 0x0f, 0x0b]).unwrap();
+    let hurt = loader::report::diagnose(&mut g, &session, vcpu, Some(&sym), 10).unwrap();
+    assert_eq!(hurt.integrity.mismatched, 1, "{:?}", hurt.integrity.pages);
+    assert!(hurt.integrity.pages[0].starts_with(&format!("{:#x}", (link + 2) & !0xfff)), "{:?}", hurt.integrity.pages);
+}
