@@ -36,6 +36,7 @@ pub mod kaslr;
 pub mod memory;
 pub mod qmp;
 pub mod report;
+pub mod snapshot;
 pub mod symbolize;
 pub mod watch;
 pub mod kvm;

@@ -83,6 +83,21 @@ enum Command {
     },
     /// The demo: boot the guest kit's Debian guest, watch it, crash a
     /// process in it, repair it, show it carrying on.
+    /// Take the healthy snapshot of a running guest's kernel text and
+    /// read-only data (after its boot-time patching) and write a copy of
+    /// the image that carries their hashes (and, with --pristine, the
+    /// pages themselves). `diagnose` then reports integrity against what
+    /// this guest ran when healthy. The guest is paused while it is read.
+    Snapshot {
+        #[command(flatten)]
+        attach: Attach,
+        /// Where to write the image with the live snapshot.
+        #[arg(long, value_name = "IMAGE")]
+        output: PathBuf,
+        /// Also carry the pristine pages (megabytes), not only their hashes.
+        #[arg(long)]
+        pristine: bool,
+    },
     Demo {
         /// Crashes to make, one after another.
         #[arg(long, default_value_t = 3)]
@@ -230,6 +245,29 @@ fn run(cli: Cli) -> Result<()> {
                     println!("(pass --vmlinux PATH to name the backtrace's frames)");
                 }
             }
+            Ok(())
+        }
+        Command::Snapshot { attach: a, output, pristine } => {
+            let (mut backend, mut session) = attach(&a)?;
+            let g = backend.guest();
+            let bar = indicatif::ProgressBar::new(0).with_message("reading kernel text and rodata");
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} pages")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let stats = loader::snapshot::take_live_snapshot(g, &mut session, pristine, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            g.resume().context("resuming the guest")?;
+            session.image.write(&output).with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "snapshot of {} pages ({} unmapped) from the live guest written into {}",
+                stats.pages,
+                stats.unmapped,
+                output.display()
+            );
             Ok(())
         }
         Command::Demo { crashes } => loader::demo::run(crashes),
