@@ -355,6 +355,19 @@ impl KvmVcpu {
                 Ok(VcpuExit::Intr) => {}
                 Ok(VcpuExit::Shutdown) => return Ok(RunExit::Shutdown),
                 Ok(VcpuExit::FailEntry(reason, _)) => return Ok(RunExit::FailEntry(reason)),
+                Ok(VcpuExit::InternalError) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                    // the kernel filled the `internal` member of the union.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    let rip = self.regs()?.rip;
+                    return Ok(RunExit::Other(format!(
+                        "KVM_EXIT_INTERNAL_ERROR suberror {} at rip {rip:#x}, data {:x?}",
+                        internal.suberror,
+                        &internal.data[..n]
+                    )));
+                }
                 Ok(other) => return Ok(RunExit::Other(format!("{other:?}"))),
                 Err(e) if kernel_errno(&e) == libc::EINTR || kernel_errno(&e) == libc::EAGAIN => {}
                 Err(e) => return Err(KvmError::Ioctl { what: "KVM_RUN", source: e }),
