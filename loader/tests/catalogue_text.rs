@@ -1,0 +1,180 @@
+//! Text repair, exercised for real on the kit's LKDTM kernel booted with
+//! `rodata=off` (so kernel text is writable, as after a stray write):
+//!
+//! 1. corrupt a kernel function's text from outside (a `ud2` written over
+//!    `lkdtm_WARNING` through the gdbstub), crash a process through it, and
+//!    check that the repair restored the page: the same operation then works
+//!    for a new process (WARNING only warns);
+//! 2. LKDTM WRITE_KERN really overwrites kernel text with `rodata=off`
+//!    (here ~300 KB of it: the build puts do_nothing far below
+//!    do_overwritten); the repair restores every page byte for byte.
+//!
+//! The repair image carries a snapshot of the healthy guest's text and
+//! rodata (hashes and pristine pages, taken right after boot), staged with
+//! the integrity table in a region the guest reserved (`memmap=32M$448M`):
+//! megabytes do not fit the borrowed low memory.
+
+use harness::{Guest, GuestConfig, Kernel, Kit};
+use loader::access::{translate, Endpoint, GuestAccess, Gva, VcpuId};
+use loader::flow::{FlowConfig, Mode, Session};
+use loader::gdb::GdbGuest;
+use loader::memory::{RamFile, WithRam};
+use repair_kernel::contract::Action;
+use repair_kernel::layout::Item;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const STAGE_BASE: u64 = 448 << 20;
+const STAGE_SIZE: u64 = 32 << 20;
+
+fn system_map_symbol(name: &str) -> u64 {
+    let path = Kit::locate().unwrap().system_map(Kernel::Lkdtm).unwrap();
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
+            (n == name).then(|| u64::from_str_radix(a, 16).ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("{name} not in System.map"))
+}
+
+type Backend = WithRam<GdbGuest, RamFile>;
+
+/// Reads a kernel virtual page of the stopped guest.
+fn read_page(g: &mut Backend, cr3: u64, cr4: u64, gva: u64) -> Option<[u8; 4096]> {
+    let mut rd = |p: loader::access::Gpa| {
+        let mut b = [0u8; 8];
+        g.read_phys(p, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let pa = translate(&mut rd, cr3, cr4, Gva(gva)).ok()??;
+    let mut page = [0u8; 4096];
+    g.read_phys(pa, &mut page).ok()?;
+    Some(page)
+}
+
+/// Boots, attaches, snapshots text and rodata into the image (pristine
+/// pages kept), and stages with the integrity table.
+fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
+    let guest = Guest::boot(
+        &GuestConfig::new(Kernel::Lkdtm)
+            .append("oops=panic")
+            .append("rodata=off")
+            .append(&format!("memmap={}M${}M", STAGE_SIZE >> 20, STAGE_BASE >> 20))
+            .with_ram_file(),
+    )
+    .unwrap();
+    let image = loader::demo::kit_image(Kernel::Lkdtm).unwrap();
+    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
+    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
+    let mut g = WithRam::new(gdb, ram);
+    let cfg = FlowConfig { ram_end: Some(512 << 20), borrowed_base: STAGE_BASE, borrowed_size: STAGE_SIZE, ..FlowConfig::default() };
+    let mut session = Session::attach(&mut g, image, cfg).expect("attach");
+    let regs = g.get_regs(VcpuId(0)).unwrap();
+    let l = session.image.layout;
+    let ranges = [
+        (l.get(Item::SymStext).unwrap(), l.get(Item::SymEtext).unwrap()),
+        (l.get(Item::SymStartRodata).unwrap(), l.get(Item::SymEndRodata).unwrap()),
+    ];
+    let mut pages = HashMap::new();
+    for (start, end) in ranges {
+        let mut link = start & !0xfff;
+        while link < end {
+            if let Some(p) = read_page(&mut g, regs.cr3, regs.cr4, link.wrapping_add(session.slide)) {
+                pages.insert(link, p);
+            }
+            link += 0x1000;
+        }
+    }
+    eprintln!("snapshot: {} pages of text and rodata", pages.len());
+    session.image.set_snapshot(pages.iter().map(|(a, p)| (*a, *p)), true);
+    session.plan = builder::StagePlan::with_options(
+        &session.image,
+        STAGE_BASE,
+        STAGE_SIZE,
+        512 << 20,
+        &builder::StageOptions { paging: builder::Paging::FourLevel, integrity: true },
+    )
+    .expect("staging plan with the integrity table");
+    session.arm(&mut g).unwrap();
+    (guest, g, session, pages)
+}
+
+/// Waits for the trap, repairs, resumes; returns the outcome.
+fn repair_next(g: &mut Backend, session: &Session) -> loader::flow::Outcome {
+    let stop = g.wait_stop(Some(Duration::from_secs(60))).unwrap().expect("trap at panic");
+    assert_eq!(stop.rip.0, session.panic_addr().unwrap());
+    let o = session.repair(g, stop.vcpu, Mode::Repair).expect("repair");
+    eprintln!("verdict: {:?} {} / {} / restored {} / {:?}", o.action(), o.message(), o.reason(), o.out.pages_restored, o.timings);
+    g.resume().unwrap();
+    o
+}
+
+#[test]
+fn corrupted_text_is_restored_and_the_next_caller_works() {
+    let (mut guest, mut g, session, pages) = boot();
+    let slide = session.slide;
+
+    // 1. ud2 over lkdtm_WARNING's first instruction, from outside.
+    let warning = system_map_symbol("lkdtm_WARNING");
+    g.write_virt(VcpuId(0), Gva(warning + slide), &[0x0f, 0x0b]).unwrap();
+    g.resume().unwrap();
+    let crash = guest.crash("WARNING").unwrap();
+    let o = repair_next(&mut g, &session);
+    assert_eq!(o.action(), Action::Kill, "{}", o.reason());
+    assert!(o.out.pages_restored >= 1, "the corrupted page was not restored");
+    assert_eq!(o.out.pid as u32, crash.pid);
+    assert_eq!(guest.wait_crash_exit(&crash, Duration::from_secs(60)).unwrap(), 137);
+    // The same operation, a new process: it only warns now.
+    let again = guest.crash("WARNING").unwrap();
+    let status = guest.wait_crash_exit(&again, Duration::from_secs(60)).unwrap_or_else(|e| panic!("the second WARNING did not return: {e}"));
+    assert_eq!(status, 0, "console:\n{}", guest.console_tail(30));
+
+    // 2. WRITE_KERN really writes kernel text (rodata=off). In this build
+    // do_nothing lies 300 KB below do_overwritten, so LKDTM's memcpy
+    // overwrites ~75 pages of text and usually faults on the way: the
+    // repair must restore every one of them. If it does not fault, the
+    // next crash's repair must.
+    let target = system_map_symbol("do_overwritten");
+    let link_page = target & !0xfff;
+    let w = guest.crash("WRITE_KERN").unwrap();
+    let regs = match g.wait_stop(Some(Duration::from_secs(20))).unwrap() {
+        Some(stop) => {
+            assert_eq!(stop.rip.0, session.panic_addr().unwrap());
+            let regs = g.get_regs(VcpuId(0)).unwrap();
+            let o = session.repair(&mut g, stop.vcpu, Mode::Repair).expect("repair");
+            eprintln!("WRITE_KERN: {:?} {} / {} / restored {}", o.action(), o.message(), o.reason(), o.out.pages_restored);
+            assert_eq!(o.action(), Action::Kill, "{}", o.reason());
+            assert!(o.out.pages_restored >= 1, "nothing restored");
+            g.resume().unwrap();
+            assert_eq!(guest.wait_crash_exit(&w, Duration::from_secs(60)).unwrap(), 137);
+            regs
+        }
+        None => {
+            assert_eq!(guest.wait_crash_exit(&w, Duration::from_secs(60)).unwrap(), 0);
+            g.pause().unwrap();
+            let regs = g.get_regs(VcpuId(0)).unwrap();
+            let now = read_page(&mut g, regs.cr3, regs.cr4, link_page + slide).unwrap();
+            assert_ne!(&now[..], &pages[&link_page][..], "WRITE_KERN left the text as it was");
+            g.resume().unwrap();
+            let crash = guest.crash("PANIC").unwrap();
+            let o = repair_next(&mut g, &session);
+            assert_eq!(o.action(), Action::Kill, "{}", o.reason());
+            assert!(o.out.pages_restored >= 1);
+            assert_eq!(guest.wait_crash_exit(&crash, Duration::from_secs(60)).unwrap(), 137);
+            regs
+        }
+    };
+    g.pause().unwrap();
+    let after = read_page(&mut g, regs.cr3, regs.cr4, link_page + slide).unwrap();
+    assert_eq!(&after[..], &pages[&link_page][..], "do_overwritten's page is not pristine after the repair");
+    g.resume().unwrap();
+    // The text LKDTM's memcpy ran over works again for a new process.
+    let again = guest.crash("WARNING").unwrap();
+    assert_eq!(guest.wait_crash_exit(&again, Duration::from_secs(60)).unwrap(), 0);
+
+    assert!(guest.ping(Duration::from_secs(30)).is_ok());
+    assert!(guest.verify_bystander().unwrap().ok);
+    assert_eq!(guest.run("echo alive", Duration::from_secs(30)).unwrap().output, ["alive"]);
+}
