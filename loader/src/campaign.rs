@@ -697,6 +697,28 @@ fn yn(v: Option<bool>) -> &'static str {
     }
 }
 
+/// The reading guide and the analysis, after every table.
+const NOTES: &str = r#"
+## Reading the table
+
+- **recovered**: trapped at `panic`, the repair kernel's verdict was a kill, the crashing child died with SIGKILL (137), the guest answered, the bystander's checksummed records verified, and a new process ran.
+- **hang: recovered**: the sampler (guest RAM, no stop) saw a CPU run the same non-idle task with no context switch and no user time for the threshold; the watcher then paused the guest, made the stuck vCPU look as if it had called `panic()` where it spins (return address and message pushed below its stack pointer) and ran the repair kernel with the usual verdict (interrupt context, init, kernel thread, preempt count): the kill is what an oops at that instruction does without `panic_on_oops`. SPINLOCKUP is triggered twice (the first call takes LKDTM's lock and returns holding it); after its repair that lock stays held, which only LKDTM uses.
+- **no crash**: the kernel did not panic: a WARN (WARNING*, REFCOUNT_* saturation, UNSET_SMEP's pinned-CR4 WARN, SLAB_FREE_CROSS), an XFAIL (DOUBLE_FAULT is ia32-only, CORRUPT_PAC arm64-only, WRITE_OPD needs function descriptors, UNALIGNED_LOAD_STORE_WRITE), or a protection this kernel does not have (FORTIFY_SOURCE, CFI, STACKLEAK, UBSAN for OVERFLOW_*/ARRAY_BOUNDS, INIT_ON_ALLOC, KASAN/slub_debug for the heap types). These are honest outcomes of this kernel build, not misses of the watcher: there is nothing to repair at the moment of the trigger.
+- The heap types that corrupt silently (WRITE_AFTER_FREE, SLAB_FREE_DOUBLE, ...) may crash *other* processes later; one run of WRITE_AFTER_FREE did (four innocent processes trapped and killed, the class `collateral kills`). Every type from heap.c gets a fresh guest for the next type, so such damage never leaks into another row.
+- Variants: `docs/crash-catalogue-rodata-off.md` (`--append rodata=off --fresh-each`: WRITE_KERN really overwrites kernel text) and `docs/crash-catalogue-slub-debug.md` (`--append slub_debug=FZPU --append page_poison=1 --append init_on_free=1`: SLUB checks catch the heap types at free time and report them without a crash; SLAB_FREE_PAGE oopses in process context and is recovered).
+
+## Text repair
+
+With `rodata=off`, WRITE_KERN's `memcpy` really writes kernel text (in this build `do_nothing` lies 300 KB below `do_overwritten`, so it writes far more than one function) and faults part way. The campaign's watcher uses the plain image (no text snapshot staged): it kills the writer and the guest lives, **but the text stays corrupted** — the row says "recovered" for the process, not for the kernel. `loader/tests/catalogue_text.rs` does it properly: the image carries a snapshot of the healthy guest's text and rodata (1806 pages, hashes and pristine pages, read right after boot), staged with the integrity table in a `memmap=32M$448M` region. (1) a `ud2` written over `lkdtm_WARNING` through the gdbstub crashes the next WARNING caller; the repair restores the page (pages_restored = 1) and kills the caller; a new process's WARNING then only warns (exit 0). (2) WRITE_KERN's overwrite is restored byte for byte (`do_overwritten`'s page equals the snapshot afterwards) and WARNING works again. Cost today: ~3.5 s per repair, mostly staging and restoring 8 MB through the gdbstub (see "left for the flow" below).
+
+## The hard cases (DESIGN §2), what a sound recovery needs
+
+- **EXHAUST_STACK** (declined, reason: NMI context, preempt_count=0x110000). With VMAP_STACK the recursion hits the guard page; the #PF cannot be delivered on the exhausted stack, so it becomes a #DF on its IST stack; `exc_double_fault` enters with `irqentry_nmi_enter()` (NMI + HARDIRQ bits), `die()` → `oops_end` → `panic("Fatal exception in interrupt")`. Killing the task is in principle what the kernel would want (the task's frames are intact; only the room is gone; `rewind_stack_and_make_dead` moves RSP to the task stack top anyway), but `make_task_dead` panics on `in_interrupt()`. A sound recovery would have to undo `irqentry_nmi_enter` first: subtract NMI_OFFSET+HARDIRQ_OFFSET from the per-CPU preempt count, leave RCU's NMI nesting (`ct_nmi_exit`: `context_tracking.dynticks_nmi_nesting`), restore lockdep/ftrace NMI state when configured, and leave the #DF IST stack (nothing to restore: its TSS pointer is fixed). The repair kernel can read and write all of it, but each is a per-version internal of entry code with no validation that the nesting was exactly one #DF deep; it declines until that check exists.
+- **Soft-lockup panic from the hrtimer** (`softlockup_panic=1`): `watchdog_timer_fn` panics in hardirq context, after 20 s. The verdict declines hardirq (killing `current` would return into an interrupt frame never exited: HARDIRQ count, RCU irq nesting, `hrtimer_cpu_base.running`/`in_hrtirq`; the APIC EOI was already sent by `sysvec_apic_timer_interrupt` before the handler ran, so EOI is not the obstacle). The sound path is the one the campaign takes: the sampler declares the stuck CPU in ~0.5 s, 40x before the guest's detector, and the kill happens in the interrupted process context. HARDLOCKUP (IRQs off: no ticks at all, flagged "no ticks") is handled the same way; the guest's own NMI watchdog is off in KVM guests anyway.
+- **HUNG_TASK** (declined): the task sleeps in TASK_UNINTERRUPTIBLE and is not running; there is no CPU to redirect, SIGKILL does not wake it, and making it exit from outside would abandon whatever it waits on (a lock, I/O). Detected in ~0.5 s (kernel: 120 s) and reported with pid and comm.
+- **SLAB_FREE_DOUBLE** (no crash in 6.1 without slub_debug; DESIGN §2 saw a hang once): SLUB puts the object on the freelist twice; two later allocations share it and the damage appears anywhere, later, in whoever allocates. Nothing traps at the double free itself. A sound recovery needs detection at the free (slub_debug=F does it and refuses the free, see the slub-debug variant; `CONFIG_SLAB_FREELIST_HARDENED` BUGs on the naive case in process context, which is then recoverable) or a freelist walk of the cache from the repair kernel to find and unlink the duplicate before any reuse; after the fact, the only honest answer is to decline.
+"#;
+
 /// The Markdown table and its summary.
 pub fn markdown(rep: &Report) -> String {
     use std::fmt::Write;
@@ -759,6 +781,7 @@ pub fn markdown(rep: &Report) -> String {
             cell
         );
     }
+    s.push_str(NOTES);
     s
 }
 
