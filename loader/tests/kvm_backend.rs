@@ -197,5 +197,5 @@ fn memory_virtual_access_and_the_staging_slot() {
     let mut d = [0u8; 1];
     g.read_phys(Gpa(st.gpa + 8), &mut d).unwrap();
     assert_eq!(d, [9]);
-    assert_eq!(g.signal_pause() <= 1, true);
+    assert!(g.signal_pause() <= 1);
 }

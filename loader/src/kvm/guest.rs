@@ -363,7 +363,9 @@ impl GuestAccess for KvmGuest {
         let end = timeout.map(|t| Instant::now() + t);
         let mut halted = vec![false; self.vcpus.len()];
         loop {
-            for i in 0..self.vcpus.len() {
+            // Indexing, not iterating: the body needs `&mut self`.
+            #[allow(clippy::needless_range_loop)]
+            for i in 0..halted.len() {
                 if halted[i] {
                     continue;
                 }

@@ -145,7 +145,7 @@ impl GuestMemory {
                 )));
             }
         }
-        if let Some(r) = regions.iter().find(|r| r.gpa.0 % 4096 != 0 || r.len % 4096 != 0 || r.len == 0) {
+        if let Some(r) = regions.iter().find(|r| !r.gpa.0.is_multiple_of(4096) || !r.len.is_multiple_of(4096) || r.len == 0) {
             return Err(KvmError::BadRegions(format!("[{}, +{:#x}) is not 4 KiB-aligned", r.gpa, r.len)));
         }
         Ok(GuestMemory { regions })
@@ -157,7 +157,7 @@ impl GuestMemory {
 
     /// Adds a region; on error (overlap, misalignment) nothing changes.
     pub fn push(&mut self, region: Region) -> Result<(), KvmError> {
-        if region.gpa.0 % 4096 != 0 || region.len % 4096 != 0 || region.len == 0 {
+        if !region.gpa.0.is_multiple_of(4096) || !region.len.is_multiple_of(4096) || region.len == 0 {
             return Err(KvmError::BadRegions(format!("[{}, +{:#x}) is not 4 KiB-aligned", region.gpa, region.len)));
         }
         if let Some(r) = self.regions.iter().find(|r| r.gpa.0 < region.end() && region.gpa.0 < r.end()) {

@@ -56,8 +56,8 @@ pub enum FpuState {
     /// were for components the XSAVE header marks as in their initial
     /// state, and `KVM_GET_FPU` reads those bytes; restoring `fpu` first
     /// keeps both views equal to the snapshot.
-    Xsave { xsave: Box<kvm_xsave>, xcrs: Option<kvm_xcrs>, fpu: kvm_fpu },
-    Legacy(kvm_fpu),
+    Xsave { xsave: Box<kvm_xsave>, xcrs: Option<Box<kvm_xcrs>>, fpu: Box<kvm_fpu> },
+    Legacy(Box<kvm_fpu>),
 }
 
 /// Everything of a vCPU a repair may change, to put back byte for byte.
@@ -206,10 +206,10 @@ impl KvmVcpu {
     /// the debug registers, degrading to what `caps` says the host has.
     pub fn snapshot(&self, caps: &Caps, legacy_xsave_ok: bool) -> Result<VcpuSnapshot, KvmError> {
         let fpu = if caps.xsave && legacy_xsave_ok {
-            let xcrs = if caps.xcrs { Some(self.xcrs()?) } else { None };
-            FpuState::Xsave { xsave: self.xsave()?, xcrs, fpu: self.fpu()? }
+            let xcrs = if caps.xcrs { Some(Box::new(self.xcrs()?)) } else { None };
+            FpuState::Xsave { xsave: self.xsave()?, xcrs, fpu: Box::new(self.fpu()?) }
         } else {
-            FpuState::Legacy(self.fpu()?)
+            FpuState::Legacy(Box::new(self.fpu()?))
         };
         Ok(VcpuSnapshot {
             regs: self.regs()?,
