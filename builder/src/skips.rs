@@ -17,12 +17,14 @@
 //! - `.retpoline_sites`, `.return_sites`, `.ibt_endbr_seal`: `s32` offsets to
 //!   6-, 5- and 4-byte sites;
 //! - `.parainstructions`: `struct paravirt_patch_site { u8 *instr; u8 type;
-//!   u8 len; }` (16 bytes with padding).
+//!   u8 len; }` (16 bytes with padding);
+//! - `.smp_locks`: `s32` offsets to `lock` prefixes (1 byte), which Linux
+//!   turns into `ds` prefixes while a single CPU is online.
 //!
 //! A table whose bounds are absent or whose size is not a multiple of its
 //! entry size is skipped (and reported), never guessed at.
 
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 use repair_kernel::integrity::{jump_table_sites, SkipKind, SkipSite, JUMP_LABEL_SITE_LEN};
 
 use crate::elf::VmlinuxPages;
@@ -37,32 +39,49 @@ pub struct TableReport {
 
 struct Table {
     name: &'static str,
+    /// Bounding symbols, and the section holding exactly the table (used
+    /// when the symbols are absent).
     start: &'static str,
     end: &'static str,
+    section: &'static str,
     entry: u64,
 }
 
 const TABLES: &[Table] = &[
-    Table { name: "jump labels", start: "__start___jump_table", end: "__stop___jump_table", entry: 16 },
-    Table { name: "ftrace", start: "__start_mcount_loc", end: "__stop_mcount_loc", entry: 8 },
-    Table { name: "static calls", start: "__start_static_call_sites", end: "__stop_static_call_sites", entry: 8 },
-    Table { name: "alternatives", start: "__alt_instructions", end: "__alt_instructions_end", entry: 12 },
-    Table { name: "retpolines", start: "__retpoline_sites", end: "__retpoline_sites_end", entry: 4 },
-    Table { name: "return thunks", start: "__return_sites", end: "__return_sites_end", entry: 4 },
-    Table { name: "IBT seals", start: "__ibt_endbr_seal", end: "__ibt_endbr_seal_end", entry: 4 },
-    Table { name: "paravirt", start: "__parainstructions", end: "__parainstructions_end", entry: 16 },
+    Table { name: "jump labels", start: "__start___jump_table", end: "__stop___jump_table", section: "__jump_table", entry: 16 },
+    Table { name: "ftrace", start: "__start_mcount_loc", end: "__stop_mcount_loc", section: "__mcount_loc", entry: 8 },
+    Table { name: "static calls", start: "__start_static_call_sites", end: "__stop_static_call_sites", section: ".static_call_sites", entry: 8 },
+    Table { name: "alternatives", start: "__alt_instructions", end: "__alt_instructions_end", section: ".altinstructions", entry: 12 },
+    Table { name: "retpolines", start: "__retpoline_sites", end: "__retpoline_sites_end", section: ".retpoline_sites", entry: 4 },
+    Table { name: "return thunks", start: "__return_sites", end: "__return_sites_end", section: ".return_sites", entry: 4 },
+    Table { name: "IBT seals", start: "__ibt_endbr_seal", end: "__ibt_endbr_seal_end", section: ".ibt_endbr_seal", entry: 4 },
+    Table { name: "paravirt", start: "__parainstructions", end: "__parainstructions_end", section: ".parainstructions", entry: 16 },
+    // `lock` prefixes, turned into `ds` prefixes while one CPU is online.
+    Table { name: "SMP locks", start: "__smp_locks", end: "__smp_locks_end", section: ".smp_locks", entry: 4 },
 ];
 
 /// Link-time ranges never hashed from the file: `.data..ro_after_init`
-/// sits inside `[__start_rodata, __end_rodata)` but is written during boot.
+/// sits inside `[__start_rodata, __end_rodata)` but is written during boot,
+/// and a distribution's debug vmlinux may predate `resolve_btfids` filling
+/// `.BTF_ids` (Debian's does: zeros in the file, IDs in the running kernel).
 pub fn file_only_exclusions(data: &[u8]) -> Vec<(u64, u64)> {
     let Ok(file) = object::File::parse(data) else { return Vec::new() };
     let sym = |n: &str| file.symbols().find(|s| s.name() == Ok(n)).map(|s| s.address());
-    match (sym("__start_ro_after_init"), sym("__end_ro_after_init")) {
-        (Some(a), Some(b)) if b > a => vec![(a, b)],
-        _ => Vec::new(),
+    let mut out = Vec::new();
+    if let (Some(a), Some(b)) = (sym("__start_ro_after_init"), sym("__end_ro_after_init")) {
+        if b > a {
+            out.push((a, b));
+        }
     }
+    if let Some(s) = file.section_by_name(".BTF_ids") {
+        out.push((s.address(), s.address() + s.size()));
+    }
+    out
 }
+
+/// Static call trampolines (`__SCT__name`): `static_call_update()`
+/// rewrites their first instruction (a `jmp`, `ret` or `nop`, 5 bytes).
+const STATIC_CALL_TRAMPOLINE: &str = "__SCT__";
 
 /// Every run-time patch site of the vmlinux, sorted by address.
 pub fn skip_sites(data: &[u8], pages: &VmlinuxPages<'_>) -> (Vec<SkipSite>, Vec<TableReport>) {
@@ -71,15 +90,24 @@ pub fn skip_sites(data: &[u8], pages: &VmlinuxPages<'_>) -> (Vec<SkipSite>, Vec<
     let Ok(file) = object::File::parse(data) else { return (sites, reports) };
     let wanted: Vec<&str> = TABLES.iter().flat_map(|t| [t.start, t.end]).collect();
     let mut addr = std::collections::HashMap::new();
+    let mut trampolines = 0;
     for s in file.symbols() {
         if let Ok(n) = s.name() {
             if wanted.contains(&n) {
                 addr.entry(n).or_insert(s.address());
+            } else if n.starts_with(STATIC_CALL_TRAMPOLINE) && s.kind() == object::SymbolKind::Text {
+                sites.push(SkipSite { addr: s.address(), len: 5, kind: SkipKind::StaticCall as u32 });
+                trampolines += 1;
             }
         }
     }
+    reports.push(TableReport { name: "static call trampolines", sites: Some(trampolines) });
     for t in TABLES {
-        let (Some(&start), Some(&end)) = (addr.get(t.start), addr.get(t.end)) else {
+        let bounds = match (addr.get(t.start), addr.get(t.end)) {
+            (Some(&a), Some(&b)) => Some((a, b)),
+            _ => file.section_by_name(t.section).map(|s| (s.address(), s.address() + s.size())),
+        };
+        let Some((start, end)) = bounds else {
             reports.push(TableReport { name: t.name, sites: None });
             continue;
         };
@@ -130,6 +158,11 @@ pub fn skip_sites(data: &[u8], pages: &VmlinuxPages<'_>) -> (Vec<SkipSite>, Vec<
             "IBT seals" => {
                 for (i, e) in bytes.chunks_exact(4).enumerate() {
                     push(rel(i, e), 4, SkipKind::Other);
+                }
+            }
+            "SMP locks" => {
+                for (i, e) in bytes.chunks_exact(4).enumerate() {
+                    push(rel(i, e), 1, SkipKind::Other);
                 }
             }
             "paravirt" => {
