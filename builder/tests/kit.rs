@@ -178,7 +178,7 @@ fn live_pages(kernel: &'static str, img: &RepairImage) -> Vec<(u64, [u8; PAGE_SI
         .expect("qemu-system-x86_64 runs (Debian: apt-get install qemu-system-x86)");
     let mut stdin = child.stdin.take().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut qmp = |cmd: String| loop {
+    let mut qmp = |cmd: String| {
         writeln!(stdin, "{cmd}").unwrap();
         loop {
             let mut line = String::new();
