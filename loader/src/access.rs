@@ -22,28 +22,9 @@ use std::time::Duration;
 
 pub use repair_kernel::contract::CpuState;
 
-/// A guest-physical address.
-///
-/// Same shape as `repair_kernel::mem::Gpa`; becomes a re-export of it once
-/// that module is public.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Gpa(pub u64);
-
-/// A guest-virtual address (run-time, as a vCPU sees it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Gva(pub u64);
-
-impl std::fmt::Display for Gpa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-impl std::fmt::Display for Gva {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#018x}", self.0)
-    }
-}
+/// Guest-physical and guest-virtual addresses: the repair kernel's own
+/// newtypes, so host and guest code speak of the same things.
+pub use repair_kernel::mem::{Gpa, Gva};
 
 /// A vCPU, by its 0-based index (Linux's CPU number on x86 guests with
 /// QEMU's default topology; the gdbstub's thread id is index + 1).
@@ -215,33 +196,55 @@ pub fn read_phys_u64<A: GuestAccess + ?Sized>(a: &mut A, gpa: Gpa) -> Result<u64
     Ok(u64::from_le_bytes(b))
 }
 
-/// 4- or 5-level x86_64 page walk over guest-physical memory, for
-/// backends that have no native virtual access. `Ok(None)`: not mapped.
+/// Translates `gva` through the page tables at `cr3` (4- or 5-level by
+/// `cr4.LA57`), reading entries with `read_u64`: `Ok(None)` when not mapped
+/// or not canonical, the reader's error when a table cannot be read. The
+/// walk itself is the repair kernel's (`repair_kernel::arch::x86_64::pgtable`).
 pub fn translate<F>(read_u64: &mut F, cr3: u64, cr4: u64, gva: Gva) -> Result<Option<Gpa>, AccessError>
 where
     F: FnMut(Gpa) -> Result<u64, AccessError>,
 {
-    const ADDR: u64 = 0x000f_ffff_ffff_f000;
-    let levels: u32 = if cr4 & (1 << 12) != 0 { 5 } else { 4 };
-    let bits = 12 + 9 * levels;
-    let shift = 64 - bits;
-    if (((gva.0 << shift) as i64) >> shift) as u64 != gva.0 {
-        return Ok(None);
+    use repair_kernel::arch::x86_64::pgtable::{self, Paging};
+    use repair_kernel::mem::{Error as MemError, PhysMem};
+    use std::cell::RefCell;
+
+    /// The walker's memory trait over the reader; keeps the reader's error.
+    struct Entries<'a, F> {
+        read: RefCell<&'a mut F>,
+        failed: RefCell<Option<AccessError>>,
     }
-    let mut table = cr3 & ADDR;
-    for level in (1..=levels).rev() {
-        let idx = (gva.0 >> (12 + 9 * (level - 1))) & 511;
-        let pte = read_u64(Gpa(table + idx * 8))?;
-        if pte & 1 == 0 {
-            return Ok(None);
+    impl<F: FnMut(Gpa) -> Result<u64, AccessError>> PhysMem for Entries<'_, F> {
+        fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), MemError> {
+            if buf.len() != 8 {
+                return Err(MemError::Backend);
+            }
+            match (self.read.borrow_mut())(gpa) {
+                Ok(v) => {
+                    buf.copy_from_slice(&v.to_le_bytes());
+                    Ok(())
+                }
+                Err(e) => {
+                    *self.failed.borrow_mut() = Some(e);
+                    Err(MemError::Backend)
+                }
+            }
         }
-        if (level == 2 || level == 3) && pte & (1 << 7) != 0 {
-            let size = 1u64 << (12 + 9 * (level - 1));
-            return Ok(Some(Gpa((pte & ADDR & !(size - 1)) | (gva.0 & (size - 1)))));
+        fn write_phys(&mut self, _: Gpa, _: &[u8]) -> Result<(), MemError> {
+            Err(MemError::Backend)
         }
-        table = pte & ADDR;
+        fn ram_end(&self) -> u64 {
+            u64::MAX
+        }
     }
-    Ok(Some(Gpa(table | (gva.0 & 0xfff))))
+
+    let mem = Entries { read: RefCell::new(read_u64), failed: RefCell::new(None) };
+    match pgtable::translate(&mem, Paging::from_regs(cr3, cr4), gva) {
+        Ok(t) => Ok(Some(t.gpa)),
+        Err(_) => match mem.failed.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(None),
+        },
+    }
 }
 
 /// Where a QEMU socket is: `unix:PATH` or `tcp:HOST:PORT`.

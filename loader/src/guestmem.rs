@@ -32,7 +32,7 @@ impl<G: GuestAccess + ?Sized> PhysMem for GuestPhys<'_, G> {
         repair_kernel::mem::check_range(gpa, buf.len(), self.ram_end)?;
         self.guest
             .borrow_mut()
-            .read_phys(access::Gpa(gpa.0), buf)
+            .read_phys(gpa, buf)
             .map_err(|_| MemError::Backend)
     }
 
@@ -43,7 +43,7 @@ impl<G: GuestAccess + ?Sized> PhysMem for GuestPhys<'_, G> {
         repair_kernel::mem::check_range(gpa, data.len(), self.ram_end)?;
         self.guest
             .get_mut()
-            .write_phys(access::Gpa(gpa.0), data)
+            .write_phys(gpa, data)
             .map_err(|_| MemError::Backend)
     }
 
@@ -56,7 +56,7 @@ impl<G: GuestAccess + ?Sized> PhysMem for GuestPhys<'_, G> {
 /// over 4 KiB pages below 4 GiB), for backends that cannot say it.
 pub fn probe_ram_end<G: GuestAccess + ?Sized>(guest: &mut G) -> Result<u64, access::AccessError> {
     let mut byte = [0u8; 1];
-    let mut readable = |g: &mut G, page: u64| g.read_phys(access::Gpa(page << 12), &mut byte).is_ok();
+    let mut readable = |g: &mut G, page: u64| g.read_phys(Gpa(page << 12), &mut byte).is_ok();
     if !readable(guest, 0) {
         return Err(access::AccessError::Other("guest-physical address 0 is not readable".into()));
     }
