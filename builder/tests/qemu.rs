@@ -1,5 +1,5 @@
 //! Runs the embedded repair kernel for real, under QEMU (TCG), on the page
-//! tables of a [`StagePlan`]: a 60-byte multiboot stub enters long mode,
+//! tables of a [`StagePlan`]: a 216-byte multiboot stub enters long mode,
 //! loads a stand-in "guest" GDT/IDT and jumps to the plan's entry with the
 //! plan's registers. Completion writes the run status to port 0x501, where
 //! QEMU's `isa-debug-exit` device turns it into QEMU's exit status
