@@ -94,3 +94,66 @@ fn bad_input_gets_a_message_not_a_backtrace() {
     assert!(!out.status.success());
     assert!(err.contains("not a repair image") || err.contains("unix:PATH"), "{err}");
 }
+
+/// Starts `watch` on a guest and waits until it has armed its trap.
+fn start_watch(guest: &Guest, events: &std::path::Path) -> std::process::Child {
+    let image = image_file(Kernel::Debian, guest.dir());
+    let mut watcher = bin()
+        .args(["watch", "--gdb", &guest.gdb_addr()])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .arg("--image")
+        .arg(&image)
+        .arg("--events")
+        .arg(events)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(events).unwrap_or_default().contains("\"attached\"") {
+        assert!(start.elapsed() < Duration::from_secs(60), "watcher never attached");
+        assert!(watcher.try_wait().unwrap().is_none(), "watcher exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    watcher
+}
+
+fn wait_exit(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "watcher did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn watch_detaches_on_sigint_and_the_guest_runs_on() {
+    let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file()).unwrap();
+    let events = guest.dir().join("events.jsonl");
+    let mut watcher = start_watch(&guest, &events);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(watcher.id() as i32, libc::SIGINT) }, 0);
+    assert!(wait_exit(&mut watcher, 30).success());
+    assert!(std::fs::read_to_string(&events).unwrap().contains("\"detached\""));
+    // No trap is left behind: the guest runs, and its next panic is its own.
+    assert_eq!(guest.run("echo alive", Duration::from_secs(30)).unwrap().output, ["alive"]);
+    guest.crash("sysrq-c").unwrap();
+    let p = guest.wait_panic(Duration::from_secs(60)).unwrap();
+    assert_eq!(p.message, "sysrq triggered crash");
+}
+
+#[test]
+fn watch_ends_cleanly_when_the_guest_goes_away() {
+    let guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file()).unwrap();
+    // Outside the guest's directory, which goes with it.
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let mut watcher = start_watch(&guest, &events);
+    guest.shutdown().unwrap();
+    assert!(wait_exit(&mut watcher, 30).success());
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(text.contains("the guest went away"), "{text}");
+}
