@@ -2,6 +2,9 @@
 //! (Firecracker, Cloud Hypervisor) would: it owns its guest's RAM and vCPU
 //! fds, hands them to a [`Repairer`], arms it, and in its vCPU loop calls
 //! [`Repairer::on_trap`] when a vCPU exits with `KVM_EXIT_DEBUG` at `panic`.
+//! Its vCPU runs on a thread of its own, lent by the repairer
+//! ([`KvmGuest::take_vcpu`]) and handed back at the trap
+//! ([`KvmGuest::put_vcpu`]).
 //!
 //! Linux cannot boot in useful time under this machine's KVM (software
 //! virtualization), so the VMM "boots" its guest from a crash dump taken at
@@ -120,33 +123,45 @@ impl Vmm {
         bail!("no vCPU is at panic ({panic:#x}); the dump was not taken at the trap")
     }
 
-    /// The VMM's vCPU loop for `vcpu`: run, serve exits, and on the debug
-    /// exit at `panic` let the repairer act; then run the guest on for
-    /// `run_after`.
+    /// The VMM's vCPU loop for `vcpu`, on a vCPU thread of its own as in
+    /// any rust-vmm VMM: the repairer lends it the vCPU, the thread runs it
+    /// and serves its exits, and on the debug exit at `panic` hands it back;
+    /// the repairer acts; then the guest runs on for `run_after`.
     pub fn run(&mut self, vcpu: VcpuId, mode: Mode, run_after: Duration) -> Result<VmmReport> {
         let caps = *self.repairer.guest().caps();
         self.repairer.arm().context("arming the trap at panic (KVM_SET_GUEST_DEBUG)")?;
-        let mut exits = 0;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let trap_rip = loop {
-            if Instant::now() > deadline {
-                bail!("no trap at panic within 60 s");
-            }
-            let v = self.repairer.guest().vcpu_mut(vcpu)?;
-            match v.fd.run().context("KVM_RUN")? {
-                VcpuExit::Debug(d) => {
-                    if self.repairer.is_trap(&d) {
-                        break d.pc;
-                    }
-                    bail!("debug exit at {:#x}, not our trap", d.pc);
+        let panic = self.repairer.session().panic_addr()?;
+        let mut v = self.repairer.guest().take_vcpu(vcpu)?;
+        let thread = std::thread::Builder::new().name(format!("vcpu{}", vcpu.0)).spawn(move || {
+            let mut exits = 0u32;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if Instant::now() > deadline {
+                    bail!("no trap at panic within 60 s");
                 }
-                VcpuExit::IoIn(_, data) => data.fill(0xff),
-                VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) | VcpuExit::Intr => {}
-                other => bail!("unexpected exit before the trap: {other:?}"),
+                let trapped = match v.fd.run().context("KVM_RUN")? {
+                    VcpuExit::Debug(d) if d.pc == panic => Some(d.pc),
+                    VcpuExit::Debug(d) => bail!("debug exit at {:#x}, not our trap", d.pc),
+                    VcpuExit::IoIn(_, data) => {
+                        data.fill(0xff);
+                        None
+                    }
+                    VcpuExit::MmioRead(_, data) => {
+                        data.fill(0xff);
+                        None
+                    }
+                    VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) | VcpuExit::Intr => None,
+                    other => bail!("unexpected exit before the trap: {other:?}"),
+                };
+                if let Some(pc) = trapped {
+                    // Hand the vCPU back: the repair runs with it stopped.
+                    return Ok((v, pc, exits));
+                }
+                exits += 1;
             }
-            exits += 1;
-        };
+        })?;
+        let (v, trap_rip, exits) = thread.join().map_err(|_| anyhow::anyhow!("the vCPU thread panicked"))??;
+        self.repairer.guest().put_vcpu(v)?;
 
         // All other vCPUs are stopped (this VMM runs only this one).
         let outcome = self.repairer.on_trap(vcpu, mode)?;

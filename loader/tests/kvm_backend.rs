@@ -201,3 +201,33 @@ fn memory_virtual_access_and_the_staging_slot() {
     assert_eq!(d, [9]);
     assert!(g.signal_pause() <= 1);
 }
+
+#[test]
+fn a_vcpu_lent_to_the_vmm_runs_on_its_thread_and_comes_back() {
+    if skip() {
+        return;
+    }
+    // nop; nop; nop; hlt
+    let mut g = tiny_guest(&[0x90, 0x90, 0x90, 0xf4]);
+    if !g.caps().guest_debug {
+        return;
+    }
+    g.set_breakpoint(Gva(CODE + 2), BpKind::Hardware).unwrap();
+    let mut v = g.take_vcpu(VcpuId(0)).unwrap();
+    assert!(g.get_regs(VcpuId(0)).is_err(), "a lent vCPU is refused");
+    assert!(g.take_vcpu(VcpuId(0)).is_err());
+    // The VMM's vCPU thread: runs until the debug exit.
+    let v = std::thread::spawn(move || {
+        match v.fd.run().unwrap() {
+            kvm_ioctls::VcpuExit::Debug(d) => assert_eq!(d.pc, CODE + 2),
+            other => panic!("{other:?}"),
+        }
+        v
+    })
+    .join()
+    .unwrap();
+    g.put_vcpu(v).unwrap();
+    assert_eq!(g.get_regs(VcpuId(0)).unwrap().rip, CODE + 2);
+    g.step_over_breakpoint(VcpuId(0)).unwrap();
+    assert_eq!(g.get_regs(VcpuId(0)).unwrap().rip, CODE + 3);
+}

@@ -57,8 +57,11 @@ impl StagingSlot {
 pub struct KvmGuest {
     // Field order matters for drop: the VM (and its slots) goes after the
     // staging slot is removed in `Drop`, the memory after the VM.
-    vcpus: Vec<KvmVcpu>,
+    /// `None`: lent to the VMM ([`KvmGuest::take_vcpu`]).
+    vcpus: Vec<Option<KvmVcpu>>,
     vm: VmFd,
+    /// The guest-wide hardware breakpoints (DR0-DR3).
+    bps: [Option<u64>; HW_BREAKPOINTS],
     memory: GuestMemory,
     staging: Option<StagingSlot>,
     caps: Caps,
@@ -78,8 +81,9 @@ impl KvmGuest {
     pub fn new(vm: VmFd, vcpus: Vec<kvm_ioctls::VcpuFd>, memory: GuestMemory, caps: Caps) -> KvmGuest {
         let xsave2 = vm.check_extension_int(kvm_ioctls::Cap::Xsave2);
         KvmGuest {
-            vcpus: vcpus.into_iter().enumerate().map(|(i, fd)| KvmVcpu::new(fd, i as u32)).collect(),
+            vcpus: vcpus.into_iter().enumerate().map(|(i, fd)| Some(KvmVcpu::new(fd, i as u32))).collect(),
             vm,
+            bps: [None; HW_BREAKPOINTS],
             memory,
             staging: None,
             caps,
@@ -157,14 +161,43 @@ impl KvmGuest {
         &mut self.memory
     }
 
+    fn lent(v: VcpuId) -> AccessError {
+        AccessError::Other(format!("{v} is lent to the VMM (KvmGuest::take_vcpu); put it back (put_vcpu) first"))
+    }
+
     pub fn vcpu(&self, v: VcpuId) -> Result<&KvmVcpu, AccessError> {
         let count = self.vcpus.len();
-        self.vcpus.get(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })
+        self.vcpus.get(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })?.as_ref().ok_or_else(|| Self::lent(v))
     }
 
     pub fn vcpu_mut(&mut self, v: VcpuId) -> Result<&mut KvmVcpu, AccessError> {
         let count = self.vcpus.len();
-        self.vcpus.get_mut(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })
+        self.vcpus.get_mut(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })?.as_mut().ok_or_else(|| Self::lent(v))
+    }
+
+    /// Lends a vCPU to the VMM, to run on a thread of its own (a rust-vmm
+    /// VMM runs each vCPU on its own thread). The guest's breakpoints stay
+    /// programmed in it: arm before taking the vCPUs out. While lent, the
+    /// backend refuses every operation on it.
+    pub fn take_vcpu(&mut self, v: VcpuId) -> Result<KvmVcpu, AccessError> {
+        let count = self.vcpus.len();
+        self.vcpus.get_mut(v.0 as usize).ok_or(AccessError::NoSuchVcpu { vcpu: v, count })?.take().ok_or_else(|| Self::lent(v))
+    }
+
+    /// Takes a lent vCPU back (at a trap, before the repair), bringing its
+    /// breakpoints up to date if they changed meanwhile.
+    pub fn put_vcpu(&mut self, mut vcpu: KvmVcpu) -> Result<(), AccessError> {
+        let id = VcpuId(vcpu.index);
+        let count = self.vcpus.len();
+        let slot = self.vcpus.get_mut(vcpu.index as usize).ok_or(AccessError::NoSuchVcpu { vcpu: id, count })?;
+        if slot.is_some() {
+            return Err(AccessError::Other(format!("{id} is not lent: it is already in the guest")));
+        }
+        if *vcpu.hw_breakpoints() != self.bps && self.caps.guest_debug {
+            vcpu.program_breakpoints(self.bps)?;
+        }
+        *slot = Some(vcpu);
+        Ok(())
     }
 
     /// Whether `KVM_SET_XSAVE` with the legacy area is safe on this VM.
@@ -180,11 +213,11 @@ impl KvmGuest {
         if !self.caps.kvmclock_ctrl {
             return 0;
         }
-        self.vcpus.iter().filter(|v| v.kvmclock_ctrl().is_ok()).count()
+        self.vcpus.iter().flatten().filter(|v| v.kvmclock_ctrl().is_ok()).count()
     }
 
     fn hw_breakpoints(&self) -> [Option<u64>; HW_BREAKPOINTS] {
-        self.vcpus.first().map_or([None; HW_BREAKPOINTS], |v| *v.hw_breakpoints())
+        self.bps
     }
 
     fn program_all(&mut self, bps: [Option<u64>; HW_BREAKPOINTS]) -> Result<(), AccessError> {
@@ -195,9 +228,10 @@ impl KvmGuest {
             }
             .into());
         }
-        for v in &mut self.vcpus {
+        for v in self.vcpus.iter_mut().flatten() {
             v.program_breakpoints(bps)?;
         }
+        self.bps = bps;
         Ok(())
     }
 
@@ -205,8 +239,8 @@ impl KvmGuest {
     /// once: execute that one instruction with the breakpoint lifted (a
     /// single step, as QEMU's gdbstub does), then put the breakpoints back.
     /// RF would be the lighter way, but not every KVM honours it with
-    /// `KVM_SET_GUEST_DEBUG` (this machine's PVM does not). Returns the exit
-    /// when the step stopped somewhere other than the next instruction.
+    /// `KVM_SET_GUEST_DEBUG` (this machine's PVM does not). Fails when the
+    /// step ends in anything but a debug exit (or a `hlt`).
     pub fn step_over_breakpoint(&mut self, vcpu: VcpuId) -> Result<(), AccessError> {
         let v = self.vcpu(vcpu)?;
         let bps = *v.hw_breakpoints();
@@ -361,7 +395,8 @@ impl GuestAccess for KvmGuest {
             return Err(AccessError::NotRunning);
         }
         let end = timeout.map(|t| Instant::now() + t);
-        let mut halted = vec![false; self.vcpus.len()];
+        // A lent vCPU runs on the VMM's thread, not here.
+        let mut halted: Vec<bool> = self.vcpus.iter().map(Option::is_none).collect();
         loop {
             // Indexing, not iterating: the body needs `&mut self`.
             #[allow(clippy::needless_range_loop)]
