@@ -550,7 +550,13 @@ pub struct Verdict {
 impl Verdict {
     pub fn of(o: &Outcome) -> Verdict {
         Verdict {
-            status: format!("{:?}", RunStatus::from_u32(o.out.status)),
+            status: match RunStatus::from_u32(o.out.status) {
+                Some(RunStatus::NotRun) => "not run".into(),
+                Some(RunStatus::Running) => "running".into(),
+                Some(RunStatus::Done) => "done".into(),
+                Some(RunStatus::Faulted) => "faulted".into(),
+                None => format!("unknown ({})", o.out.status),
+            },
             action: match o.action() {
                 Action::Kill => "kill",
                 Action::Decline => "decline",

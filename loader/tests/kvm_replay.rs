@@ -40,7 +40,7 @@ fn replay_matches(kernel: Kernel, append: &[&str], crash: &str) {
         "{crash}: repair kernel run (flow Timings.run): QEMU TCG {:.1} ms, KVM {:.1} ms ({})",
         c.qemu.timings.run, r.outcome.timings.run, r.caps
     );
-    assert_eq!(kvm.status, "Some(Done)");
+    assert_eq!(kvm.status, "done");
     assert_eq!(kvm.pid as u32, c.crashed_pid, "the offender is the crashing child");
     assert_eq!(kvm, qemu, "replayed verdict and diagnosis equal the QEMU backend's");
     assert!(!r.outcome.applied, "diagnose mode applies nothing");

@@ -101,6 +101,27 @@ impl Repairer {
         self.guest
     }
 
+    /// Cross-checks the KASLR slide the flow found (from the page tables and
+    /// the banner) with `MSR_LSTAR`, the syscall entry, which a booted
+    /// kernel points into its own text: `Some(true)` when vCPU 0's LSTAR is
+    /// inside `[_stext, _etext)` slid; `None` when LSTAR is not set (a
+    /// guest not booted that far, or a replayed dump: QEMU's dump has no
+    /// MSRs) or the image lacks the text bounds.
+    pub fn lstar_matches_slide(&mut self) -> Result<Option<bool>, FlowError> {
+        use repair_kernel::layout::Item;
+        let lstar = self
+            .guest
+            .vcpu(VcpuId(0))?
+            .msrs(&[super::vcpu::MSR_LSTAR])
+            .map_err(AccessError::from)?
+            .first()
+            .map_or(0, |m| m.1);
+        let (Ok(start), Ok(end)) = (self.session.symbol(Item::SymStext), self.session.symbol(Item::SymEtext)) else {
+            return Ok(None);
+        };
+        Ok((lstar != 0).then_some((start..end).contains(&lstar)))
+    }
+
     /// Sets the hardware breakpoint at `panic` on every vCPU
     /// (`KVM_SET_GUEST_DEBUG`; fails clearly where the host lacks it).
     pub fn arm(&mut self) -> Result<(), FlowError> {
