@@ -36,8 +36,12 @@ use std::time::Duration;
 /// Where the staging slot goes and how long a run may take.
 #[derive(Clone, Debug)]
 pub struct EmbedConfig {
-    /// The staging slot; `None`: [`StagingSlot::above_ram`], slot number
-    /// `staging_slot_number`.
+    /// The staging slot; `None`: 2 MiB above the highest guest memory
+    /// region ([`StagingSlot::above`] its end), slot number
+    /// `staging_slot_number`: never inside a gap between regions, where a
+    /// VMM may have put device MMIO (a VMM that knows a free gap below 4
+    /// GiB, e.g. right above RAM, passes it here: the repair kernel's
+    /// identity map of guest RAM stops at 4 GiB, its window does not).
     pub staging: Option<StagingSlot>,
     /// KVM slot number for the default staging slot (must be free).
     pub staging_slot_number: u32,
@@ -73,7 +77,7 @@ impl Repairer {
         let st = match guest.staging() {
             Some(s) => s,
             None => {
-                let s = cfg.staging.unwrap_or_else(|| StagingSlot::above_ram(guest.memory(), cfg.staging_slot_number));
+                let s = cfg.staging.unwrap_or_else(|| StagingSlot::above(guest.memory().end(), cfg.staging_slot_number));
                 guest.add_staging(s).map_err(AccessError::from)?;
                 s
             }

@@ -38,7 +38,8 @@ impl StagingSlot {
     /// 2 MiB just above the lowest block of guest memory that has room
     /// after it: right above RAM on a PC guest, below the PCI hole and the
     /// BIOS (which a QEMU dump carries as a block at 4 GiB - 256 KiB), so
-    /// the repair kernel's identity map stays small.
+    /// the repair kernel's identity map stays small. Only for a VM without
+    /// devices (replay): in a VMM's VM that gap may hold device MMIO.
     pub fn above_ram(memory: &GuestMemory, slot: u32) -> StagingSlot {
         let size = 2u64 << 20;
         let free = |gpa: u64| !memory.regions().iter().any(|r| r.gpa.0 < gpa + size && gpa < r.end());
@@ -378,7 +379,10 @@ impl GuestAccess for KvmGuest {
         }
         self.running = false;
         self.signal_pause();
-        Ok(Some(self.stop_event(VcpuId(0), StopReason::Interrupted)?))
+        match self.vcpus.iter().flatten().next().map(|v| VcpuId(v.index)) {
+            Some(v) => Ok(Some(self.stop_event(v, StopReason::Interrupted)?)),
+            None => Ok(None),
+        }
     }
 
     fn resume(&mut self) -> Result<(), AccessError> {

@@ -27,8 +27,10 @@
 //! ## Staging and `ram_end`
 //! `builder::StagePlan` identity-maps `[0, ram_end)` and wants its range
 //! inside it, so the flow is given `ram_end` = the end of the staging slot
-//! (2 MiB right above RAM, [`StagingSlot::above_ram`]). The repair kernel's
-//! walkers may then read the slot as RAM; harmless, it is their own memory.
+//! (2 MiB above the highest guest memory region by default; right above RAM,
+//! [`StagingSlot::above_ram`], for replay, whose VM has no devices). The
+//! repair kernel's walkers may then read the slot (and any gap below it) as
+//! RAM; harmless, reads of a gap return nothing a walker trusts.
 //!
 //! ## This machine's KVM (measured)
 //! `/dev/kvm` here is PVM (software virtualization). It has every
