@@ -293,7 +293,8 @@ impl Live {
         }
         {
             let sampler_mem = RamFile::open_pc(&ram_path, 0xe000_0000)?;
-            let sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
+            let mut sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
+            sampler.vcpu_threads = hang::qemu_vcpu_threads(guest.qemu_pid(), nr_cpus);
             let (stop, paused) = (stop.clone(), stopped_on_purpose.clone());
             threads.push(std::thread::spawn(move || sample_loop(sampler, tx, stop, paused)));
         }
@@ -536,8 +537,14 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
                 Ok(Msg::FlowError(e)) => flow_err = Some(e),
                 Ok(Msg::Gone(e)) => gone = Some(e),
                 Ok(Msg::Hang(h)) => {
-                    if hang.is_none() {
+                    // The hang to act on: a task spinning on a CPU, or the
+                    // child itself. A kernel thread blocked behind a stuck
+                    // CPU is a consequence, noted, not the cause.
+                    let primary = matches!(h.kind, HangKind::StuckCpu { .. }) || h.pid as u32 == crash.pid;
+                    if hang.is_none() && primary {
                         hang = Some(h);
+                    } else {
+                        r.notes.push(format!("also: {:?} pid {} ({})", h.kind, h.pid, h.comm));
                     }
                 }
                 Ok(Msg::HangSkipped(why)) => r.notes.push(format!("hang repair skipped: {why}")),

@@ -176,7 +176,36 @@ struct CpuSnap {
 struct Track<T> {
     snap: T,
     since: Instant,
+    /// The vCPU thread's host CPU time at `since`, when known.
+    cpu_at: Option<Duration>,
     reported: bool,
+}
+
+/// Host CPU time (utime + stime) of a thread, from `/proc/PID/task/TID/stat`.
+pub fn thread_cpu_time(stat: &Path) -> Option<Duration> {
+    let text = std::fs::read_to_string(stat).ok()?;
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// The stat files of QEMU's vCPU threads (named `CPU n/TCG` or `CPU n/KVM`),
+/// in vCPU order.
+pub fn qemu_vcpu_threads(qemu_pid: u32, nr_cpus: u32) -> Option<Vec<std::path::PathBuf>> {
+    let mut out = vec![None; nr_cpus as usize];
+    for e in std::fs::read_dir(format!("/proc/{qemu_pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if let Some(n) = comm.trim().strip_prefix("CPU ").and_then(|r| r.split('/').next()).and_then(|n| n.parse::<usize>().ok()) {
+            if n < out.len() {
+                out[n] = Some(e.path().join("stat"));
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Samples a running guest's scheduler state through a [`PhysAccess`].
@@ -191,6 +220,10 @@ pub struct Sampler<M> {
     pages: HashMap<u64, u64>,
     cpus: Vec<Option<Track<CpuSnap>>>,
     blocked: HashMap<u64, Track<u64>>,
+    /// Stat files of the vCPU threads: with them, "no progress for the
+    /// threshold" is counted in host CPU time the vCPU actually got, so a
+    /// vCPU the host did not run (an overloaded host) is not a hung one.
+    pub vcpu_threads: Option<Vec<std::path::PathBuf>>,
     /// Samples taken and samples lost to torn reads.
     pub samples: u64,
     pub torn: u64,
@@ -210,6 +243,7 @@ impl<M: PhysAccess> Sampler<M> {
             pages: HashMap::new(),
             cpus: (0..nr_cpus).map(|_| None).collect(),
             blocked: HashMap::new(),
+            vcpu_threads: None,
             samples: 0,
             torn: 0,
         }
@@ -307,15 +341,22 @@ impl<M: PhysAccess> Sampler<M> {
                 None => true,
                 Some(t) => pid == 0 || t.snap.curr != snap.curr || t.snap.switches != snap.switches || t.snap.utime != snap.utime,
             };
+            let cpu_now = self.vcpu_threads.as_ref().and_then(|t| t.get(idx)).and_then(|p| thread_cpu_time(p));
             if progress {
-                self.cpus[idx] = Some(Track { snap, since: now, reported: false });
+                self.cpus[idx] = Some(Track { snap, since: now, cpu_at: cpu_now, reported: false });
                 continue;
             }
-            let (since, reported, old) = {
+            let (since, reported, old, cpu_at) = {
                 let t = self.cpus[idx].as_ref().expect("tracked");
-                (t.since, t.reported, t.snap)
+                (t.since, t.reported, t.snap, t.cpu_at)
             };
-            if !reported && now.duration_since(since) >= self.cfg.cpu_threshold {
+            // The vCPU must have run for (nearly) the threshold: host CPU
+            // time is counted in 10 ms ticks, allow two of slack.
+            let ran = match (cpu_at, cpu_now) {
+                (Some(a), Some(b)) => b.saturating_sub(a) + Duration::from_millis(20) >= self.cfg.cpu_threshold,
+                _ => true,
+            };
+            if !reported && ran && now.duration_since(since) >= self.cfg.cpu_threshold {
                 let flags = self.u32(snap.curr + self.layout.task_flags).unwrap_or(0);
                 found.push(Hang {
                     kind: HangKind::StuckCpu { cpu, no_ticks: old.stime == snap.stime },
@@ -354,9 +395,9 @@ impl<M: PhysAccess> Sampler<M> {
             if state & TASK_UNINTERRUPTIBLE != 0 && state & TASK_NOLOAD == 0 {
                 let sw = self.u64(task + l.task_nvcsw).map_err(|_| ())?.wrapping_add(self.u64(task + l.task_nivcsw).map_err(|_| ())?);
                 seen.push(task);
-                let t = self.blocked.entry(task).or_insert(Track { snap: sw, since: now, reported: false });
+                let t = self.blocked.entry(task).or_insert(Track { snap: sw, since: now, cpu_at: None, reported: false });
                 if t.snap != sw {
-                    *t = Track { snap: sw, since: now, reported: false };
+                    *t = Track { snap: sw, since: now, cpu_at: None, reported: false };
                 } else if !t.reported && now.duration_since(t.since) >= self.cfg.blocked_threshold {
                     t.reported = true;
                     let since = t.since;
