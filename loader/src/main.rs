@@ -67,6 +67,10 @@ enum Command {
     Repair {
         #[command(flatten)]
         attach: Attach,
+        /// Instead of acting on the guest as it is, arm the trap at panic,
+        /// let the guest run, and repair the next crash (up to SECS seconds).
+        #[arg(long, value_name = "SECS")]
+        wait_crash: Option<u64>,
     },
     /// Read-only report of a stopped guest: crash, offender, backtrace,
     /// log tail, task list. Changes nothing in the guest.
@@ -80,6 +84,11 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Arm the trap at panic, let the guest run, and diagnose the next
+        /// crash (up to SECS seconds); the panic then completes as it would
+        /// have without us.
+        #[arg(long, value_name = "SECS")]
+        wait_crash: Option<u64>,
     },
     /// The demo: boot the guest kit's Debian guest, watch it, crash a
     /// process in it, repair it, show it carrying on.
@@ -217,26 +226,38 @@ fn run(cli: Cli) -> Result<()> {
             tracing::info!(?end, "watch ended");
             Ok(())
         }
-        Command::Repair { attach: a } => {
-            let (mut backend, session) = attach(&a)?;
+        Command::Repair { attach: a, wait_crash } => {
+            let (mut backend, mut session) = attach(&a)?;
             let g = backend.guest();
-            let vcpu = loader::report::crashed_vcpu(g, session.panic_addr()?)?;
+            let vcpu = match wait_crash {
+                Some(secs) => wait_for_crash(g, &mut session, secs)?,
+                None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
+            };
             let outcome = session.repair(g, vcpu, Mode::Repair)?;
             let mut sink = EventSink::stdout();
             sink.emit(&Event::crash(&outcome));
+            session.disarm(g)?;
             g.resume().context("resuming the guest")?;
             sink.emit(&Event::verdict(&outcome, 0.0));
             Ok(())
         }
-        Command::Diagnose { attach: a, vmlinux, json } => {
-            let (mut backend, session) = attach(&a)?;
+        Command::Diagnose { attach: a, vmlinux, json, wait_crash } => {
+            let (mut backend, mut session) = attach(&a)?;
             let sym = match &vmlinux {
                 Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p).map_err(anyhow::Error::msg)?),
                 None => None,
             };
             let g = backend.guest();
-            let vcpu = loader::report::crashed_vcpu(g, session.panic_addr()?)?;
+            let vcpu = match wait_crash {
+                Some(secs) => wait_for_crash(g, &mut session, secs)?,
+                None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
+            };
             let report = loader::report::diagnose(g, &session, vcpu, sym.as_ref(), 40)?;
+            if wait_crash.is_some() {
+                // Leave no trap behind; the panic takes its course.
+                session.disarm(g)?;
+                g.resume().context("resuming the guest")?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -273,6 +294,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { crashes } => loader::demo::run(crashes),
         Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json),
         Command::Campaign(args) => loader::campaign::cli(&args),
+    }
+}
+
+/// Arms the trap, lets the guest run and waits for it to stop at `panic`;
+/// returns the crashed vCPU, held at the entry of `panic`.
+fn wait_for_crash(g: &mut dyn GuestAccess, session: &mut Session, secs: u64) -> Result<loader::access::VcpuId> {
+    session.arm(g)?;
+    let panic = session.panic_addr()?;
+    g.resume().context("resuming the guest")?;
+    eprintln!("repair-guest: trap armed at panic ({panic:#x}); waiting up to {secs} s for a crash");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match g.wait_stop(Some(left))? {
+            Some(ev) if ev.rip.0 == panic => return Ok(ev.vcpu),
+            Some(_) => g.resume()?,
+            None => {
+                g.pause()?;
+                session.disarm(g)?;
+                g.resume()?;
+                bail!("no crash within {secs} s; the guest runs on, untouched");
+            }
+        }
     }
 }
 

@@ -4,6 +4,27 @@ use harness::{Guest, GuestConfig, Kernel};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Waits until the child's stderr says its trap is armed; the rest of
+/// stderr is collected in the background and returned by the handle.
+fn wait_armed(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("trap armed") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120)).expect("the trap was never armed");
+    h
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_repair-guest"))
 }
@@ -156,4 +177,56 @@ fn watch_ends_cleanly_when_the_guest_goes_away() {
     assert!(wait_exit(&mut watcher, 30).success());
     let text = std::fs::read_to_string(&events).unwrap();
     assert!(text.contains("the guest went away"), "{text}");
+}
+
+#[test]
+fn diagnose_wait_crash_reports_like_the_guest_and_the_panic_completes() {
+    let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian)).unwrap();
+    let image = image_file(Kernel::Debian, guest.dir());
+    let kit = harness::Kit::locate().unwrap();
+    let diag = bin()
+        .args(["diagnose", "--json", "--wait-crash", "120", "--gdb", &guest.gdb_addr(), "--image"])
+        .arg(&image)
+        .arg("--vmlinux")
+        .arg(kit.vmlinux(Kernel::Debian).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut diag = diag;
+    let stderr = wait_armed(&mut diag);
+    let crash = guest.crash("sysrq-c").unwrap();
+    let out = diag.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr.join().unwrap());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = guest.wait_panic(Duration::from_secs(60)).unwrap();
+    assert_eq!(r["message"], p.message.as_str());
+    assert_eq!(r["pid"], p.pid as i64);
+    assert_eq!(p.pid, crash.pid);
+    assert_eq!(r["comm"], p.comm.as_str());
+    assert_eq!(r["verdict"], "kill");
+    assert_eq!(r["backtrace"][1]["function"], "sysrq_handle_crash");
+}
+
+#[test]
+fn repair_wait_crash_repairs_one_crash_and_leaves_no_trap() {
+    let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian)).unwrap();
+    let image = image_file(Kernel::Debian, guest.dir());
+    let rep = bin()
+        .args(["repair", "--wait-crash", "120", "--gdb", &guest.gdb_addr(), "--image"])
+        .arg(&image)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rep = rep;
+    let stderr = wait_armed(&mut rep);
+    let crash = guest.crash("sysrq-c").unwrap();
+    assert_eq!(guest.wait_crash_exit(&crash, Duration::from_secs(90)).unwrap(), 137);
+    let out = rep.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr.join().unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"repaired\""));
+    // The next crash is the guest's own.
+    guest.crash("sysrq-c").unwrap();
+    assert_eq!(guest.wait_panic(Duration::from_secs(60)).unwrap().message, "sysrq triggered crash");
 }
