@@ -60,10 +60,7 @@ pub struct StageOptions {
     pub integrity: bool,
 }
 
-/// `"RPRINTEG"`: magic of the [integrity table](StagePlan::integrity_gva).
-pub const INTEGRITY_MAGIC: u64 = u64::from_le_bytes(*b"RPRINTEG");
-/// Version of the integrity table layout.
-pub const INTEGRITY_VERSION: u64 = 1;
+pub use repair_kernel::contract::{IntegrityTable, INTEGRITY_MAGIC, INTEGRITY_VERSION};
 
 /// Why a plan could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -406,19 +403,17 @@ fn integrity_blob(image: &RepairImage) -> Vec<u8> {
     );
     let index = part(&mut blob, &mut image.pristine.keys().flat_map(|p| p.to_le_bytes()));
     let pages = part(&mut blob, &mut image.pristine.values().flat_map(|p| p.iter().copied()));
-    let table = [
-        INTEGRITY_MAGIC,
-        INTEGRITY_VERSION,
+    let table = IntegrityTable {
+        magic: INTEGRITY_MAGIC,
+        version: INTEGRITY_VERSION,
         hashes,
-        image.page_hashes.len() as u64,
+        n_hashes: image.page_hashes.len() as u64,
         skips,
-        image.skips.len() as u64,
-        index,
-        pages,
-        image.pristine.len() as u64,
-    ];
-    for (i, w) in table.iter().enumerate() {
-        blob[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-    }
+        n_skips: image.skips.len() as u64,
+        pristine_index: index,
+        pristine_pages: pages,
+        n_pristine: image.pristine.len() as u64,
+    };
+    blob[..72].copy_from_slice(&table.to_le_bytes());
     blob
 }

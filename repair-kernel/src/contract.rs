@@ -278,3 +278,60 @@ pub fn set_field(dst: &mut [u8], src: &[u8]) {
         *b = 0;
     }
 }
+
+/// [`Fault::vector`] of a Rust panic inside the repair kernel (not a CPU
+/// exception; the message is in `reason`).
+pub const VECTOR_PANIC: u64 = 0x100;
+/// [`Fault::vector`] of the repair kernel's own stack overflowing into its
+/// guard page.
+pub const VECTOR_STACK_OVERFLOW: u64 = 0x101;
+
+/// `"RPRINTEG"`: magic of an [`IntegrityTable`].
+pub const INTEGRITY_MAGIC: u64 = u64::from_le_bytes(*b"RPRINTEG");
+/// Version of the [`IntegrityTable`] layout.
+pub const INTEGRITY_VERSION: u64 = 1;
+
+/// The image's integrity data as the loader stages it for the repair
+/// kernel: its virtual address goes in `rsi` at entry (0: none). Every
+/// address is in the repair kernel's window, mapped read-only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntegrityTable {
+    /// [`INTEGRITY_MAGIC`].
+    pub magic: u64,
+    /// [`INTEGRITY_VERSION`].
+    pub version: u64,
+    /// `crate::integrity::PageHash` records (40 bytes each), sorted.
+    pub hashes: u64,
+    pub n_hashes: u64,
+    /// `crate::integrity::SkipSite` records (16 bytes each), sorted.
+    pub skips: u64,
+    pub n_skips: u64,
+    /// Sorted `u64` link-time page addresses of the pristine pages...
+    pub pristine_index: u64,
+    /// ...and the pages themselves, 4 KiB each, in the same order.
+    pub pristine_pages: u64,
+    pub n_pristine: u64,
+}
+
+impl IntegrityTable {
+    /// The table's bytes, little endian, as staged in guest memory.
+    pub fn to_le_bytes(&self) -> [u8; 72] {
+        let words = [
+            self.magic,
+            self.version,
+            self.hashes,
+            self.n_hashes,
+            self.skips,
+            self.n_skips,
+            self.pristine_index,
+            self.pristine_pages,
+            self.n_pristine,
+        ];
+        let mut out = [0u8; 72];
+        for (i, w) in words.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+}

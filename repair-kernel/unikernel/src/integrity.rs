@@ -6,9 +6,7 @@
 use repair_kernel::integrity::{IntegrityInput, PageHash, Pristine, SkipSite, PAGE};
 use repair_kernel::mem::LinkAddr;
 
-/// `"RPRINTEG"`.
-const MAGIC: u64 = u64::from_le_bytes(*b"RPRINTEG");
-const VERSION: u64 = 1;
+use repair_kernel::contract::{IntegrityTable as Table, INTEGRITY_MAGIC as MAGIC, INTEGRITY_VERSION as VERSION};
 /// The window the loader maps for us starts here (`link.ld`); staged data
 /// must lie above it and in the lower half.
 const WINDOW_START: u64 = 0x0000_0080_0000_0000;
@@ -18,19 +16,6 @@ const WINDOW_END: u64 = 0x0000_8000_0000_0000;
 const MAX_PAGES: u64 = 1 << 20;
 const MAX_SKIPS: u64 = 1 << 24;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Table {
-    magic: u64,
-    version: u64,
-    hashes: u64,
-    n_hashes: u64,
-    skips: u64,
-    n_skips: u64,
-    pristine_index: u64,
-    pristine_pages: u64,
-    n_pristine: u64,
-}
 
 /// Pristine pages: a sorted index of link-time addresses and the pages.
 #[derive(Debug)]

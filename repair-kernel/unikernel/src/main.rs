@@ -18,12 +18,8 @@ mod mem;
 use arch::entry::{finish, FaultFrame};
 use arch::tables::Global;
 use core::fmt::Write;
-use repair_kernel::contract::{set_field, Action, Contract, ContractOut, RunStatus};
+use repair_kernel::contract::{set_field, Action, Contract, ContractOut, RunStatus, VECTOR_PANIC, VECTOR_STACK_OVERFLOW};
 
-/// `Fault::vector` for a panic of the repair kernel (not a CPU vector).
-pub const VECTOR_PANIC: u64 = 0x100;
-/// `Fault::vector` for an overflow of the repair kernel's stack.
-pub const VECTOR_STACK_OVERFLOW: u64 = 0x101;
 
 /// Byte the stack's canary page is filled with.
 const CANARY: u64 = 0x5a5a_5a5a_5a5a_5a5a;
