@@ -217,7 +217,11 @@ impl RepairImage {
     pub fn write(&self, path: &Path) -> Result<(), ImageError> {
         let bytes = self.to_bytes()?;
         let err = |source| ImageError::Write { path: path.to_owned(), source };
-        let tmp = path.with_extension("tmp-write");
+        // A temporary name of this writer's own, so that concurrent writers
+        // of the same image (parallel tests) each rename a whole file.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
