@@ -143,6 +143,14 @@ pub trait GuestAccess {
     fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError>;
     /// Writes guest-physical memory.
     fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError>;
+    /// Writes guest-physical memory that no vCPU has executed as code since
+    /// it was last written through [`GuestAccess::write_phys`] (page tables,
+    /// data, a region reserved for us). A backend may take a faster path
+    /// that bypasses an emulator's translated-code invalidation (QEMU TCG's
+    /// code cache does not see writes made straight into a RAM file).
+    fn write_phys_data(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError> {
+        self.write_phys(gpa, data)
+    }
     /// Reads through `vcpu`'s current page tables.
     fn read_virt(&mut self, vcpu: VcpuId, gva: Gva, buf: &mut [u8]) -> Result<(), AccessError>;
     /// Writes through `vcpu`'s current page tables.

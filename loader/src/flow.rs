@@ -6,7 +6,7 @@
 use crate::access::{self, AccessError, BpKind, GuestAccess, RunOutcome, VcpuId};
 use crate::guestmem::{probe_ram_end, GuestPhys};
 use crate::kaslr::{self, KaslrError};
-use builder::{RepairImage, StageError, StagePlan};
+use builder::{RepairImage, StageError, StageOptions, StagePlan};
 use repair_kernel::arch::x86_64::pgtable::Paging as WalkPaging;
 use repair_kernel::contract::{
     field_str, Action, Contract, ContractIn, ContractOut, CpuState, RunStatus,
@@ -23,6 +23,8 @@ pub enum FlowError {
     Kaslr(#[from] KaslrError),
     #[error("cannot stage the repair kernel: {0}")]
     Stage(#[from] StageError),
+    #[error("staging the integrity data (megabytes of hashes and pages) needs a range reserved for the repair kernel: boot the guest with memmap=SIZE$BASE and pass that range as reserved (repair-guest --reserve BASE:SIZE)")]
+    IntegrityNeedsReservedRange,
     #[error("the image's layout lacks {0:?}; rebuild it with build-repair-image")]
     Layout(Item),
     #[error("the repair kernel did not finish within {0:?} (it stopped at {1:#x}); the guest was restored as it was at the trap")]
@@ -47,6 +49,15 @@ pub struct FlowConfig {
     pub ram_end: Option<u64>,
     pub run_timeout: Duration,
     pub max_tasks: u32,
+    /// The range is reserved for the repair kernel (the guest was booted
+    /// with `memmap=SIZE$BASE`): it is staged once, when the trap is armed,
+    /// and never saved or restored. Required for `integrity`, whose
+    /// megabytes do not fit borrowed low memory.
+    pub reserved: bool,
+    /// Stage the image's text/rodata hashes (and pristine pages, if it has
+    /// them) so the repair kernel checks kernel text and restores what is
+    /// corrupted. Needs `reserved`.
+    pub integrity: bool,
 }
 
 impl Default for FlowConfig {
@@ -57,6 +68,8 @@ impl Default for FlowConfig {
             ram_end: None,
             run_timeout: Duration::from_secs(10),
             max_tasks: 32768,
+            reserved: false,
+            integrity: false,
         }
     }
 }
@@ -121,6 +134,59 @@ pub struct Session {
     pub cfg: FlowConfig,
     pub nr_vcpus: u32,
     armed: bool,
+    /// The plan's writes, split by how they may be written.
+    staging: Staging,
+    /// In a reserved range: everything but the per-run pages is in place.
+    prestaged: bool,
+}
+
+/// A staging plan's writes, split by what they hold: the repair kernel's
+/// code goes through the backend's ordinary (code-cache invalidating) path,
+/// everything else may take the fast data path.
+#[derive(Debug, Default)]
+struct Staging {
+    code: Vec<(u64, Vec<u8>)>,
+    data: Vec<(u64, Vec<u8>)>,
+    /// The writable pages (data, bss, stack, contract): rewritten for every
+    /// run, so each starts as the image says.
+    per_run: Vec<(u64, Vec<u8>)>,
+}
+
+impl Staging {
+    fn new(image: &RepairImage, plan: &StagePlan) -> Self {
+        const PAGE: u64 = 4096;
+        let code_pages: std::collections::BTreeSet<u64> = plan
+            .window
+            .iter()
+            .filter(|w| {
+                image.unikernel.segments.iter().any(|s| {
+                    s.flags & builder::image::PF_X != 0 && (s.vaddr..s.vaddr + s.memsz).contains(&w.gva)
+                })
+            })
+            .map(|w| w.gpa)
+            .collect();
+        let writable: std::collections::BTreeSet<u64> = plan.window.iter().filter(|w| w.writable).map(|w| w.gpa).collect();
+        let mut st = Staging::default();
+        for (gpa, bytes) in &plan.writes {
+            for (i, page) in bytes.chunks(PAGE as usize).enumerate() {
+                let at = gpa + i as u64 * PAGE;
+                let list = if code_pages.contains(&at) { &mut st.code } else { &mut st.data };
+                push_run(list, at, page);
+                if writable.contains(&at) {
+                    push_run(&mut st.per_run, at, page);
+                }
+            }
+        }
+        st
+    }
+}
+
+/// Appends a page to a list of runs, extending the last run when contiguous.
+fn push_run(list: &mut Vec<(u64, Vec<u8>)>, gpa: u64, bytes: &[u8]) {
+    match list.last_mut() {
+        Some((g, b)) if *g + b.len() as u64 == gpa => b.extend_from_slice(bytes),
+        _ => list.push((gpa, bytes.to_vec())),
+    }
 }
 
 /// Wall time since `t` in ms.
@@ -149,8 +215,18 @@ impl Session {
             let mem = GuestPhys::read_only(guest, ram_end);
             kaslr::find_slide(&mem, paging, &image.layout, &image.kernel.banner)?
         };
-        let stage_paging = if paging.la57 { builder::stage::Paging::FiveLevel } else { builder::stage::Paging::FourLevel };
-        let plan = StagePlan::with_paging(&image, cfg.borrowed_base, cfg.borrowed_size, ram_end, stage_paging)?;
+        let paging = if paging.la57 { builder::stage::Paging::FiveLevel } else { builder::stage::Paging::FourLevel };
+        if cfg.integrity && !cfg.reserved {
+            return Err(FlowError::IntegrityNeedsReservedRange);
+        }
+        let plan = StagePlan::with_options(
+            &image,
+            cfg.borrowed_base,
+            cfg.borrowed_size,
+            ram_end,
+            &StageOptions { paging, integrity: cfg.integrity },
+        )?;
+        let staging = Staging::new(&image, &plan);
         Ok(Session {
             image,
             slide: slide.slide,
@@ -160,7 +236,50 @@ impl Session {
             cfg,
             nr_vcpus: vcpus.len() as u32,
             armed: false,
+            staging,
+            prestaged: false,
         })
+    }
+
+    /// Replans the staging after the image changed (a live snapshot taken
+    /// into it): the next [`Session::arm`] stages it again.
+    pub fn replan(&mut self) -> Result<(), FlowError> {
+        self.plan = StagePlan::with_options(
+            &self.image,
+            self.cfg.borrowed_base,
+            self.cfg.borrowed_size,
+            self.ram_end,
+            &StageOptions { paging: self.plan.paging, integrity: self.cfg.integrity },
+        )?;
+        self.staging = Staging::new(&self.image, &self.plan);
+        self.prestaged = false;
+        Ok(())
+    }
+
+    /// In a reserved range, writes the repair kernel, its tables and its
+    /// data once (the guest must be stopped).
+    pub fn prestage<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
+        if self.cfg.reserved && !self.prestaged {
+            self.write_staging(guest, true)?;
+            self.prestaged = true;
+        }
+        Ok(())
+    }
+
+    fn write_staging<G: GuestAccess + ?Sized>(&self, guest: &mut G, all: bool) -> Result<(), FlowError> {
+        if all {
+            for (gpa, bytes) in &self.staging.code {
+                guest.write_phys(access::Gpa(*gpa), bytes)?;
+            }
+            for (gpa, bytes) in &self.staging.data {
+                guest.write_phys_data(access::Gpa(*gpa), bytes)?;
+            }
+        } else {
+            for (gpa, bytes) in &self.staging.per_run {
+                guest.write_phys_data(access::Gpa(*gpa), bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Run-time address of a layout symbol.
@@ -174,8 +293,9 @@ impl Session {
     }
 
     /// Sets the trap at the entry of `panic` (a hardware breakpoint: no
-    /// guest byte changes).
+    /// guest byte changes), after pre-staging a reserved range.
     pub fn arm<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
+        self.prestage(guest)?;
         if !self.armed {
             guest.set_breakpoint(access::Gva(self.panic_addr()?), BpKind::Hardware)?;
             self.armed = true;
@@ -240,16 +360,23 @@ impl Session {
         // Save: the crashed registers and the bytes we are about to borrow.
         let step = Instant::now();
         let crashed = guest.get_regs(vcpu)?;
-        let used = self.plan.used as usize;
-        let mut saved = vec![0u8; used];
-        guest.read_phys(access::Gpa(self.cfg.borrowed_base), &mut saved)?;
+        let mut saved = Vec::new();
+        if !self.cfg.reserved {
+            saved = vec![0u8; self.plan.used as usize];
+            guest.read_phys(access::Gpa(self.cfg.borrowed_base), &mut saved)?;
+        }
         t.save = ms(step);
 
         let result = self.stage_and_run(guest, vcpu, &crashed, mode, &mut t);
 
-        // Restore, whatever the run did.
+        // Restore, whatever the run did (a reserved range needs nothing).
+        // Not code the guest runs: the fast path is sound.
         let step = Instant::now();
-        let restore_mem = guest.write_phys(access::Gpa(self.cfg.borrowed_base), &saved);
+        let restore_mem = if self.cfg.reserved {
+            Ok(())
+        } else {
+            guest.write_phys_data(access::Gpa(self.cfg.borrowed_base), &saved)
+        };
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -287,11 +414,11 @@ impl Session {
         t: &mut Timings,
     ) -> Result<ContractOut, FlowError> {
         let step = Instant::now();
-        for (gpa, bytes) in &self.plan.writes {
-            guest.write_phys(access::Gpa(*gpa), bytes)?;
-        }
+        // Borrowed memory is staged whole every time; a reserved range only
+        // needs its per-run pages once pre-staged.
+        self.write_staging(guest, !(self.cfg.reserved && self.prestaged))?;
         let contract = Contract::new(self.contract_input(vcpu, crashed, mode));
-        guest.write_phys(access::Gpa(self.plan.contract_gpa), contract.as_bytes())?;
+        guest.write_phys_data(access::Gpa(self.plan.contract_gpa), contract.as_bytes())?;
         guest.set_regs(vcpu, &self.run_regs(crashed))?;
         t.stage = ms(step);
 

@@ -46,8 +46,20 @@ struct Attach {
     ram_file: Option<PathBuf>,
     /// Guest-physical range the repair kernel borrows, BASE:SIZE (hex),
     /// saved and restored byte for byte around each run.
-    #[arg(long, value_name = "BASE:SIZE", default_value = "0x10000:0x80000")]
+    #[arg(long, value_name = "BASE:SIZE", default_value = "0x10000:0x80000", conflicts_with = "reserve")]
     borrow: String,
+    /// Instead of borrowing: a guest-physical range reserved for the repair
+    /// kernel (boot the guest with `memmap=SIZE$BASE`), BASE:SIZE (hex).
+    /// Staged once, never saved or restored; needed for --integrity.
+    #[arg(long, value_name = "BASE:SIZE")]
+    reserve: Option<String>,
+    /// Kernel text repair: take the healthy snapshot of the guest's text and
+    /// rodata (hashes and pristine pages) when attaching and stage it in the
+    /// --reserve range; the repair kernel then checks every page and
+    /// restores corrupted ones before deciding. Costs about 0.3 ms of repair
+    /// time per page under TCG.
+    #[arg(long, requires = "reserve")]
+    integrity: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,13 +166,15 @@ impl Backend {
 fn connect(a: &Attach) -> Result<(Backend, FlowConfig)> {
     let ep: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
     let gdb = GdbGuest::connect(ep).with_context(|| format!("attaching to the gdbstub at {}", a.gdb))?;
-    let mut cfg = FlowConfig::default();
-    let (base, size) = a
-        .borrow
-        .split_once(':')
-        .with_context(|| format!("--borrow {:?}: expected BASE:SIZE", a.borrow))?;
+    let mut cfg = FlowConfig { integrity: a.integrity, ..FlowConfig::default() };
+    let (flag, range) = match &a.reserve {
+        Some(r) => ("--reserve", r),
+        None => ("--borrow", &a.borrow),
+    };
+    let (base, size) = range.split_once(':').with_context(|| format!("{flag} {range:?}: expected BASE:SIZE"))?;
     cfg.borrowed_base = parse_hex(base)?;
     cfg.borrowed_size = parse_hex(size)?;
+    cfg.reserved = a.reserve.is_some();
     if let Some(q) = &a.qmp {
         let ep: Endpoint = q.parse().with_context(|| format!("--qmp {q}"))?;
         let mut qmp = loader::qmp::Qmp::connect(&ep).with_context(|| format!("connecting to QMP at {q}"))?;
@@ -187,8 +201,19 @@ fn load_image(path: &Path) -> Result<builder::RepairImage> {
 fn attach(a: &Attach) -> Result<(Backend, Session)> {
     let image = load_image(&a.image)?;
     let (mut backend, cfg) = connect(a)?;
-    let session = Session::attach(backend.guest(), image, cfg)
+    let mut session = Session::attach(backend.guest(), image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.gdb, a.image.display()))?;
+    if a.integrity {
+        let g = backend.guest();
+        let bar = indicatif::ProgressBar::new(0).with_message("healthy snapshot of kernel text and rodata");
+        let stats = loader::snapshot::take_live_snapshot(g, &mut session, true, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        session.replan().context("staging the snapshot in the --reserve range")?;
+        eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
+    }
     Ok((backend, session))
 }
 

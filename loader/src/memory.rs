@@ -404,6 +404,10 @@ impl<A: GuestAccess, M: PhysAccess> GuestAccess for WithRam<A, M> {
         if self.write_through { self.mem.write_phys(gpa, data) } else { self.inner.write_phys(gpa, data) }
     }
 
+    fn write_phys_data(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), AccessError> {
+        self.mem.write_phys(gpa, data)
+    }
+
     fn read_virt(&mut self, vcpu: VcpuId, gva: Gva, buf: &mut [u8]) -> Result<(), AccessError> {
         if self.inner.is_running() {
             return Err(AccessError::Running);

@@ -30,6 +30,10 @@ pub struct Event {
     pub action: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Pages of kernel text or rodata the repair kernel restored from the
+    /// healthy snapshot (with --integrity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_restored: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings_ms: Option<Timings>,
 }
@@ -80,6 +84,7 @@ impl Event {
                 Action::None => "none".into(),
             }),
             reason: Some(o.reason().to_string()),
+            pages_restored: (o.out.pages_restored > 0).then_some(o.out.pages_restored),
             timings_ms: Some(timings),
             ..Event::crash(o)
         }

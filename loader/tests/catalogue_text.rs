@@ -20,7 +20,6 @@ use loader::flow::{FlowConfig, Mode, Session};
 use loader::gdb::GdbGuest;
 use loader::memory::{RamFile, WithRam};
 use repair_kernel::contract::Action;
-use repair_kernel::layout::Item;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -54,8 +53,9 @@ fn read_page(g: &mut Backend, cr3: u64, cr4: u64, gva: u64) -> Option<[u8; 4096]
     Some(page)
 }
 
-/// Boots, attaches, snapshots text and rodata into the image (pristine
-/// pages kept), and stages with the integrity table.
+/// Boots, attaches with the range the guest reserved for us, takes the
+/// healthy snapshot of text and rodata (hashes and pristine pages) and
+/// stages it with the integrity table. Returns the snapshot's pages too.
 fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
     let guest = Guest::boot(
         &GuestConfig::new(Kernel::Lkdtm)
@@ -69,35 +69,23 @@ fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
     let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
     let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
     let mut g = WithRam::new(gdb, ram);
-    let cfg = FlowConfig { ram_end: Some(512 << 20), borrowed_base: STAGE_BASE, borrowed_size: STAGE_SIZE, ..FlowConfig::default() };
+    let cfg = FlowConfig {
+        ram_end: Some(512 << 20),
+        borrowed_base: STAGE_BASE,
+        borrowed_size: STAGE_SIZE,
+        reserved: true,
+        integrity: true,
+        ..FlowConfig::default()
+    };
     let mut session = Session::attach(&mut g, image, cfg).expect("attach");
-    let regs = g.get_regs(VcpuId(0)).unwrap();
-    let l = session.image.layout;
-    let ranges = [
-        (l.get(Item::SymStext).unwrap(), l.get(Item::SymEtext).unwrap()),
-        (l.get(Item::SymStartRodata).unwrap(), l.get(Item::SymEndRodata).unwrap()),
-    ];
-    let mut pages = HashMap::new();
-    for (start, end) in ranges {
-        let mut link = start & !0xfff;
-        while link < end {
-            if let Some(p) = read_page(&mut g, regs.cr3, regs.cr4, link.wrapping_add(session.slide)) {
-                pages.insert(link, p);
-            }
-            link += 0x1000;
-        }
-    }
-    eprintln!("snapshot: {} pages of text and rodata", pages.len());
-    session.image.set_snapshot(pages.iter().map(|(a, p)| (*a, *p)), true);
-    session.plan = builder::StagePlan::with_options(
-        &session.image,
-        STAGE_BASE,
-        STAGE_SIZE,
-        512 << 20,
-        &builder::StageOptions { paging: builder::Paging::FourLevel, integrity: true },
-    )
-    .expect("staging plan with the integrity table");
+    let stats = loader::snapshot::take_live_snapshot(&mut g, &mut session, true, |_, _| {}).unwrap();
+    eprintln!("snapshot: {stats:?}");
+    session.replan().expect("staging plan with the integrity table");
+    let pages: HashMap<u64, [u8; 4096]> = session.image.pristine.iter().map(|(a, p)| (*a, **p)).collect();
+    assert_eq!(pages.len(), stats.pages);
+    let t = std::time::Instant::now();
     session.arm(&mut g).unwrap();
+    eprintln!("pre-staged {} KiB in {:?}", session.plan.used / 1024, t.elapsed());
     (guest, g, session, pages)
 }
 

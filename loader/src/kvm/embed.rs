@@ -88,6 +88,9 @@ impl Repairer {
             ram_end: Some(st.gpa + st.size),
             run_timeout: cfg.run_timeout,
             max_tasks: cfg.max_tasks,
+            // The staging slot is outside guest RAM and ours alone.
+            reserved: true,
+            integrity: false,
         };
         let session = Session::attach(&mut guest, image, flow)?;
         Ok(Repairer { guest, session })
