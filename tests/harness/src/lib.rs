@@ -131,6 +131,8 @@ pub struct Guest {
     stderr_path: PathBuf,
     cmd_writer: UnixStream,
     cmd_reader: BufReader<UnixStream>,
+    /// Bytes of a command-channel line not yet complete.
+    cmd_partial: Vec<u8>,
     next_id: u64,
     kernel: Kernel,
 }
@@ -250,6 +252,7 @@ impl Guest {
             stderr_path,
             cmd_writer: stream,
             cmd_reader: reader,
+            cmd_partial: Vec::new(),
             next_id: 1,
             kernel: cfg.kernel,
         };
@@ -370,14 +373,16 @@ impl Guest {
             self.cmd_reader
                 .get_ref()
                 .set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
-            let mut line = String::new();
-            match self.cmd_reader.read_line(&mut line) {
+            // A read that times out mid-line keeps its bytes in `cmd_partial`.
+            match self.cmd_reader.read_until(b'\n', &mut self.cmd_partial) {
                 Ok(0) => {
                     self.check_alive("a command reply")?;
                     return Err(Error::Channel("command channel closed".into()));
                 }
+                Ok(_) if !self.cmd_partial.ends_with(b"\n") => {}
                 Ok(_) => {
-                    let line = line.trim_end_matches(['\r', '\n']).to_string();
+                    let raw = std::mem::take(&mut self.cmd_partial);
+                    let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_string();
                     if let Some(body) = line.strip_prefix(&prefix) {
                         let body = body.to_string();
                         let end = done(&body);
@@ -419,12 +424,7 @@ impl Guest {
     /// a repair is expected, [`Guest::wait_crash_exit`].
     pub fn crash(&mut self, kind: &str) -> Result<CrashHandle> {
         let id = self.send(&format!("crash {kind}"))?;
-        let lines = self.read_reply(id, Duration::from_secs(30), |l| l.starts_with("crashing pid "))?;
-        let pid = lines
-            .last()
-            .and_then(|l| l.strip_prefix("crashing pid "))
-            .and_then(|p| p.trim().parse().ok())
-            .ok_or_else(|| Error::Channel(format!("bad crash reply {lines:?}")))?;
+        let pid = self.wait_crash_announcement(id)?;
         Ok(CrashHandle { id, pid })
     }
 
@@ -432,8 +432,35 @@ impl Guest {
     /// by the init's own shell): a crash no repair may make by killing.
     pub fn crash_init(&mut self) -> Result<CrashHandle> {
         let id = self.send("crash-init")?;
-        self.read_reply(id, Duration::from_secs(30), |l| l.starts_with("crashing pid "))?;
-        Ok(CrashHandle { id, pid: 1 })
+        let pid = self.wait_crash_announcement(id)?;
+        Ok(CrashHandle { id, pid })
+    }
+
+    /// The crashing process's pid, from its announcement: the kernel-log
+    /// line (on the console, written synchronously before the crash) or the
+    /// command channel, whichever comes first. A guest trapped right after
+    /// the announcement sends no more command-channel bytes.
+    fn wait_crash_announcement(&mut self, id: u64) -> Result<u32> {
+        let marker = format!("GUEST-KIT crash {id} pid ");
+        let start = Instant::now();
+        loop {
+            let console = self.console();
+            let on_console = console.lines().find_map(|l| l.split(&marker).nth(1)).and_then(|p| p.trim().parse().ok());
+            if let Some(pid) = on_console {
+                return Ok(pid);
+            }
+            match self.read_reply(id, Duration::from_millis(100), |l| l.starts_with("crashing pid ")) {
+                Ok(lines) => {
+                    return lines
+                        .last()
+                        .and_then(|l| l.strip_prefix("crashing pid "))
+                        .and_then(|p| p.trim().parse().ok())
+                        .ok_or_else(|| Error::Channel(format!("bad crash reply {lines:?}")));
+                }
+                Err(Error::Timeout { .. }) if start.elapsed() < Duration::from_secs(30) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// After a repair: waits for the crashing child's exit status as its
