@@ -327,6 +327,41 @@ impl Stream {
         }
     }
 
+    /// Reads what has arrived, waiting at most until `deadline` (`None`:
+    /// forever): `Ok(None)` at the deadline, `Ok(Some(n))` for `n` bytes. A
+    /// closed or reset connection is [`AccessError::GuestGone`]; `what`
+    /// names the peer in errors.
+    pub(crate) fn read_until_deadline(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<std::time::Instant>,
+        what: &'static str,
+    ) -> Result<Option<usize>, AccessError> {
+        use std::io::{ErrorKind, Read};
+        loop {
+            let wait = match deadline {
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    Some((d - now).max(Duration::from_millis(1)))
+                }
+                None => None,
+            };
+            self.set_read_timeout(wait).map_err(|source| AccessError::Io { what, source })?;
+            match self.read(buf) {
+                Ok(0) => return Err(AccessError::GuestGone(format!("{what} closed the connection"))),
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    return Err(AccessError::GuestGone(format!("{what} connection: {e}")))
+                }
+                Err(source) => return Err(AccessError::Io { what, source }),
+            }
+        }
+    }
+
     pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Self::Unix(s) => s.set_write_timeout(t),

@@ -10,7 +10,7 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -92,26 +92,9 @@ impl Qmp {
                     reply: format!("{e}: {}", String::from_utf8_lossy(&line)),
                 });
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    Some((d - now).max(Duration::from_millis(1)))
-                }
-                None => None,
-            };
-            self.stream.set_read_timeout(wait).map_err(io_err)?;
-            match self.stream.read(&mut tmp) {
-                Ok(0) => return Err(AccessError::GuestGone("QMP connection closed".into())),
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err(AccessError::GuestGone(format!("QMP connection: {e}")))
-                }
-                Err(e) => return Err(io_err(e)),
+            match self.stream.read_until_deadline(&mut tmp, deadline, WHAT)? {
+                None => return Ok(None),
+                Some(n) => self.buf.extend_from_slice(&tmp[..n]),
             }
         }
     }

@@ -14,7 +14,7 @@ mod packet;
 pub use packet::{checksum, decode, frame, DecodeError};
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::access::{
@@ -148,26 +148,9 @@ impl Client {
             if let Some(f) = self.deframer.next_frame() {
                 return Ok(Some(f));
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    Some((d - now).max(Duration::from_millis(1)))
-                }
-                None => None,
-            };
-            self.stream.set_read_timeout(wait).map_err(io_err)?;
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err(AccessError::GuestGone("the gdbstub closed the connection".into())),
-                Ok(n) => self.deframer.push(&buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err(AccessError::GuestGone(format!("gdbstub connection: {e}")))
-                }
-                Err(e) => return Err(io_err(e)),
+            match self.stream.read_until_deadline(&mut buf, deadline, WHAT)? {
+                None => return Ok(None),
+                Some(n) => self.deframer.push(&buf[..n]),
             }
         }
     }
