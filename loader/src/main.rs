@@ -102,8 +102,6 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         wait_crash: Option<u64>,
     },
-    /// The demo: boot the guest kit's Debian guest, watch it, crash a
-    /// process in it, repair it, show it carrying on.
     /// Take the healthy snapshot of a running guest's kernel text and
     /// read-only data (after its boot-time patching) and write a copy of
     /// the image that carries their hashes (and, with --pristine, the
@@ -119,6 +117,8 @@ enum Command {
         #[arg(long)]
         pristine: bool,
     },
+    /// The demo: boot the guest kit's Debian guest, watch it, crash a
+    /// process in it, repair it, show it carrying on.
     Demo {
         /// Crashes to make, one after another.
         #[arg(long, default_value_t = 3)]
