@@ -55,6 +55,8 @@ pub struct HangLayout {
     /// `__per_cpu_offset[]`, `init_task`: run-time addresses.
     pub per_cpu_offset: Gva,
     pub init_task: Gva,
+    /// `init_top_pgt`: the kernel's own top-level page table, run-time.
+    pub swapper_pgd: Gva,
     /// Offset of `runqueues` in the per-CPU area.
     pub runqueues: u64,
     pub rq_curr: u64,
@@ -76,7 +78,7 @@ impl HangLayout {
     /// addresses (then [`HangLayout::slid`] per boot).
     pub fn from_vmlinux(vmlinux: &Path, slide: u64) -> Result<HangLayout, HangError> {
         let wanted = symbols::Wanted {
-            symbols: &["__per_cpu_offset", "init_task"],
+            symbols: &["__per_cpu_offset", "init_task", "init_top_pgt"],
             percpu: &["runqueues"],
             types: &[
                 ("rq", &["curr", "nr_switches"]),
@@ -93,6 +95,7 @@ impl HangLayout {
         Ok(HangLayout {
             per_cpu_offset: sym("__per_cpu_offset")?,
             init_task: sym("init_task")?,
+            swapper_pgd: sym("init_top_pgt")?,
             runqueues: p.percpu_offset("runqueues").ok_or_else(|| HangError::Missing("runqueues".into()))?,
             rq_curr: off("rq", "curr")?,
             rq_nr_switches: off("rq", "nr_switches")?,
@@ -115,6 +118,7 @@ impl HangLayout {
         HangLayout {
             per_cpu_offset: Gva(self.per_cpu_offset.0.wrapping_add(slide)),
             init_task: Gva(self.init_task.0.wrapping_add(slide)),
+            swapper_pgd: Gva(self.swapper_pgd.0.wrapping_add(slide)),
             ..self.clone()
         }
     }
@@ -233,7 +237,7 @@ impl<M: PhysAccess> Sampler<M> {
     /// `cr3`/`cr4`: any kernel page tables of the guest (the kernel half is
     /// shared by every address space), read once while the guest was stopped.
     pub fn new(mem: M, cr3: u64, cr4: u64, layout: HangLayout, nr_cpus: u32, cfg: HangConfig) -> Self {
-        Self {
+        let mut s = Self {
             mem,
             cr3,
             cr4,
@@ -246,7 +250,15 @@ impl<M: PhysAccess> Sampler<M> {
             vcpu_threads: None,
             samples: 0,
             torn: 0,
+        };
+        // The CR3 a vCPU had when the guest was stopped may be a process's
+        // page tables, freed (and reused) once that process exits: from now
+        // on, walk the kernel's own, which live as long as the kernel.
+        if let Ok(pgd) = s.phys(s.layout.swapper_pgd.0) {
+            s.cr3 = pgd.0 & !0xfff;
+            s.pages.clear();
         }
+        s
     }
 
     /// Forgets every episode: after the guest was stopped on purpose (a
