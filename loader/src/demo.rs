@@ -56,13 +56,24 @@ pub fn run(crashes: u32) -> Result<()> {
         watch(&mut backend, &mut session, &mut sink, None, stop2)
     });
 
-    let before = guest.ping(Duration::from_secs(30))?;
-    println!("== the guest runs: bystander has {before} records");
+    // Let the bystander get going, so its records visibly carry on.
+    let mut before = guest.ping(Duration::from_secs(30))?;
+    let t = Instant::now();
+    while before < 20 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(250));
+        before = guest.ping(Duration::from_secs(30))?;
+    }
+    println!("== the guest runs: the bystander has written {before} checksummed records");
     for i in 1..=crashes {
         println!("== crash {i}/{crashes}: a child writes 'c' to /proc/sysrq-trigger");
         let crash = guest.crash("sysrq-c")?;
         let status = guest.wait_crash_exit(&crash, Duration::from_secs(60))?;
-        println!("   the child (pid {}) exited with status {status}{}", crash.pid, if status == 137 { " (SIGKILL): the crash was repaired" } else { "" });
+        let n = guest.ping(Duration::from_secs(30))?;
+        println!(
+            "   the child (pid {}) exited with status {status}{}; the bystander is at {n} records",
+            crash.pid,
+            if status == 137 { " (SIGKILL): the crash was repaired" } else { "" }
+        );
         if status != 137 {
             bail!("the crashing child was not killed (status {status}); console tail:\n{}", guest.console_tail(30));
         }

@@ -230,3 +230,14 @@ fn repair_wait_crash_repairs_one_crash_and_leaves_no_trap() {
     guest.crash("sysrq-c").unwrap();
     assert_eq!(guest.wait_panic(Duration::from_secs(60)).unwrap().message, "sysrq triggered crash");
 }
+
+#[test]
+fn the_demo_repairs_a_crash_and_shows_the_guest_alive() {
+    let out = bin().args(["demo", "--crashes", "2"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches("\"event\":\"repaired\"").count(), 2, "{text}");
+    assert_eq!(text.matches("exited with status 137").count(), 2, "{text}");
+    assert!(text.contains("data intact"), "{text}");
+    assert!(text.contains("a new process says [\"a new process\""), "{text}");
+}
