@@ -46,14 +46,15 @@
 //!
 //! ```no_run
 //! use loader::kvm::{Repairer, KvmGuest};
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let guest: KvmGuest = unimplemented!();
+//! // `guest`: the VMM's memory regions and vCPU fds, as a KvmGuest.
+//! fn embed(guest: KvmGuest) -> Result<(), Box<dyn std::error::Error>> {
 //! let image = builder::RepairImage::read("guest.img".as_ref())?;
 //! let mut repairer = Repairer::new(guest, image, Default::default())?;
 //! repairer.arm()?;
 //! // In the VMM's vCPU loop, on VcpuExit::Debug:
 //! // if repairer.is_trap(&debug) { let outcome = repairer.on_trap(vcpu, Mode::Repair)?; }
-//! # Ok(()) }
+//! Ok(())
+//! }
 //! ```
 
 pub mod caps;
