@@ -768,7 +768,7 @@ pub fn markdown(rep: &Report) -> String {
                 why.push(format!("panic: \"{m}\""));
             }
         }
-        why.extend(t.notes.iter().filter(|n| !t.reason.as_ref().is_some_and(|r| r == *n)).cloned());
+        why.extend(t.notes.iter().filter(|n| t.reason.as_ref().is_none_or(|r| r != *n)).cloned());
         let cell = why.join("; ").replace('|', "\\|");
         let _ = writeln!(
             s,

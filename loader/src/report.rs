@@ -112,7 +112,6 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         true
     });
     let tasks_error = walk.err().map(|e| e.to_string());
-    drop(k);
     let integrity = check_integrity(&mut mem, &input, session, symbolizer);
 
     let action = Action::from_u32(out.action).unwrap_or(Action::None);

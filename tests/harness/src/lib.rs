@@ -220,30 +220,40 @@ impl Guest {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| Error::QemuSpawn { qemu, source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::QemuSpawn { qemu, source })?;
 
-        // Connect the command channel as soon as QEMU listens.
-        let start = Instant::now();
-        let mut guest_child = Some(child);
-        let stream = loop {
-            match UnixStream::connect(&cmd_sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    if let Some(status) = guest_child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                        return Err(Error::QemuExited {
-                            status: status.to_string(),
-                            waiting_for: "its command socket".into(),
-                            stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-                            tail: String::new(),
-                        });
+        // Connect the command channel as soon as QEMU listens; on any
+        // failure, QEMU goes too.
+        let connected = (|| {
+            let start = Instant::now();
+            let stream = loop {
+                match UnixStream::connect(&cmd_sock) {
+                    Ok(s) => break s,
+                    Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                        if let Some(status) = child.try_wait()? {
+                            return Err(Error::QemuExited {
+                                status: status.to_string(),
+                                waiting_for: "its command socket".into(),
+                                stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                                tail: String::new(),
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    Err(e) => return Err(Error::Channel(format!("connect {}: {e}", cmd_sock.display()))),
                 }
-                Err(e) => return Err(Error::Channel(format!("connect {}: {e}", cmd_sock.display()))),
+            };
+            let reader = BufReader::new(stream.try_clone()?);
+            Ok((stream, reader))
+        })();
+        let (stream, reader) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
             }
         };
-        let child = guest_child.take().expect("child present");
-        let reader = BufReader::new(stream.try_clone()?);
         let mut guest = Guest {
             child,
             dir,
