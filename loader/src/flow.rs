@@ -189,6 +189,25 @@ fn push_run(list: &mut Vec<(u64, Vec<u8>)>, gpa: u64, bytes: &[u8]) {
     }
 }
 
+/// The staging plan of `image` in the configured range, and its writes
+/// split by kind.
+fn plan_staging(
+    image: &RepairImage,
+    cfg: &FlowConfig,
+    ram_end: u64,
+    paging: builder::stage::Paging,
+) -> Result<(StagePlan, Staging), FlowError> {
+    let plan = StagePlan::with_options(
+        image,
+        cfg.borrowed_base,
+        cfg.borrowed_size,
+        ram_end,
+        &StageOptions { paging, integrity: cfg.integrity },
+    )?;
+    let staging = Staging::new(image, &plan);
+    Ok((plan, staging))
+}
+
 /// Wall time since `t` in ms.
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
@@ -219,14 +238,7 @@ impl Session {
         if cfg.integrity && !cfg.reserved {
             return Err(FlowError::IntegrityNeedsReservedRange);
         }
-        let plan = StagePlan::with_options(
-            &image,
-            cfg.borrowed_base,
-            cfg.borrowed_size,
-            ram_end,
-            &StageOptions { paging, integrity: cfg.integrity },
-        )?;
-        let staging = Staging::new(&image, &plan);
+        let (plan, staging) = plan_staging(&image, &cfg, ram_end, paging)?;
         Ok(Session {
             image,
             slide: slide.slide,
@@ -244,14 +256,7 @@ impl Session {
     /// Replans the staging after the image changed (a live snapshot taken
     /// into it): the next [`Session::arm`] stages it again.
     pub fn replan(&mut self) -> Result<(), FlowError> {
-        self.plan = StagePlan::with_options(
-            &self.image,
-            self.cfg.borrowed_base,
-            self.cfg.borrowed_size,
-            self.ram_end,
-            &StageOptions { paging: self.plan.paging, integrity: self.cfg.integrity },
-        )?;
-        self.staging = Staging::new(&self.image, &self.plan);
+        (self.plan, self.staging) = plan_staging(&self.image, &self.cfg, self.ram_end, self.plan.paging)?;
         self.prestaged = false;
         Ok(())
     }
