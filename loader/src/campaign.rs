@@ -17,7 +17,7 @@ use crate::hang::{self, Hang, HangConfig, HangKind, HangLayout, Sampler};
 use crate::memory::{RamFile, WithRam};
 use crate::watch::{crash_kind_name, reason_name};
 use anyhow::{Context, Result};
-use harness::{Guest, GuestConfig, Kernel, Kit};
+use harness::{Guest, GuestConfig, Kernel};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -410,8 +410,7 @@ fn sample_loop(mut s: Sampler<RamFile>, tx: Sender<Msg>, stop: Arc<AtomicBool>, 
 pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     let start = Instant::now();
     let image = crate::demo::kit_image(Kernel::Lkdtm)?;
-    let vmlinux = Kit::locate()?.vmlinux(Kernel::Lkdtm)?;
-    let layout = HangLayout::from_vmlinux(&vmlinux, 0)?;
+    let layout = HangLayout::from_layout(&image.layout, 0)?;
     let mut report = Report {
         kernel: image.kernel.release.clone(),
         cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
@@ -904,8 +903,7 @@ pub struct BusyReport {
 /// watching (hang repair off), and returns every hang it declared.
 pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyReport> {
     let image = crate::demo::kit_image(Kernel::Lkdtm)?;
-    let vmlinux = Kit::locate()?.vmlinux(Kernel::Lkdtm)?;
-    let layout = HangLayout::from_vmlinux(&vmlinux, 0)?;
+    let layout = HangLayout::from_layout(&image.layout, 0)?;
     let mut l = Live::boot(1, cfg, &image, &layout)?;
     let workload = busy_workload(secs);
     let t = Instant::now();

@@ -53,7 +53,7 @@ pub fn run(crashes: u32) -> Result<()> {
     let stop2 = stop.clone();
     let watcher = std::thread::spawn(move || {
         let mut sink = EventSink::stdout();
-        watch(&mut backend, &mut session, &mut sink, None, stop2)
+        watch(&mut backend, &mut session, &mut sink, None, stop2, None)
     });
 
     // Let the bystander get going, so its records visibly carry on.

@@ -23,6 +23,7 @@
 
 use crate::access::{translate, AccessError, Gpa, Gva, PhysAccess};
 use std::collections::HashMap;
+use repair_kernel::layout::{Item, KernelLayout};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -36,13 +37,7 @@ const MAX_TASKS: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HangError {
-    #[error("reading {what} of the vmlinux: {source}")]
-    Symbols {
-        what: String,
-        #[source]
-        source: symbols::Error,
-    },
-    #[error("the vmlinux lacks {0}, which the hang detector reads; use a vmlinux with DWARF")]
+    #[error("the repair image's layout lacks {0}, which the hang detector reads")]
     Missing(String),
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -73,41 +68,30 @@ pub struct HangLayout {
 }
 
 impl HangLayout {
-    /// Reads the layout from a vmlinux; `slide` is the KASLR slide the
-    /// flow found ([`crate::flow::Session::slide`]), 0 for link-time
-    /// addresses (then [`HangLayout::slid`] per boot).
-    pub fn from_vmlinux(vmlinux: &Path, slide: u64) -> Result<HangLayout, HangError> {
-        let wanted = symbols::Wanted {
-            symbols: &["__per_cpu_offset", "init_task", "init_top_pgt"],
-            percpu: &["runqueues"],
-            types: &[
-                ("rq", &["curr", "nr_switches"]),
-                (
-                    "task_struct",
-                    &["pid", "comm", "__state|state", "flags", "utime", "stime", "nvcsw", "nivcsw", "tasks"],
-                ),
-            ],
-        };
-        let p = symbols::Profile::from_vmlinux(vmlinux, &wanted)
-            .map_err(|source| HangError::Symbols { what: vmlinux.display().to_string(), source })?;
-        let sym = |n: &str| p.symbol(n).map(|a| Gva(a.wrapping_add(slide))).ok_or_else(|| HangError::Missing(n.into()));
-        let off = |t: &str, m: &str| p.offset(t, m).ok_or_else(|| HangError::Missing(format!("{t}.{m}")));
+    /// The layout from a repair image's table (the builder resolved it from
+    /// the vmlinux's DWARF); `slide` is the KASLR slide the flow found
+    /// ([`crate::flow::Session::slide`]), 0 for link-time addresses (then
+    /// [`HangLayout::slid`] per boot).
+    pub fn from_layout(layout: &KernelLayout, slide: u64) -> Result<HangLayout, HangError> {
+        let get = |i: Item| layout.get(i).ok_or_else(|| HangError::Missing(format!("{:?} (rebuild the image with this build-repair-image)", i)));
+        let sym = |i: Item| get(i).map(|a| Gva(a.wrapping_add(slide)));
+        let state = layout.get(Item::TaskStateNew).or_else(|| layout.get(Item::TaskStateOld));
         Ok(HangLayout {
-            per_cpu_offset: sym("__per_cpu_offset")?,
-            init_task: sym("init_task")?,
-            swapper_pgd: sym("init_top_pgt")?,
-            runqueues: p.percpu_offset("runqueues").ok_or_else(|| HangError::Missing("runqueues".into()))?,
-            rq_curr: off("rq", "curr")?,
-            rq_nr_switches: off("rq", "nr_switches")?,
-            task_pid: off("task_struct", "pid")?,
-            task_comm: off("task_struct", "comm")?,
-            task_state: off("task_struct", "__state").or_else(|_| off("task_struct", "state"))?,
-            task_flags: off("task_struct", "flags")?,
-            task_utime: off("task_struct", "utime")?,
-            task_stime: off("task_struct", "stime")?,
-            task_nvcsw: off("task_struct", "nvcsw")?,
-            task_nivcsw: off("task_struct", "nivcsw")?,
-            task_tasks: off("task_struct", "tasks")?,
+            per_cpu_offset: sym(Item::SymPerCpuOffset)?,
+            init_task: sym(Item::SymInitTask)?,
+            swapper_pgd: sym(Item::SymInitTopPgt)?,
+            runqueues: get(Item::PcpuRunqueues)?,
+            rq_curr: get(Item::RqCurr)?,
+            rq_nr_switches: get(Item::RqNrSwitches)?,
+            task_pid: get(Item::TaskPid)?,
+            task_comm: get(Item::TaskComm)?,
+            task_state: state.ok_or_else(|| HangError::Missing("task_struct.__state or .state".into()))?,
+            task_flags: get(Item::TaskFlags)?,
+            task_utime: get(Item::TaskUtime)?,
+            task_stime: get(Item::TaskStime)?,
+            task_nvcsw: get(Item::TaskNvcsw)?,
+            task_nivcsw: get(Item::TaskNivcsw)?,
+            task_tasks: get(Item::TaskTasks)?,
         })
     }
 }
@@ -525,4 +509,32 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
     }
     g.resume()?;
     Ok(HangRepair::Skipped(last))
+}
+
+/// Runs `sampler` on its own thread every `cfg.period` until `stop`, sending
+/// each hang found; while `paused` (the guest is stopped on purpose) it
+/// forgets what it saw, since absence of progress then says nothing.
+pub fn spawn_sampler<M: PhysAccess + Send + 'static>(
+    mut sampler: Sampler<M>,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (std::sync::mpsc::Receiver<Hang>, std::thread::JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let period = sampler.cfg.period;
+        while !stop.load(Ordering::Relaxed) {
+            if paused.load(Ordering::Relaxed) {
+                sampler.reset();
+            } else {
+                for h in sampler.sample(Instant::now()) {
+                    if tx.send(h).is_err() {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(period);
+        }
+    });
+    (rx, handle)
 }

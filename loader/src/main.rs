@@ -74,6 +74,16 @@ enum Command {
         /// Detach after this many repairs.
         #[arg(long, value_name = "N")]
         max_repairs: Option<u32>,
+        /// Detect hangs from outside: sample each CPU's running task and
+        /// context switches in guest RAM (no stop) and repair a task that
+        /// spins in the kernel as a crash there would be. Needs --ram-file
+        /// (and --qmp, so a host that starves QEMU is not taken for a hang).
+        #[arg(long, requires = "ram_file")]
+        hangs: bool,
+        /// How long a CPU (or a task in uninterruptible sleep) may go
+        /// without progress before it is a hang.
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        hang_threshold_ms: u64,
     },
     /// One-shot repair of a guest stopped at a crash (forensic mode).
     Repair {
@@ -230,8 +240,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Watch { attach: a, events, max_repairs } => {
+        Command::Watch { attach: a, events, max_repairs, hangs, hang_threshold_ms } => {
             let (mut backend, mut session) = attach(&a)?;
+            let hang_watch = if hangs { Some(hang_watch(&a, &mut backend, &session, hang_threshold_ms)?) } else { None };
             let mut sink = if events == "-" {
                 EventSink::stdout()
             } else {
@@ -247,7 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             for sig in [libc::SIGINT, libc::SIGTERM] {
                 signal_flag(sig, stop.clone())?;
             }
-            let end = watch(backend.guest(), &mut session, &mut sink, max_repairs, stop)?;
+            let end = watch(backend.guest(), &mut session, &mut sink, max_repairs, stop, hang_watch)?;
             tracing::info!(?end, "watch ended");
             Ok(())
         }
@@ -320,6 +331,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json),
         Command::Campaign(args) => loader::campaign::cli(&args),
     }
+}
+
+/// The hang sampler of `watch --hangs`: its own mapping of the RAM file,
+/// the kernel's page tables, the layout from the image, and QEMU's vCPU
+/// threads (through QMP's peer) to count only time the vCPUs really ran.
+fn hang_watch(a: &Attach, backend: &mut Backend, session: &Session, threshold_ms: u64) -> Result<loader::watch::HangWatch> {
+    use loader::hang::{self, HangConfig, HangLayout, Sampler};
+    let path = a.ram_file.as_ref().context("--hangs needs --ram-file")?;
+    let ram = RamFile::open_pc(path, 0xe000_0000).with_context(|| format!("mapping {}", path.display()))?;
+    let layout = HangLayout::from_layout(&session.image.layout, session.slide)?;
+    let g = backend.guest();
+    let regs = g.get_regs(loader::access::VcpuId(0))?;
+    let threshold = std::time::Duration::from_millis(threshold_ms);
+    let cfg = HangConfig { cpu_threshold: threshold, blocked_threshold: threshold, ..HangConfig::default() };
+    let mut sampler = Sampler::new(ram, regs.cr3, regs.cr4, layout, session.nr_vcpus, cfg);
+    if let Some(q) = &a.qmp {
+        let qmp = loader::qmp::Qmp::connect(&q.parse()?).with_context(|| format!("connecting to QMP at {q}"))?;
+        sampler.vcpu_threads = qmp.peer_pid().and_then(|pid| hang::qemu_vcpu_threads(pid, session.nr_vcpus));
+    }
+    if sampler.vcpu_threads.is_none() {
+        eprintln!("repair-guest: without QEMU's vCPU threads (pass --qmp on the same host), a host that starves QEMU may look like a hang");
+    }
+    Ok(loader::watch::HangWatch { sampler })
 }
 
 /// Arms the trap, lets the guest run and waits for it to stop at `panic`;

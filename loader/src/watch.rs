@@ -3,6 +3,8 @@
 
 use crate::access::{GuestAccess, StopEvent, StopReason};
 use crate::flow::{FlowError, Mode, Outcome, Session, Timings};
+use crate::hang::{self, Hang, HangKind, HangRepair, Sampler};
+use crate::memory::RamFile;
 use repair_kernel::contract::Action;
 use repair_kernel::verdict::{CrashKind, Reason};
 use serde::Serialize;
@@ -14,7 +16,8 @@ use std::time::Duration;
 /// One line of the event stream.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Event {
-    /// `attached`, `crash`, `repaired`, `declined`, `error`, `detached`.
+    /// `attached`, `crash`, `hang`, `repaired`, `declined`, `error`,
+    /// `detached`.
     pub event: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
@@ -91,6 +94,41 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The `hang` event: what the sampler saw, before acting.
+    pub fn hang(h: &Hang) -> Self {
+        let (kind, cpu) = match h.kind {
+            HangKind::StuckCpu { cpu, no_ticks } => {
+                (format!("stuck CPU{}", if no_ticks { " (no ticks: IRQs off)" } else { "" }), Some(cpu))
+            }
+            HangKind::BlockedTask => ("blocked task".to_string(), None),
+        };
+        Event {
+            event: "hang",
+            kind: Some(kind),
+            message: Some(format!(
+                "no progress for {} ms",
+                h.detected.saturating_duration_since(h.since).as_millis()
+            )),
+            cpu,
+            pid: Some(h.pid),
+            comm: Some(h.comm.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// A hang not acted on, with the reason.
+    fn hang_declined(h: &Hang, reason: String) -> Self {
+        Event { event: "declined", action: Some("decline".into()), reason: Some(reason), ..Event::hang(h) }
+    }
+}
+
+/// Hang detection for [`watch`]: a sampler over guest RAM (no stop).
+#[derive(Debug)]
+pub struct HangWatch {
+    pub sampler: Sampler<RamFile>,
+}
+
 /// Where events go.
 #[derive(Debug)]
 pub struct EventSink {
@@ -136,6 +174,27 @@ pub fn watch<G: GuestAccess + ?Sized>(
     events: &mut EventSink,
     max_repairs: Option<u32>,
     stop: Arc<AtomicBool>,
+    hangs: Option<HangWatch>,
+) -> Result<WatchEnd, FlowError> {
+    let paused = Arc::new(AtomicBool::new(false));
+    let sampler_stop = Arc::new(AtomicBool::new(false));
+    let sampler = hangs.map(|h| hang::spawn_sampler(h.sampler, paused.clone(), sampler_stop.clone()));
+    let end = watch_loop(guest, session, events, max_repairs, &stop, sampler.as_ref().map(|s| &s.0), &paused);
+    sampler_stop.store(true, Ordering::Relaxed);
+    if let Some((_, handle)) = sampler {
+        let _ = handle.join();
+    }
+    end
+}
+
+fn watch_loop<G: GuestAccess + ?Sized>(
+    guest: &mut G,
+    session: &mut Session,
+    events: &mut EventSink,
+    max_repairs: Option<u32>,
+    stop: &AtomicBool,
+    hangs: Option<&std::sync::mpsc::Receiver<Hang>>,
+    paused: &AtomicBool,
 ) -> Result<WatchEnd, FlowError> {
     session.arm(guest)?;
     let panic_addr = session.panic_addr()?;
@@ -161,7 +220,16 @@ pub fn watch<G: GuestAccess + ?Sized>(
             events.emit(&Event::simple("detached", "stopped on request; the guest runs on"));
             return Ok(WatchEnd::Stopped);
         }
-        let ev = match guest.wait_stop(Some(Duration::from_millis(200))) {
+        if let Some(rx) = hangs {
+            while let Ok(h) = rx.try_recv() {
+                if act_on_hang(guest, session, events, &h, paused)? {
+                    repairs += 1;
+                }
+            }
+        }
+        // Short waits while the sampler may report hangs.
+        let wait = if hangs.is_some() { 20 } else { 200 };
+        let ev = match guest.wait_stop(Some(Duration::from_millis(wait))) {
             Ok(None) => continue,
             Ok(Some(ev)) => ev,
             Err(crate::access::AccessError::GuestGone(why)) => {
@@ -174,7 +242,10 @@ pub fn watch<G: GuestAccess + ?Sized>(
             guest.resume()?;
             continue;
         }
-        match session.repair(guest, ev.vcpu, Mode::Repair) {
+        paused.store(true, Ordering::Relaxed);
+        let repaired = session.repair(guest, ev.vcpu, Mode::Repair);
+        paused.store(false, Ordering::Relaxed);
+        match repaired {
             Ok(outcome) => {
                 events.emit(&Event::crash(&outcome));
                 let t = std::time::Instant::now();
@@ -202,6 +273,55 @@ pub fn watch<G: GuestAccess + ?Sized>(
             guest.resume()?;
             events.emit(&Event::simple("detached", format!("{repairs} repairs made (--max-repairs)")));
             return Ok(WatchEnd::MaxRepairs);
+        }
+    }
+}
+
+/// Acts on one hang the sampler reported: a kernel-mode spin of a user
+/// task is repaired as a crash at that instruction would be (the repair
+/// kernel's usual verdict); anything else is declined with the reason.
+/// Returns true when a repair was applied.
+fn act_on_hang<G: GuestAccess + ?Sized>(
+    guest: &mut G,
+    session: &mut Session,
+    events: &mut EventSink,
+    h: &Hang,
+    paused: &AtomicBool,
+) -> Result<bool, FlowError> {
+    events.emit(&Event::hang(h));
+    let cpu = match h.kind {
+        HangKind::BlockedTask => {
+            events.emit(&Event::hang_declined(
+                h,
+                format!(
+                    "pid {} ({}) sleeps in TASK_UNINTERRUPTIBLE, not running: SIGKILL cannot wake it and forcing it \
+                     into do_exit from outside would abandon whatever it waits on",
+                    h.pid, h.comm
+                ),
+            ));
+            return Ok(false);
+        }
+        HangKind::StuckCpu { .. } if h.kthread => {
+            events.emit(&Event::hang_declined(h, format!("the spinning task {} (pid {}) is a kernel thread", h.comm, h.pid)));
+            return Ok(false);
+        }
+        HangKind::StuckCpu { cpu, .. } => cpu,
+    };
+    paused.store(true, Ordering::Relaxed);
+    let r = hang::repair_hang(guest, session, cpu);
+    paused.store(false, Ordering::Relaxed);
+    match r? {
+        HangRepair::Repaired(o, resume_ms) => {
+            events.emit(&Event::verdict(&o, resume_ms));
+            Ok(true)
+        }
+        HangRepair::Declined(o, resume_ms) => {
+            events.emit(&Event::verdict(&o, resume_ms));
+            Ok(false)
+        }
+        HangRepair::Skipped(why) => {
+            events.emit(&Event::hang_declined(h, why));
+            Ok(false)
         }
     }
 }

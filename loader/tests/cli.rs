@@ -241,3 +241,62 @@ fn the_demo_repairs_a_crash_and_shows_the_guest_alive() {
     assert!(text.contains("data intact"), "{text}");
     assert!(text.contains("a new process says [\"a new process\""), "{text}");
 }
+
+/// Waits until the events file has a line with `needle`.
+fn wait_event(events: &std::path::Path, needle: &str, secs: u64) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "no {needle} event in {secs} s:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn watch_hangs_repairs_a_spinning_task_and_declines_a_sleeping_one() {
+    let mut guest = Guest::boot(&GuestConfig::new(Kernel::Lkdtm).with_ram_file()).unwrap();
+    let image = image_file(Kernel::Lkdtm, guest.dir());
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let mut watcher = bin()
+        .args(["watch", "--hangs", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .arg("--image")
+        .arg(&image)
+        .arg("--events")
+        .arg(&events)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_event(&events, "\"attached\"", 60);
+
+    // LOOP spins in the kernel: detected from outside, the spinner killed.
+    let spin = guest.crash("LOOP").unwrap();
+    assert_eq!(guest.wait_crash_exit(&spin, Duration::from_secs(60)).unwrap(), 137);
+    let text = wait_event(&events, "\"repaired\"", 30);
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let hang = lines.iter().find(|e| e["event"] == "hang").expect("a hang event");
+    assert_eq!(hang["pid"], spin.pid as i64);
+    assert!(hang["kind"].as_str().unwrap().starts_with("stuck CPU"), "{hang}");
+    let rep = lines.iter().find(|e| e["event"] == "repaired").unwrap();
+    assert_eq!(rep["pid"], spin.pid as i64);
+    assert_eq!(rep["action"], "kill");
+    assert!(guest.verify_bystander().unwrap().ok);
+
+    // HUNG_TASK sleeps uninterruptibly: detected, declined with the reason.
+    let sleeper = guest.crash("HUNG_TASK").unwrap();
+    let text = wait_event(&events, "TASK_UNINTERRUPTIBLE", 30);
+    assert!(text.contains(&format!("\"pid\":{}", sleeper.pid)), "{text}");
+    // The init waits on the sleeper, but the guest runs: the bystander
+    // still reports progress.
+    let from = guest.console_len();
+    guest.wait_for_console_from(from, "bystander:", Duration::from_secs(60)).unwrap();
+
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(watcher.id() as i32, libc::SIGINT) }, 0);
+    assert!(wait_exit(&mut watcher, 30).success());
+}

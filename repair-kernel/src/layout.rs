@@ -147,6 +147,14 @@ items! {
     // --- appended by the repair-kernel library ---
     // Bounds `oops_end` so a panic's return address can be placed in it.
     SymOopsEndSize = SymbolSize("oops_end"), optional;
+    // --- the watcher's hang detection (loader/src/hang.rs), from the image ---
+    // The kernel's own top-level page table, walked while processes come
+    // and go; CPU time counters that tell progress from spinning.
+    SymInitTopPgt = Symbol("init_top_pgt"), optional;
+    TaskUtime = Offset("task_struct", "utime"), optional;
+    TaskStime = Offset("task_struct", "stime"), optional;
+    TaskNvcsw = Offset("task_struct", "nvcsw"), optional;
+    TaskNivcsw = Offset("task_struct", "nivcsw"), optional;
 }
 
 /// Number of items in the table.

@@ -42,6 +42,7 @@ pub const DEFAULT_WANTED: Wanted<'static> = Wanted {
         "__start_rodata",
         "__end_rodata",
         "panic_cpu?",
+        "init_top_pgt?",
     ],
     percpu: &[
         "pcpu_hot|current_task",
@@ -64,6 +65,10 @@ pub const DEFAULT_WANTED: Wanted<'static> = Wanted {
                 "real_parent",
                 "on_cpu",
                 "thread.sp",
+                "utime",
+                "stime",
+                "nvcsw",
+                "nivcsw",
             ],
         ),
         ("list_head", &["next", "prev"]),
