@@ -14,10 +14,10 @@ use repair_kernel::task::{self, TaskInfo};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Processes that come and go on their own (the bystander's helpers,
-/// workqueue threads): not part of the comparison.
-fn transient(comm: &str) -> bool {
-    matches!(comm, "usleep" | "ps") || comm.starts_with("kworker/")
+/// Processes that come and go on their own (the bystander's helpers, the
+/// shells its awk forks, workqueue threads): not part of the comparison.
+fn transient(comm: &str, ppid: i32, bystander: i32) -> bool {
+    matches!(comm, "usleep" | "ps") || comm.starts_with("kworker/") || ppid == bystander
 }
 
 #[test]
@@ -32,20 +32,26 @@ fn walkers_on_a_crash_dump_match_the_guests_ps_panic_and_log() {
     g.resume().unwrap();
 
     // The guest's own ps, just before the crash.
-    let ps = guest.run("ps -o pid,comm", Duration::from_secs(30)).unwrap();
-    let mut theirs: BTreeMap<i32, String> = ps
+    let ps = guest.run("ps -o pid,ppid,comm", Duration::from_secs(30)).unwrap();
+    let rows: Vec<(i32, i32, String)> = ps
         .output
         .iter()
         .skip(1)
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.to_string()))
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.to_string()))
         })
         .collect();
-    assert!(theirs.len() > 20, "{ps:?}");
-    // `ps` itself and the shell that ran it have exited by the crash.
-    let wrapper = theirs.iter().filter(|(_, c)| *c == "ps").map(|(p, _)| *p).max().unwrap();
-    theirs.retain(|p, c| !transient(c) && *p != wrapper - 1 && *p != wrapper);
+    assert!(rows.len() > 20, "{ps:?}");
+    let bystander = rows.iter().find(|r| r.2 == "awk").map(|r| r.0).expect("the bystander in ps");
+    // `ps` itself, and the shell that ran it if it did not exec, have
+    // exited by the crash.
+    let wrapper = rows.iter().find(|r| r.2 == "ps").map(|r| r.1).unwrap();
+    let theirs: BTreeMap<i32, String> = rows
+        .into_iter()
+        .filter(|(p, pp, c)| !transient(c, *pp, bystander) && !(*p == wrapper && c == "sh"))
+        .map(|(p, _, c)| (p, c))
+        .collect();
 
     let crash = guest.crash("sysrq-c").unwrap();
     let stop = g.wait_stop(Some(Duration::from_secs(90))).unwrap().expect("trap at panic");
@@ -67,9 +73,11 @@ fn walkers_on_a_crash_dump_match_the_guests_ps_panic_and_log() {
     repair_kernel::run(&mut mem, &input, &mut out);
     let k = repair_kernel::kernel_view(&mut mem, &input);
     let mut ours = BTreeMap::new();
+    let mut our_ppid = BTreeMap::new();
     task::for_each_process(&k, 4096, |t| {
         let info = TaskInfo::read(&k, t).unwrap();
         ours.insert(info.pid, info.comm_str().to_string());
+        our_ppid.insert(info.pid, info.parent_pid);
         true
     })
     .unwrap();
@@ -89,7 +97,7 @@ fn walkers_on_a_crash_dump_match_the_guests_ps_panic_and_log() {
 
     // The task list is the guest's ps (plus the crashing child).
     assert_eq!(ours.get(&(crash.pid as i32)).map(String::as_str), Some("sh"));
-    ours.retain(|p, c| !transient(c) && *p != crash.pid as i32);
+    ours.retain(|p, c| !transient(c, our_ppid[p], bystander) && *p != crash.pid as i32);
     assert_eq!(ours, theirs, "task list (ours) vs the guest's ps");
 
     // The log tail is what the console printed, in order.
