@@ -49,7 +49,10 @@ fn walkers_on_a_crash_dump_match_the_guests_ps_panic_and_log() {
     let wrapper = rows.iter().find(|r| r.2 == "ps").map(|r| r.1).unwrap();
     let theirs: BTreeMap<i32, String> = rows
         .into_iter()
-        .filter(|(p, pp, c)| !transient(c, *pp, bystander) && !(*p == wrapper && c == "sh"))
+        .filter(|(p, pp, c)| {
+            let gone = transient(c, *pp, bystander) || (*p == wrapper && c == "sh");
+            !gone
+        })
         .map(|(p, _, c)| (p, c))
         .collect();
 
