@@ -172,8 +172,9 @@ impl Unikernel {
     }
 }
 
-/// A repair image in memory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A repair image in memory. `Default` is an image of no kernel, with no
+/// repair kernel (tests set the fields they need).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RepairImage {
     pub kernel: KernelId,
     /// The `symbols` profile as JSON (host side: reports, diagnosis).

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use builder::image::{KernelId, RepairImage, SnapshotSource};
+use builder::image::RepairImage;
 use builder::{builtin_unikernel, StagePlan};
 use repair_kernel::contract::{Contract, ContractIn, CpuState, RunStatus};
 use repair_kernel::layout::KernelLayout;
@@ -78,19 +78,11 @@ fn elf32(entry: u32, chunks: &[(u64, Vec<u8>)]) -> Vec<u8> {
     head
 }
 
-/// Runs the plan under QEMU; returns the run status the repair kernel
-/// signalled, or a description of what else happened.
-fn run(contract: &Contract, rsi_override: Option<u64>) -> Result<u32, String> {
-    let image = RepairImage {
-        kernel: KernelId::default(),
-        profile_json: "{}".into(),
-        layout: KernelLayout::default(),
-        unikernel: builtin_unikernel().unwrap(),
-        snapshot_source: SnapshotSource::VmlinuxFile,
-        skips: Vec::new(),
-        page_hashes: Default::default(),
-        pristine: Default::default(),
-    };
+/// Stages the built-in repair kernel as the loader would, behind the
+/// multiboot stub that enters long mode on the plan, and writes it all as
+/// one ELF (in a directory that lives as long as the returned handle).
+fn stub_elf(contract: &Contract, rsi_override: Option<u64>) -> (StagePlan, tempfile::TempDir, std::path::PathBuf) {
+    let image = RepairImage { unikernel: builtin_unikernel().unwrap(), ..RepairImage::default() };
     let plan = StagePlan::new(&image, BASE, SIZE, RAM).unwrap();
     let mut stub = STUB.to_vec();
     let rsi = rsi_override.unwrap_or(plan.integrity_gva);
@@ -111,6 +103,13 @@ fn run(contract: &Contract, rsi_override: Option<u64>) -> Result<u32, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stub.elf");
     std::fs::write(&path, elf32(STUB_BASE + 12, &[(STUB_BASE as u64, flat)])).unwrap();
+    (plan, dir, path)
+}
+
+/// Runs the plan under QEMU; returns the run status the repair kernel
+/// signalled, or a description of what else happened.
+fn run(contract: &Contract, rsi_override: Option<u64>) -> Result<u32, String> {
+    let (_plan, _dir, path) = stub_elf(contract, rsi_override);
 
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "128", "-no-reboot", "-display", "none", "-serial", "none"])
@@ -184,34 +183,7 @@ fn an_invalid_contract_is_not_run() {
 fn run_and_read_back(contract: &Contract, rsi_override: Option<u64>) -> (Contract, u64) {
     use std::io::{BufRead, BufReader, Write};
 
-    let image = RepairImage {
-        kernel: KernelId::default(),
-        profile_json: "{}".into(),
-        layout: KernelLayout::default(),
-        unikernel: builtin_unikernel().unwrap(),
-        snapshot_source: SnapshotSource::VmlinuxFile,
-        skips: Vec::new(),
-        page_hashes: Default::default(),
-        pristine: Default::default(),
-    };
-    let plan = StagePlan::new(&image, BASE, SIZE, RAM).unwrap();
-    let mut stub = STUB.to_vec();
-    let rsi = rsi_override.unwrap_or(plan.integrity_gva);
-    for (i, v) in [plan.cr3, plan.stack_top, plan.contract_gva, rsi, plan.entry_rip].iter().enumerate() {
-        stub[PARAMS + 8 * i..PARAMS + 8 * i + 8].copy_from_slice(&v.to_le_bytes());
-    }
-    let mut chunks = vec![(STUB_BASE as u64, stub)];
-    chunks.extend(plan.writes.iter().cloned());
-    chunks.push((plan.contract_gpa, contract.as_bytes().to_vec()));
-    let end = chunks.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
-    let mut flat = vec![0u8; (end - STUB_BASE as u64) as usize];
-    for (a, b) in &chunks {
-        let at = (a - STUB_BASE as u64) as usize;
-        flat[at..at + b.len()].copy_from_slice(b);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stub.elf");
-    std::fs::write(&path, elf32(STUB_BASE + 12, &[(STUB_BASE as u64, flat)])).unwrap();
+    let (plan, dir, path) = stub_elf(contract, rsi_override);
     let dump = dir.path().join("contract.bin");
 
     let mut child = Command::new("qemu-system-x86_64")

@@ -1,22 +1,12 @@
 //! The staging plan's page tables map exactly what they should.
 
-use builder::image::{KernelId, RepairImage, SnapshotSource, PF_W};
+use builder::image::{RepairImage, PF_W};
 use builder::stage::{Paging, StageError, StagePlan, IDENTITY_LIMIT};
 use builder::builtin_unikernel;
 use repair_kernel::contract::Contract;
-use repair_kernel::layout::KernelLayout;
 
 fn image() -> RepairImage {
-    RepairImage {
-        kernel: KernelId::default(),
-        profile_json: "{}".into(),
-        layout: KernelLayout::default(),
-        unikernel: builtin_unikernel().unwrap(),
-        snapshot_source: SnapshotSource::VmlinuxFile,
-        skips: Vec::new(),
-        page_hashes: Default::default(),
-        pristine: Default::default(),
-    }
+    RepairImage { unikernel: builtin_unikernel().unwrap(), ..RepairImage::default() }
 }
 
 fn check(plan: &StagePlan, image: &RepairImage, base: u64, size: u64, ram_end: u64) {

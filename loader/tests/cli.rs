@@ -38,30 +38,8 @@ fn image_file(kernel: Kernel, dir: &std::path::Path) -> std::path::PathBuf {
 #[test]
 fn watch_repairs_crashes_and_reports_each_as_json() {
     let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file()).unwrap();
-    let image = image_file(Kernel::Debian, guest.dir());
     let events = guest.dir().join("events.jsonl");
-    let mut watcher = bin()
-        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
-        .arg("--ram-file")
-        .arg(guest.ram_file().unwrap())
-        .arg("--image")
-        .arg(&image)
-        .arg("--events")
-        .arg(&events)
-        .args(["--max-repairs", "2"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the watcher has armed its trap.
-    let start = Instant::now();
-    while !std::fs::read_to_string(&events).unwrap_or_default().contains("\"attached\"") {
-        assert!(start.elapsed() < Duration::from_secs(60), "watcher never attached");
-        if let Some(st) = watcher.try_wait().unwrap() {
-            let out = watcher.wait_with_output().unwrap();
-            panic!("watcher exited {st}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let watcher = start_watch(&guest, &events, &["--max-repairs", "2"]);
     let mut pids = Vec::new();
     for _ in 0..2 {
         let c = guest.crash("sysrq-c").unwrap();
@@ -116,24 +94,29 @@ fn bad_input_gets_a_message_not_a_backtrace() {
     assert!(err.contains("not a repair image") || err.contains("unix:PATH"), "{err}");
 }
 
-/// Starts `watch` on a guest and waits until it has armed its trap.
-fn start_watch(guest: &Guest, events: &std::path::Path) -> std::process::Child {
-    let image = image_file(Kernel::Debian, guest.dir());
+/// Starts `watch` on a guest (RAM file and QMP given, plus `extra`
+/// arguments) and waits until it has armed its trap.
+fn start_watch(guest: &Guest, events: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let image = image_file(guest.kernel(), guest.dir());
     let mut watcher = bin()
-        .args(["watch", "--gdb", &guest.gdb_addr()])
+        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
         .arg("--ram-file")
         .arg(guest.ram_file().unwrap())
         .arg("--image")
         .arg(&image)
         .arg("--events")
         .arg(events)
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let start = Instant::now();
     while !std::fs::read_to_string(events).unwrap_or_default().contains("\"attached\"") {
         assert!(start.elapsed() < Duration::from_secs(60), "watcher never attached");
-        assert!(watcher.try_wait().unwrap().is_none(), "watcher exited early");
+        if let Some(st) = watcher.try_wait().unwrap() {
+            let out = watcher.wait_with_output().unwrap();
+            panic!("watcher exited {st}: {}", String::from_utf8_lossy(&out.stderr));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     watcher
@@ -154,7 +137,7 @@ fn wait_exit(child: &mut std::process::Child, secs: u64) -> std::process::ExitSt
 fn watch_detaches_on_sigint_and_the_guest_runs_on() {
     let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file()).unwrap();
     let events = guest.dir().join("events.jsonl");
-    let mut watcher = start_watch(&guest, &events);
+    let mut watcher = start_watch(&guest, &events, &[]);
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(watcher.id() as i32, libc::SIGINT) }, 0);
     assert!(wait_exit(&mut watcher, 30).success());
@@ -172,7 +155,7 @@ fn watch_ends_cleanly_when_the_guest_goes_away() {
     // Outside the guest's directory, which goes with it.
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    let mut watcher = start_watch(&guest, &events);
+    let mut watcher = start_watch(&guest, &events, &[]);
     guest.shutdown().unwrap();
     assert!(wait_exit(&mut watcher, 30).success());
     let text = std::fs::read_to_string(&events).unwrap();
@@ -258,21 +241,9 @@ fn wait_event(events: &std::path::Path, needle: &str, secs: u64) -> String {
 #[test]
 fn watch_hangs_repairs_a_spinning_task_and_declines_a_sleeping_one() {
     let mut guest = Guest::boot(&GuestConfig::new(Kernel::Lkdtm).with_ram_file()).unwrap();
-    let image = image_file(Kernel::Lkdtm, guest.dir());
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    let mut watcher = bin()
-        .args(["watch", "--hangs", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
-        .arg("--ram-file")
-        .arg(guest.ram_file().unwrap())
-        .arg("--image")
-        .arg(&image)
-        .arg("--events")
-        .arg(&events)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_event(&events, "\"attached\"", 60);
+    let mut watcher = start_watch(&guest, &events, &["--hangs"]);
 
     // LOOP spins in the kernel: detected from outside, the spinner killed.
     let spin = guest.crash("LOOP").unwrap();
