@@ -45,6 +45,15 @@ struct DieRef<'u, 'a> {
     offset: UnitOffset<usize>,
 }
 
+impl<'u, 'a> DieRef<'u, 'a> {
+    /// A raw cursor at this DIE, its abbreviation read, attributes next.
+    fn entry(&self) -> gimli::Result<(gimli::EntriesRaw<'u, 'u, R<'a>>, &'u gimli::Abbreviation)> {
+        let mut raw = self.unit.header.entries_raw(&self.unit.abbrevs, Some(self.offset))?;
+        let ab = raw.read_abbreviation()?.ok_or(gimli::Error::NoEntryAtGivenOffset)?;
+        Ok((raw, ab))
+    }
+}
+
 /// One unit with its abbreviations.
 struct UnitCtx<'a> {
     header: UnitHeader<R<'a>>,
@@ -267,13 +276,7 @@ impl<'a> Scanner<'a> {
 
     /// Reads the attributes of the DIE at `die`.
     fn attrs(&self, die: DieRef<'_, 'a>) -> gimli::Result<DieAttrs<'a>> {
-        let mut raw = die
-            .unit
-            .header
-            .entries_raw(&die.unit.abbrevs, Some(die.offset))?;
-        let ab = raw
-            .read_abbreviation()?
-            .ok_or(gimli::Error::NoEntryAtGivenOffset)?;
+        let (mut raw, ab) = die.entry()?;
         let mut a = DieAttrs {
             tag: ab.tag(),
             name: None,
@@ -326,13 +329,7 @@ impl<'a> Scanner<'a> {
     /// The offsets of the direct children of `die`.
     fn children(&self, die: DieRef<'_, 'a>) -> gimli::Result<Vec<UnitOffset<usize>>> {
         let mut out = Vec::new();
-        let mut raw = die
-            .unit
-            .header
-            .entries_raw(&die.unit.abbrevs, Some(die.offset))?;
-        let ab = raw
-            .read_abbreviation()?
-            .ok_or(gimli::Error::NoEntryAtGivenOffset)?;
+        let (mut raw, ab) = die.entry()?;
         raw.skip_attributes(ab.attributes())?;
         if !ab.has_children() {
             return Ok(out);
