@@ -78,6 +78,12 @@ pub struct GuestConfig {
     pub boot_timeout: Duration,
     /// The kit directory; `None` for [`Kit::locate`]'s default.
     pub kit_dir: Option<PathBuf>,
+    /// The QEMU binary; `None` for `$QEMU`, else `qemu-system-x86_64` on the
+    /// `PATH` (the system's). [`GuestConfig::with_qemu10`] picks the kit's.
+    pub qemu: Option<PathBuf>,
+    /// A second QMP monitor ([`Guest::qmp2_addr`]), for a test that talks
+    /// QMP while another client holds the first.
+    pub second_qmp: bool,
 }
 
 impl GuestConfig {
@@ -92,7 +98,32 @@ impl GuestConfig {
             qemu_args: Vec::new(),
             boot_timeout: Duration::from_secs(120),
             kit_dir: None,
+            qemu: None,
+            second_qmp: false,
         }
+    }
+
+    /// Boots under this QEMU binary instead of the default.
+    pub fn with_qemu(mut self, qemu: impl Into<PathBuf>) -> Self {
+        self.qemu = Some(qemu.into());
+        self
+    }
+
+    /// Boots under the kit's QEMU 10 ([`qemu10_binary`], in this config's kit
+    /// directory when it names one).
+    pub fn with_qemu10(self) -> Result<Self> {
+        let kit = match &self.kit_dir {
+            Some(dir) => Kit { dir: dir.clone() },
+            None => Kit::locate()?,
+        };
+        let qemu = qemu10_in(&kit)?;
+        Ok(self.with_qemu(qemu))
+    }
+
+    /// Adds a second QMP monitor, at [`Guest::qmp2_addr`].
+    pub fn with_second_qmp(mut self) -> Self {
+        self.second_qmp = true;
+        self
     }
 
     pub fn append(mut self, word: &str) -> Self {
@@ -135,11 +166,33 @@ pub struct Guest {
     cmd_partial: Vec<u8>,
     next_id: u64,
     kernel: Kernel,
+    /// The QEMU binary this guest runs under.
+    qemu: String,
+    second_qmp: bool,
 }
 
 /// The QEMU binary; `QEMU` overrides.
 fn qemu_binary() -> String {
     std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// Where `scripts/kit-qemu10` puts its wrapper, inside the kit directory.
+const QEMU10_IN_KIT: &str = "qemu10/bin/qemu-system-x86_64";
+
+/// The kit's QEMU 10 (Debian bookworm-backports, unpacked beside the
+/// system's 7.2 by `scripts/kit-qemu10`, which `scripts/guest-kit` runs): a
+/// wrapper that boots the kit's guests as the system QEMU does.
+pub fn qemu10_binary() -> Result<PathBuf> {
+    qemu10_in(&Kit::locate()?)
+}
+
+fn qemu10_in(kit: &Kit) -> Result<PathBuf> {
+    let p = kit.dir.join(QEMU10_IN_KIT);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::KitMissing(p))
+    }
 }
 
 impl Guest {
@@ -162,7 +215,10 @@ impl Guest {
         ];
         append.extend(cfg.append.iter().cloned());
 
-        let qemu = qemu_binary();
+        let qemu = match &cfg.qemu {
+            Some(q) => q.display().to_string(),
+            None => qemu_binary(),
+        };
         let mut cmd = Command::new(&qemu);
         cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"])
             .args(["-smp", &cfg.cpus.to_string()])
@@ -192,6 +248,12 @@ impl Guest {
                 &format!("unix:{},server=on,wait=off", dir.path().join("qmp.sock").display()),
             ])
             .args(["-device", "pvpanic"]);
+        if cfg.second_qmp {
+            cmd.args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", dir.path().join("qmp2.sock").display()),
+            ]);
+        }
         let mut ram_dir = None;
         if cfg.ram_file {
             let shm = Path::new("/dev/shm");
@@ -220,7 +282,7 @@ impl Guest {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| Error::QemuSpawn { qemu, source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::QemuSpawn { qemu: qemu.clone(), source })?;
 
         // Connect the command channel as soon as QEMU listens; on any
         // failure, QEMU goes too.
@@ -265,6 +327,8 @@ impl Guest {
             cmd_partial: Vec::new(),
             next_id: 1,
             kernel: cfg.kernel,
+            qemu,
+            second_qmp: cfg.second_qmp,
         };
         guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
         Ok(guest)
@@ -282,6 +346,18 @@ impl Guest {
     /// `unix:PATH` of the QMP socket.
     pub fn qmp_addr(&self) -> String {
         format!("unix:{}", self.dir.path().join("qmp.sock").display())
+    }
+
+    /// `unix:PATH` of the second QMP socket, when booted
+    /// [`GuestConfig::with_second_qmp`].
+    pub fn qmp2_addr(&self) -> Option<String> {
+        self.second_qmp
+            .then(|| format!("unix:{}", self.dir.path().join("qmp2.sock").display()))
+    }
+
+    /// The QEMU binary the guest runs under.
+    pub fn qemu(&self) -> &str {
+        &self.qemu
     }
 
     /// The file backing guest RAM, when booted [`GuestConfig::with_ram_file`].
