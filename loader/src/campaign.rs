@@ -13,7 +13,7 @@
 use crate::access::{AccessError, Endpoint, GuestAccess, StopReason};
 use crate::flow::{FlowConfig, FlowError, Mode, Outcome, Session};
 use crate::gdb::GdbGuest;
-use crate::hang::{self, Hang, HangConfig, HangKind, HangLayout, Sampler};
+use crate::hang::{self, Hang, HangConfig, HangKind, HangLayout, HangPolicy, Sampler, SamplerMsg};
 use crate::memory::{RamFile, WithRam};
 use crate::watch::{crash_kind_name, reason_name};
 use anyhow::{Context, Result};
@@ -62,8 +62,14 @@ pub struct CampaignConfig {
     pub type_timeout: Duration,
     pub hang: HangConfig,
     /// Kill a task found spinning in the kernel (through the repair
-    /// kernel's verdict), as for a crash.
+    /// kernel's verdict), as for a crash, once the hang is certain (see
+    /// [`HangPolicy`]).
     pub repair_hangs: bool,
+    /// After a hang is detected but not certain, how long to wait for it to
+    /// become certain or for the task to finish by itself (LKDTM
+    /// ATOMIC_TIMING and REFCOUNT_TIMING take 60-95 s of vCPU time under
+    /// TCG).
+    pub hang_wait: Duration,
     /// A fresh guest for every type.
     pub fresh_each: bool,
     /// QEMU `-cpu` model. The default adds SMEP and SMAP to qemu64, so
@@ -81,6 +87,7 @@ impl Default for CampaignConfig {
             type_timeout: Duration::from_secs(8),
             hang: HangConfig::default(),
             repair_hangs: true,
+            hang_wait: Duration::from_secs(300),
             fresh_each: false,
             cpu: "qemu64,+smep,+smap".into(),
             verbose: true,
@@ -100,6 +107,12 @@ pub enum Class {
     HangRecovered,
     /// Hang detected from outside; not repaired (with the reason).
     HangDeclined,
+    /// Hang detected from outside, never certain, and the task finished by
+    /// itself: nothing was killed.
+    HangSelfResolved,
+    /// Hang detected from outside, never certain within the wait: not
+    /// acted on, and the task still runs.
+    HangUncertain,
     /// The kernel did not crash: the child exited by itself (a WARN, an
     /// XFAIL, a protection that is not configured).
     NotCrashing,
@@ -125,6 +138,8 @@ impl Class {
             Class::Declined => "declined",
             Class::HangRecovered => "hang: recovered",
             Class::HangDeclined => "hang: declined",
+            Class::HangSelfResolved => "hang: detected, finished by itself",
+            Class::HangUncertain => "hang: detected, never certain (not acted on)",
             Class::NotCrashing => "no crash",
             Class::RepairFailed => "REPAIR FAILED",
             Class::Collateral => "collateral kills",
@@ -165,6 +180,10 @@ pub struct TypeRecord {
     /// trigger to the verdict, ms.
     pub hang_detect_ms: Option<f64>,
     pub hang_after_trigger_ms: Option<f64>,
+    /// Hang: from the trigger to the report that made it certain, ms, and
+    /// the evidence of the last report.
+    pub hang_certain_after_trigger_ms: Option<f64>,
+    pub hang_why: Option<String>,
     /// Trigger to the child's exit, ms.
     pub trigger_to_exit_ms: Option<f64>,
     /// Which guest boot of the campaign ran the type.
@@ -199,6 +218,8 @@ impl TypeRecord {
             repair_ms: None,
             hang_detect_ms: None,
             hang_after_trigger_ms: None,
+            hang_certain_after_trigger_ms: None,
+            hang_why: None,
             trigger_to_exit_ms: None,
             boot,
             console: Vec::new(),
@@ -227,6 +248,11 @@ pub struct Report {
     pub command: String,
     pub hang_threshold_ms: f64,
     pub hang_period_ms: f64,
+    pub hang_policy: HangPolicy,
+    /// The kill-after in force and where it came from (first boot).
+    pub hang_kill_after: String,
+    /// How the vCPU threads were found (first boot).
+    pub vcpu_threads: String,
     pub boots: u32,
     pub wall_s: f64,
     pub types: Vec<TypeRecord>,
@@ -241,6 +267,15 @@ enum Msg {
     Hang(Hang),
     /// A hang repair found nothing to act on (why).
     HangSkipped(String),
+    /// The sampler failed (caught and restarted), or QMP did.
+    SamplerError(String),
+}
+
+/// What the QMP thread is asked.
+#[derive(Debug)]
+enum QmpReq {
+    /// Pause the guest (QMP `stop`) this long, then `cont`.
+    Pause(Duration),
 }
 
 /// What the campaign asks the watcher thread.
@@ -258,8 +293,12 @@ struct Live {
     boot: u32,
     rx: Receiver<Msg>,
     req: Sender<Req>,
+    qmp_req: Option<Sender<QmpReq>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The kill-after in force, and how the vCPU threads were found.
+    kill_after: String,
+    vcpu_threads: String,
 }
 
 impl Live {
@@ -285,20 +324,54 @@ impl Live {
         let (tx, rx) = channel();
         let (req_tx, req_rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped_on_purpose = Arc::new(AtomicBool::new(false));
+        // The sampler's pause flag: set by the watcher around its own stops
+        // and by the QMP thread while the run state is not `running`.
+        let paused = Arc::new(AtomicBool::new(false));
+        // A pause by someone else (the QMP thread's `stop`) is in progress:
+        // the watcher must not resume the guest when the gdbstub reports it.
+        let foreign = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+
+        // QEMU's vCPU threads from QMP (`query-cpus-fast`), so no-progress
+        // time is counted in CPU time each vCPU really got.
+        let mut qmp = crate::qmp::Qmp::connect(&guest.qmp_addr().parse::<Endpoint>()?).context("QMP")?;
+        let (vcpu_threads, how) = match hang::vcpu_threads_from_qmp(&mut qmp, guest.qemu_pid()) {
+            Ok(t) => {
+                let how = format!("query-cpus-fast: {} vCPU threads", t.len());
+                (Some(t), how)
+            }
+            Err(e) => match hang::qemu_vcpu_threads(guest.qemu_pid(), nr_cpus) {
+                Some(t) => (Some(t), format!("thread names (QMP: {e})")),
+                None => (None, format!("unknown ({e}): wall time")),
+            },
+        };
+        let (qmp_tx, qmp_rx) = channel();
         {
-            let (tx, stop, paused) = (tx.clone(), stop.clone(), stopped_on_purpose.clone());
-            threads.push(std::thread::spawn(move || watcher(g, session, tx, req_rx, stop, paused)));
+            let (tx, stop, paused, foreign) = (tx.clone(), stop.clone(), paused.clone(), foreign.clone());
+            threads.push(std::thread::spawn(move || qmp_thread(qmp, tx, qmp_rx, stop, paused, foreign)));
         }
         {
-            let sampler_mem = RamFile::open_pc(&ram_path, 0xe000_0000)?;
-            let mut sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
-            sampler.vcpu_threads = hang::qemu_vcpu_threads(guest.qemu_pid(), nr_cpus);
-            let (stop, paused) = (stop.clone(), stopped_on_purpose.clone());
-            threads.push(std::thread::spawn(move || sample_loop(sampler, tx, stop, paused)));
+            let (tx, stop, paused, foreign) = (tx.clone(), stop.clone(), paused.clone(), foreign.clone());
+            threads.push(std::thread::spawn(move || watcher(g, session, tx, req_rx, stop, paused, foreign)));
         }
-        Ok(Live { guest, boot: n, rx, req: req_tx, stop, threads })
+        let sampler_mem = RamFile::open_pc(&ram_path, 0xe000_0000)?;
+        let mut sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
+        sampler.vcpu_threads = vcpu_threads;
+        let kill_after = sampler.kill_after_source.clone();
+        let (srx, shandle) = hang::spawn_sampler_msgs(sampler, paused, stop.clone());
+        threads.push(std::thread::spawn(move || {
+            for m in srx {
+                let m = match m {
+                    SamplerMsg::Hang(h) => Msg::Hang(h),
+                    SamplerMsg::Error(e) => Msg::SamplerError(e),
+                };
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+            let _ = shandle.join();
+        }));
+        Ok(Live { guest, boot: n, rx, req: req_tx, qmp_req: Some(qmp_tx), stop, threads, kill_after, vcpu_threads: how })
     }
 
     fn shutdown(mut self) {
@@ -333,6 +406,7 @@ fn watcher(
     req: Receiver<Req>,
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
+    foreign: Arc<AtomicBool>,
 ) {
     let Ok(panic_addr) = session.panic_addr() else { return };
     while !stop.load(Ordering::Relaxed) {
@@ -361,6 +435,17 @@ fn watcher(
             }
         };
         paused.store(true, Ordering::Relaxed);
+        if ev.reason != StopReason::Trap && foreign.load(Ordering::Relaxed) {
+            // Someone else's pause (QMP `stop`), reported by the gdbstub:
+            // leave it to them; once they resumed, the gdbstub's `continue`
+            // is a no-op that puts its state back in step.
+            while foreign.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = g.resume();
+            paused.store(false, Ordering::Relaxed);
+            continue;
+        }
         if ev.reason != StopReason::Trap || ev.rip.0 != panic_addr {
             let _ = g.resume();
             paused.store(false, Ordering::Relaxed);
@@ -389,31 +474,88 @@ fn watcher(
     }
 }
 
-/// The sampler thread.
-fn sample_loop(mut s: Sampler<RamFile>, tx: Sender<Msg>, stop: Arc<AtomicBool>, paused: Arc<AtomicBool>) {
-    let period = s.cfg.period;
-    while !stop.load(Ordering::Relaxed) {
-        if paused.load(Ordering::Relaxed) {
-            s.reset();
-        } else {
-            for h in s.sample(Instant::now()) {
-                if tx.send(Msg::Hang(h)).is_err() {
-                    return;
-                }
+/// The QMP thread: the run state from QMP `STOP`/`RESUME` events drives
+/// the sampler's pause flag (a paused guest is never hung), and pauses on
+/// request (QMP `stop`, then `cont`), as someone else would.
+fn qmp_thread(
+    mut q: crate::qmp::Qmp,
+    tx: Sender<Msg>,
+    req: Receiver<QmpReq>,
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    foreign: Arc<AtomicBool>,
+) {
+    let on_events = |q: &mut crate::qmp::Qmp, events: Vec<crate::qmp::QmpEvent>| -> Result<(), AccessError> {
+        for e in events {
+            match e.name.as_str() {
+                // Our own stops are `debug`; any state but running is a pause.
+                "STOP" if q.query_status()? != "running" => paused.store(true, Ordering::Relaxed),
+                "RESUME" => paused.store(false, Ordering::Relaxed),
+                _ => {}
             }
         }
-        std::thread::sleep(period);
+        Ok(())
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let r = (|| -> Result<(), AccessError> {
+            if let Ok(QmpReq::Pause(d)) = req.try_recv() {
+                foreign.store(true, Ordering::Relaxed);
+                q.stop()?;
+                let ev = q.take_events();
+                on_events(&mut q, ev)?;
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    if let Some(e) = q.next_event(Some(until.saturating_duration_since(Instant::now())))? {
+                        on_events(&mut q, vec![e])?;
+                    }
+                }
+                q.cont()?;
+                foreign.store(false, Ordering::Relaxed);
+            }
+            if let Some(e) = q.next_event(Some(Duration::from_millis(50)))? {
+                on_events(&mut q, vec![e])?;
+            }
+            let ev = q.take_events();
+            on_events(&mut q, ev)
+        })();
+        if let Err(e) = r {
+            foreign.store(false, Ordering::Relaxed);
+            if !stop.load(Ordering::Relaxed) {
+                let _ = tx.send(Msg::SamplerError(format!("QMP: {e}")));
+            }
+            return;
+        }
     }
+}
+
+/// The hang layout of the kit's LKDTM image: the image's table and profile
+/// (threads of every process), and `watchdog_thresh` from the kit's
+/// System.map when the profile lacks it.
+fn hang_layout(image: &builder::RepairImage) -> Result<HangLayout> {
+    let mut layout = HangLayout::from_image(image, 0)?;
+    if layout.watchdog_thresh.is_none() {
+        let map = harness::Kit::locate().ok().and_then(|k| k.system_map(Kernel::Lkdtm).ok());
+        let text = map.and_then(|m| std::fs::read_to_string(m).ok()).unwrap_or_default();
+        layout.watchdog_thresh = text.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, _, name) = (f.next()?, f.next()?, f.next()?);
+            (name == "watchdog_thresh").then(|| u64::from_str_radix(a, 16).ok()).flatten().map(crate::access::Gva)
+        });
+    }
+    Ok(layout)
 }
 
 /// Runs the campaign.
 pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     let start = Instant::now();
     let image = crate::demo::kit_image(Kernel::Lkdtm)?;
-    let layout = HangLayout::from_layout(&image.layout, 0)?;
+    let layout = hang_layout(&image)?;
     let mut report = Report {
         kernel: image.kernel.release.clone(),
         cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
+        hang_policy: cfg.hang.policy,
+        hang_kill_after: String::new(),
+        vcpu_threads: String::new(),
         cpu: cfg.cpu.clone(),
         command: command.to_string(),
         hang_threshold_ms: cfg.hang.cpu_threshold.as_secs_f64() * 1e3,
@@ -427,7 +569,13 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
         if live.is_none() {
             report.boots += 1;
             match Live::boot(report.boots, cfg, &image, &layout) {
-                Ok(l) => live = Some(l),
+                Ok(l) => {
+                    if report.vcpu_threads.is_empty() {
+                        report.hang_kill_after = l.kill_after.clone();
+                        report.vcpu_threads = l.vcpu_threads.clone();
+                    }
+                    live = Some(l)
+                }
                 Err(e) => {
                     let mut r = TypeRecord::new(name, report.boots);
                     r.notes.push(format!("boot/attach failed: {e:#}"));
@@ -450,7 +598,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             );
         }
         let keep = !cfg.fresh_each
-            && matches!(rec.class, Class::Recovered | Class::NotCrashing)
+            && matches!(rec.class, Class::Recovered | Class::NotCrashing | Class::HangSelfResolved)
             && rec.alive == Some(true)
             && rec.source != "heap";
         report.types.push(rec);
@@ -520,6 +668,8 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     let mut outcome: Option<(Box<Outcome>, f64, bool)> = None;
     let mut extra_traps = 0u32;
     let mut hang: Option<Hang> = None;
+    let mut certain: Option<Hang> = None;
+    let mut waiting_for_certainty = false;
     let mut hang_requested = false;
     let mut gone: Option<String> = None;
     let mut flow_err: Option<String> = None;
@@ -538,15 +688,26 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
                 Ok(Msg::Hang(h)) => {
                     // The hang to act on: a task spinning on a CPU, or the
                     // child itself. A kernel thread blocked behind a stuck
-                    // CPU is a consequence, noted, not the cause.
+                    // CPU is a consequence, noted, not the cause. The
+                    // episode is reported on detection and again, at most
+                    // once, when it becomes certain.
                     let primary = matches!(h.kind, HangKind::StuckCpu { .. }) || h.pid as u32 == crash.pid;
-                    if hang.is_none() && primary {
-                        hang = Some(h);
+                    let same = hang.as_ref().is_some_and(|x| x.pid == h.pid && x.kind == h.kind);
+                    if primary && (hang.is_none() || same) {
+                        r.hang_why = Some(h.why.clone());
+                        if h.certain && certain.is_none() {
+                            r.hang_certain_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
+                            certain = Some(h.clone());
+                        }
+                        if hang.is_none() {
+                            hang = Some(h);
+                        }
                     } else {
-                        r.notes.push(format!("also: {:?} pid {} ({})", h.kind, h.pid, h.comm));
+                        r.notes.push(format!("also: {:?} pid {} ({}){}", h.kind, h.pid, h.comm, if h.certain { ", certain" } else { "" }));
                     }
                 }
                 Ok(Msg::HangSkipped(why)) => r.notes.push(format!("hang repair skipped: {why}")),
+                Ok(Msg::SamplerError(e)) => r.notes.push(format!("sampler: {e}")),
                 Err(_) => break,
             }
         }
@@ -560,7 +721,16 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
                 break;
             }
         }
-        if let Some(h) = &hang {
+        if let (Some(h), None) = (&hang, &certain) {
+            if !waiting_for_certainty && outcome.is_none() && matches!(h.kind, HangKind::StuckCpu { .. }) && !h.kthread {
+                // Detected, not certain: act on nothing yet; wait for the
+                // certain report or for the task to finish by itself.
+                waiting_for_certainty = true;
+                deadline = deadline.max(Instant::now() + cfg.hang_wait);
+            }
+        }
+        let to_act = certain.as_ref().or(hang.as_ref().filter(|h| !matches!(h.kind, HangKind::StuckCpu { .. }) || h.kthread));
+        if let Some(h) = to_act {
             if !hang_requested && outcome.is_none() {
                 hang_requested = true;
                 match h.kind {
@@ -675,6 +845,15 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
             if healthy && r.child_status == Some(137) { Class::Recovered } else { Class::RepairFailed }
         }
         (Some(_), _) => Class::Declined,
+        (None, Some(h)) if matches!(h.kind, HangKind::StuckCpu { .. }) && !h.kthread && certain.is_none() => {
+            if r.child_status.is_some() && healthy {
+                Class::HangSelfResolved
+            } else if r.child_status.is_some() {
+                Class::RepairFailed
+            } else {
+                Class::HangUncertain
+            }
+        }
         (None, Some(_)) => Class::HangDeclined,
         (None, None) if flow_err.is_some() => Class::Declined,
         (None, None) if gone.is_some() => Class::GuestLost,
@@ -687,6 +866,17 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     }
     if r.class == Class::HangDeclined && r.reason.is_none() {
         r.reason = r.notes.iter().find(|n| n.starts_with("hang")).cloned();
+    }
+    if matches!(r.class, Class::HangSelfResolved | Class::HangUncertain) {
+        r.action = Some("none".into());
+        r.reason = Some(format!(
+            "never certain, so not killed{}: {}",
+            match r.trigger_to_exit_ms {
+                Some(ms) if r.class == Class::HangSelfResolved => format!("; it finished by itself {:.1} s after the trigger", ms / 1e3),
+                _ => format!("; still running after {:.0} s", cfg.hang_wait.as_secs_f64()),
+            },
+            r.hang_why.clone().unwrap_or_default()
+        ));
     }
     r
 }
@@ -732,10 +922,13 @@ pub fn markdown(rep: &Report) -> String {
     let count = |c: Class| rep.types.iter().filter(|t| t.class == c).count();
     let _ = writeln!(s, "# The crash catalogue: every LKDTM type, measured\n");
     let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` under QEMU TCG (`-cpu {}`), 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.cpu, rep.cmdline);
-    let _ = writeln!(s, "Each type is written to `/sys/kernel/debug/provoke-crash/DIRECT` by a new child of the guest's init while the watcher is attached (hardware breakpoint at `panic`) and the hang sampler reads guest RAM every {:.0} ms (threshold {:.0} ms).\n", rep.hang_period_ms, rep.hang_threshold_ms);
+    let _ = writeln!(s, "Each type is written to `/sys/kernel/debug/provoke-crash/DIRECT` by a new child of the guest's init while the watcher is attached (hardware breakpoint at `panic`) and the hang sampler reads guest RAM every {:.0} ms (threshold {:.0} ms; no-progress time counted in CPU time of the vCPU threads, found by {}). Hang policy: {}.\n", rep.hang_period_ms, rep.hang_threshold_ms, rep.vcpu_threads, match rep.hang_policy {
+        HangPolicy::WhenCertain => format!("report at detection, act only when certain (IRQs off for the threshold, or no progress for the kill-after of {} while the kernel stack cycles)", rep.hang_kill_after),
+        HangPolicy::AtDetection => "act at detection".to_string(),
+    });
     let _ = writeln!(s, "## Summary\n");
     let _ = writeln!(s, "| outcome | types |\n|---|---|");
-    for c in [Class::Recovered, Class::HangRecovered, Class::Declined, Class::HangDeclined, Class::NotCrashing, Class::Collateral, Class::RepairFailed, Class::GuestLost, Class::NoOutcome, Class::Error] {
+    for c in [Class::Recovered, Class::HangRecovered, Class::Declined, Class::HangDeclined, Class::HangSelfResolved, Class::HangUncertain, Class::NotCrashing, Class::Collateral, Class::RepairFailed, Class::GuestLost, Class::NoOutcome, Class::Error] {
         let n = count(c);
         if n > 0 {
             let names: Vec<&str> = rep.types.iter().filter(|t| t.class == c).map(|t| t.name.as_str()).collect();
@@ -818,6 +1011,18 @@ pub struct CampaignArgs {
     /// Detect hangs but never repair them.
     #[arg(long)]
     pub no_repair_hangs: bool,
+    /// A stuck CPU (IRQs on) is certain, so killed, after this long without
+    /// progress (vCPU time); default: the guest's soft-lockup limit
+    /// (2 x watchdog_thresh, 20 s).
+    #[arg(long)]
+    pub kill_after_ms: Option<u64>,
+    /// Act on every hang at detection (the old policy), not only when certain.
+    #[arg(long)]
+    pub act_at_detection: bool,
+    /// Seconds to wait, after a hang that is not certain, for it to become
+    /// certain or to finish by itself.
+    #[arg(long, default_value_t = 300.0)]
+    pub hang_wait: f64,
     /// A fresh guest for every type.
     #[arg(long)]
     pub fresh_each: bool,
@@ -849,6 +1054,13 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     cfg.hang.blocked_threshold = Duration::from_millis(a.hang_ms);
     cfg.hang.period = Duration::from_millis(a.period_ms);
     cfg.repair_hangs = !a.no_repair_hangs;
+    if let Some(ms) = a.kill_after_ms {
+        cfg.hang = cfg.hang.with_kill_after(Duration::from_millis(ms));
+    }
+    if a.act_at_detection {
+        cfg.hang.policy = HangPolicy::AtDetection;
+    }
+    cfg.hang_wait = Duration::from_secs_f64(a.hang_wait);
     cfg.fresh_each = a.fresh_each;
     cfg.cpu = a.cpu.clone();
     let command = std::iter::once("repair-guest".to_string())
@@ -891,40 +1103,130 @@ pub struct BusyReport {
     pub secs: f64,
     pub period_ms: f64,
     pub threshold_ms: f64,
+    pub hang_policy: HangPolicy,
+    pub kill_after: String,
+    pub vcpu_threads: String,
     pub workload: String,
     pub completed: bool,
-    /// Every hang the sampler declared (each a false positive: nothing hung).
+    /// The workload's output lines.
+    pub output: Vec<String>,
+    /// Every hang the sampler reported, certain or not.
     pub hangs: Vec<String>,
-    /// Traps at panic during the run (there should be none).
+    /// The reports that were certain (the only ones acted on).
+    pub certain: Vec<String>,
+    /// Hang repairs requested (certain hangs, with `act`).
+    pub acted: u32,
+    /// Traps at panic during the run (there should be none), repairs
+    /// included.
     pub traps: u32,
+    /// A QMP pause in the run: (after, for) in ms.
+    pub pause_ms: Option<(f64, f64)>,
+    /// Sampler or QMP failures.
+    pub errors: Vec<String>,
+}
+
+/// How to run a workload under watch.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadOptions {
+    /// Pause the guest through QMP (`stop`, then `cont`) after the first
+    /// duration, for the second, as someone else would.
+    pub pause: Option<(Duration, Duration)>,
+    /// Act on certain hangs (a stuck CPU of a user task: the repair
+    /// kernel's verdict), as the watcher does; otherwise only report.
+    pub act: bool,
 }
 
 /// Boots a guest, runs [`busy_workload`] for `secs` with the sampler
 /// watching (hang repair off), and returns every hang it declared.
 pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyReport> {
+    run_workload(&busy_workload(secs), Duration::from_secs(secs + 60), cfg, &WorkloadOptions::default())
+}
+
+/// Boots a guest and runs `workload` (a shell command, through the guest's
+/// command channel) with the watcher and the sampler attached; reports
+/// every hang the sampler raised and what was done about it.
+pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opts: &WorkloadOptions) -> Result<BusyReport> {
     let image = crate::demo::kit_image(Kernel::Lkdtm)?;
-    let layout = HangLayout::from_layout(&image.layout, 0)?;
+    let layout = hang_layout(&image)?;
     let mut l = Live::boot(1, cfg, &image, &layout)?;
-    let workload = busy_workload(secs);
+    // The messages are handled on another thread while the command runs.
+    let (_keep, dummy) = channel();
+    let rx = std::mem::replace(&mut l.rx, dummy);
+    let req = l.req.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let act = opts.act;
+    let collector = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut out = (Vec::new(), Vec::new(), 0u32, 0u32, Vec::new());
+            loop {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(Msg::Hang(h)) => {
+                        let line = format!(
+                            "{:?} pid {} ({}) after {:.0} ms without progress{}: {}",
+                            h.kind,
+                            h.pid,
+                            h.comm,
+                            h.stalled_ms,
+                            if h.certain { ", CERTAIN" } else { "" },
+                            h.why
+                        );
+                        if h.certain {
+                            out.1.push(line.clone());
+                            if let (true, HangKind::StuckCpu { cpu, .. }, false) = (act, &h.kind, h.kthread) {
+                                out.2 += 1;
+                                let _ = req.send(Req::RepairHang { cpu: *cpu });
+                            }
+                        }
+                        out.0.push(line);
+                    }
+                    Ok(Msg::Repair { .. }) | Ok(Msg::FlowError(_)) => out.3 += 1,
+                    Ok(Msg::SamplerError(e)) | Ok(Msg::Gone(e)) | Ok(Msg::HangSkipped(e)) => out.4.push(e),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if done.load(Ordering::Relaxed) {
+                            return out;
+                        }
+                    }
+                    Err(_) => return out,
+                }
+            }
+        })
+    };
+    let pauser = opts.pause.and_then(|(after, d)| {
+        let q = l.qmp_req.clone()?;
+        Some(std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let _ = q.send(QmpReq::Pause(d));
+        }))
+    });
     let t = Instant::now();
-    let res = l.guest.run(&workload, Duration::from_secs(secs + 60));
+    let res = l.guest.run(workload, timeout);
     let elapsed = t.elapsed().as_secs_f64();
-    let mut rep = BusyReport {
+    if let Some(p) = pauser {
+        let _ = p.join();
+    }
+    // Reports raised at the very end still count.
+    std::thread::sleep(cfg.hang.cpu_threshold + Duration::from_millis(200));
+    done.store(true, Ordering::Relaxed);
+    let (hangs, certain, acted, traps, errors) = collector.join().map_err(|_| anyhow::anyhow!("the collector panicked"))?;
+    let output = res.as_ref().map(|r| r.output.clone()).unwrap_or_else(|e| vec![format!("run failed: {e}")]);
+    let rep = BusyReport {
         secs: elapsed,
         period_ms: cfg.hang.period.as_secs_f64() * 1e3,
         threshold_ms: cfg.hang.cpu_threshold.as_secs_f64() * 1e3,
-        workload,
-        completed: res.as_ref().is_ok_and(|r| r.output.iter().any(|o| o == "busy-done")),
-        hangs: Vec::new(),
-        traps: 0,
+        hang_policy: cfg.hang.policy,
+        kill_after: l.kill_after.clone(),
+        vcpu_threads: l.vcpu_threads.clone(),
+        workload: workload.to_string(),
+        completed: output.iter().any(|o| o == "busy-done"),
+        output,
+        hangs,
+        certain,
+        acted,
+        traps,
+        pause_ms: opts.pause.map(|(a, d)| (a.as_secs_f64() * 1e3, d.as_secs_f64() * 1e3)),
+        errors,
     };
-    while let Ok(m) = l.rx.try_recv() {
-        match m {
-            Msg::Hang(h) => rep.hangs.push(format!("{:?} pid {} ({}) after {:.0} ms without progress", h.kind, h.pid, h.comm, h.detected.duration_since(h.since).as_secs_f64() * 1e3)),
-            Msg::Repair { .. } | Msg::FlowError(_) => rep.traps += 1,
-            _ => {}
-        }
-    }
     l.shutdown();
     Ok(rep)
 }

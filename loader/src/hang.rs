@@ -10,30 +10,64 @@
 //!   user-space loop, which is progress): the task spins in the kernel
 //!   (LKDTM LOOP, SOFTLOCKUP, SPINLOCKUP; HARDLOCKUP too, and then its
 //!   `stime` does not move either, because with IRQs off no tick lands);
-//! - a **blocked task** when a task sits in `TASK_UNINTERRUPTIBLE` (without
-//!   `TASK_NOLOAD`, as the kernel's hung-task detector counts it) with no
-//!   context switch for longer than the blocked threshold (LKDTM HUNG_TASK).
+//! - a **blocked task** when a thread sits in `TASK_UNINTERRUPTIBLE`
+//!   (without `TASK_NOLOAD` or `TASK_WAKEKILL`, as the kernel's hung-task
+//!   detector counts it) with no context switch for longer than the
+//!   blocked threshold (LKDTM HUNG_TASK). Every thread is scanned, not only
+//!   thread-group leaders, when the image's profile has
+//!   `task_struct.thread_group`.
 //!
-//! Linux's own detectors need 20 s (soft lockup) and 120 s (hung task);
-//! the sampler's thresholds are configurable, 500 ms by default.
+//! **Detection is not the verdict.** A hang is reported fast (the threshold,
+//! 500 ms by default) with `certain: false`, and reported a second time, at
+//! most, when it becomes certain: a CPU stuck with IRQs off (no tick in the
+//! threshold of vCPU time) is certain at once; any other stuck CPU only
+//! after [`HangConfig::kill_after`] without progress (by default the guest's
+//! own soft-lockup limit, 2 x `watchdog_thresh`, 20 s), counted in CPU time
+//! the vCPU thread really got, and only while its kernel stack cycles
+//! through a few states (a spin) rather than changing at every sample (a
+//! long computation such as LKDTM ATOMIC_TIMING, which finishes by itself).
+//! Callers act (kill) only on certain hangs.
 //!
-//! The guest changes under our feet: every read is bounded, a torn read
-//! (a task exiting while we walk the list) costs one sample, never a false
-//! verdict, because a verdict needs the same facts over many samples.
+//! No-progress time is counted in host CPU time the vCPU thread got
+//! ([`vcpu_threads_from_qmp`]), so a vCPU the host did not run (an
+//! overloaded host) is never a hung one, and a paused guest is never hung:
+//! while the shared pause flag is set the sampler forgets what it saw, and
+//! every episode starts again after the pause.
+//!
+//! The guest changes under our feet: every read is bounded, every
+//! guest-read number goes through checked arithmetic, a torn read (a task
+//! exiting while we walk the list) costs one sample, never a false verdict,
+//! because a verdict needs the same facts over many samples.
 
 use crate::access::{translate, AccessError, Gpa, Gva, PhysAccess};
-use std::collections::HashMap;
 use repair_kernel::layout::{Item, KernelLayout};
-use std::path::Path;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// `TASK_UNINTERRUPTIBLE` and `TASK_NOLOAD` (include/linux/sched.h).
+/// `TASK_UNINTERRUPTIBLE`, `TASK_WAKEKILL` and `TASK_NOLOAD`
+/// (include/linux/sched.h).
 const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+const TASK_WAKEKILL: u32 = 0x100;
 const TASK_NOLOAD: u32 = 0x400;
 /// `PF_KTHREAD`.
 const PF_KTHREAD: u32 = 0x0020_0000;
-/// Cap of the task-list walk.
+/// Cap of the task-list walk (threads included).
 const MAX_TASKS: usize = 8192;
+/// x86_64 `THREAD_SIZE` without KASAN: the kernel stack hashed as evidence.
+const THREAD_SIZE: u64 = 16 << 10;
+/// Lowest kernel address: a list pointer below it is a torn read.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+/// Samples of the stack-state window: a stuck CPU whose kernel stack showed
+/// a state never seen before in at least half of the last this many samples
+/// is computing, not spinning.
+const STATE_WINDOW: usize = 25;
+/// Distinct stack states remembered per episode.
+const MAX_STATES: usize = 8192;
+/// The guest's soft-lockup limit when its `watchdog_thresh` is not known.
+pub const DEFAULT_SOFTLOCKUP: Duration = Duration::from_secs(20);
+/// Linux's hung-task default (`hung_task_timeout_secs`).
+pub const DEFAULT_HUNG_TASK: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HangError {
@@ -41,6 +75,8 @@ pub enum HangError {
     Missing(String),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error("QEMU's vCPU threads: {0}")]
+    VcpuThreads(String),
 }
 
 /// Where the scheduler state lives: run-time addresses (KASLR applied) and
@@ -65,6 +101,16 @@ pub struct HangLayout {
     pub task_nvcsw: u64,
     pub task_nivcsw: u64,
     pub task_tasks: u64,
+    /// `task_struct.stack`: the stack hashed as evidence of a spin.
+    pub task_stack: Option<u64>,
+    /// `task_struct.thread_group` (Linux < 6.7): the circular list of a
+    /// thread group's threads, walked from each leader so the blocked-task
+    /// scan sees every thread. From the image's profile; `None`: leaders
+    /// only.
+    pub task_thread_group: Option<u64>,
+    /// `watchdog_thresh` (an `int`, seconds), run-time address, when the
+    /// image's profile (or a System.map) has the symbol.
+    pub watchdog_thresh: Option<Gva>,
 }
 
 impl HangLayout {
@@ -92,30 +138,71 @@ impl HangLayout {
             task_nvcsw: get(Item::TaskNvcsw)?,
             task_nivcsw: get(Item::TaskNivcsw)?,
             task_tasks: get(Item::TaskTasks)?,
+            task_stack: layout.get(Item::TaskStack),
+            task_thread_group: None,
+            watchdog_thresh: None,
         })
     }
-}
 
-impl HangLayout {
+    /// [`HangLayout::from_layout`] plus what only the image's profile has:
+    /// `task_struct.thread_group` (the profile records every member of
+    /// `task_struct`) and `watchdog_thresh` (when the profile's symbol list
+    /// has it).
+    pub fn from_image(image: &builder::RepairImage, slide: u64) -> Result<HangLayout, HangError> {
+        let mut l = HangLayout::from_layout(&image.layout, slide)?;
+        if let Ok(p) = symbols::Profile::from_json(&image.profile_json) {
+            l.task_thread_group = p.offset("task_struct", "thread_group");
+            l.watchdog_thresh = p.symbol("watchdog_thresh").map(|a| Gva(a.wrapping_add(slide)));
+        }
+        Ok(l)
+    }
+
     /// The same layout for a guest booted with another KASLR slide.
     pub fn slid(&self, slide: u64) -> HangLayout {
         HangLayout {
             per_cpu_offset: Gva(self.per_cpu_offset.0.wrapping_add(slide)),
             init_task: Gva(self.init_task.0.wrapping_add(slide)),
             swapper_pgd: Gva(self.swapper_pgd.0.wrapping_add(slide)),
+            watchdog_thresh: self.watchdog_thresh.map(|a| Gva(a.0.wrapping_add(slide))),
             ..self.clone()
         }
     }
 }
 
-/// Thresholds and the sampling period.
+/// When a detected hang counts as certain (the only hangs to act on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HangPolicy {
+    /// Certain with proof only: IRQs off (no tick) for the threshold, or no
+    /// progress for [`HangConfig::kill_after`] while the kernel stack
+    /// cycles (a spin). The default.
+    WhenCertain,
+    /// Every detection is certain: act at the threshold (the behaviour
+    /// before the policy existed; kills long non-preemptible work too).
+    AtDetection,
+}
+
+/// Thresholds, the sampling period and the certainty policy.
 #[derive(Clone, Copy, Debug)]
 pub struct HangConfig {
     pub period: Duration,
-    /// A CPU without progress this long is stuck.
+    /// A CPU without progress this long is reported (detection).
     pub cpu_threshold: Duration,
-    /// A task in `TASK_UNINTERRUPTIBLE` without a switch this long is hung.
+    /// A task in `TASK_UNINTERRUPTIBLE` without a switch this long is
+    /// reported (detection).
     pub blocked_threshold: Duration,
+    /// A stuck CPU (IRQs on) without progress this long, in vCPU CPU time
+    /// when the vCPU threads are known, is certain. Default: the kernel's
+    /// own soft-lockup limit, 20 s (2 x `watchdog_thresh`, see
+    /// `kill_after_from_guest`).
+    pub kill_after: Duration,
+    /// Replace `kill_after` by 2 x the guest's `watchdog_thresh` when the
+    /// layout locates it and it reads 1..=3600 s.
+    pub kill_after_from_guest: bool,
+    /// A blocked task is certain after this long (wall time): Linux's
+    /// hung-task default, 120 s.
+    pub blocked_certain_after: Duration,
+    pub policy: HangPolicy,
 }
 
 impl Default for HangConfig {
@@ -124,7 +211,23 @@ impl Default for HangConfig {
             period: Duration::from_millis(20),
             cpu_threshold: Duration::from_millis(500),
             blocked_threshold: Duration::from_millis(500),
+            kill_after: DEFAULT_SOFTLOCKUP,
+            kill_after_from_guest: true,
+            blocked_certain_after: DEFAULT_HUNG_TASK,
+            policy: HangPolicy::WhenCertain,
         }
+    }
+}
+
+impl HangConfig {
+    /// Every detection certain (act at the threshold).
+    pub fn at_detection() -> Self {
+        Self { policy: HangPolicy::AtDetection, ..Self::default() }
+    }
+
+    /// A fixed kill-after (not the guest's `watchdog_thresh`).
+    pub fn with_kill_after(self, kill_after: Duration) -> Self {
+        Self { kill_after, kill_after_from_guest: false, ..self }
     }
 }
 
@@ -138,18 +241,37 @@ pub enum HangKind {
     BlockedTask,
 }
 
-/// One hang, reported once per episode.
+/// One hang report. An episode is reported at most twice: on detection
+/// (`certain` false unless the evidence already is) and when it becomes
+/// certain.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Hang {
     pub kind: HangKind,
     pub pid: i32,
     pub comm: String,
     pub kthread: bool,
+    /// Act on it: see [`HangPolicy`]. Only certain hangs are to be killed.
+    pub certain: bool,
+    /// The evidence, in words.
+    pub why: String,
+    /// Without progress, ms: wall time, and CPU time the vCPU thread got
+    /// when its thread is known.
+    pub stalled_ms: f64,
+    pub vcpu_ms: Option<f64>,
     /// Time from the first sample without progress to the verdict.
     #[serde(skip)]
     pub since: Instant,
     #[serde(skip)]
     pub detected: Instant,
+}
+
+/// What the sampler thread sends.
+#[derive(Clone, Debug)]
+pub enum SamplerMsg {
+    Hang(Hang),
+    /// The sampler failed (a panic inside a sample, caught); it was reset
+    /// and goes on.
+    Error(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,30 +282,76 @@ struct CpuSnap {
     stime: u64,
 }
 
+/// How far an episode was reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Quiet,
+    Detected,
+    Certain,
+}
+
 #[derive(Debug)]
 struct Track<T> {
     snap: T,
     since: Instant,
     /// The vCPU thread's host CPU time at `since`, when known.
     cpu_at: Option<Duration>,
-    reported: bool,
+    stage: Stage,
+    /// Kernel-stack states seen in the episode, and whether each of the
+    /// last samples showed a new one.
+    states: HashSet<u64>,
+    recent: VecDeque<bool>,
+    /// The running task's `stime` when it last moved (a tick landed), and
+    /// the vCPU thread's CPU time then: no tick for the threshold of vCPU
+    /// time is IRQs off, whatever happened before the lockup began.
+    last_tick: (u64, Option<Duration>),
 }
 
-/// Host CPU time (utime + stime) of a thread, from `/proc/PID/task/TID/stat`.
+impl<T> Track<T> {
+    fn new(snap: T, since: Instant, cpu_at: Option<Duration>) -> Self {
+        Self { snap, since, cpu_at, stage: Stage::Quiet, states: HashSet::new(), recent: VecDeque::new(), last_tick: (0, cpu_at) }
+    }
+
+    fn note_state(&mut self, h: u64) {
+        let new = !self.states.contains(&h);
+        if new && self.states.len() < MAX_STATES {
+            self.states.insert(h);
+        }
+        self.recent.push_back(new);
+        if self.recent.len() > STATE_WINDOW {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The stack changed to a new state in at least half of a full window.
+    fn computing(&self) -> bool {
+        self.recent.len() >= STATE_WINDOW && self.recent.iter().filter(|n| **n).count() * 2 >= self.recent.len()
+    }
+}
+
+/// Host CPU time of a thread: `schedstat` (ns) beside the given
+/// `/proc/PID/task/TID/stat` when the host has it, else the stat file's
+/// utime + stime (clock ticks).
 pub fn thread_cpu_time(stat: &Path) -> Option<Duration> {
+    if let Ok(text) = std::fs::read_to_string(stat.with_file_name("schedstat")) {
+        if let Some(ns) = text.split_whitespace().next().and_then(|f| f.parse::<u64>().ok()) {
+            return Some(Duration::from_nanos(ns));
+        }
+    }
     let text = std::fs::read_to_string(stat).ok()?;
     // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-    let rest = &text[text.rfind(')')? + 2..];
+    let rest = text.get(text.rfind(')')?.checked_add(2)?..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()?.checked_add(f.get(12)?.parse::<u64>().ok()?)?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    Some(Duration::from_millis(ticks.checked_mul(1000)? / hz))
 }
 
-/// The stat files of QEMU's vCPU threads (named `CPU n/TCG` or `CPU n/KVM`),
-/// in vCPU order.
-pub fn qemu_vcpu_threads(qemu_pid: u32, nr_cpus: u32) -> Option<Vec<std::path::PathBuf>> {
+/// The stat files of QEMU's vCPU threads named `CPU n/TCG` or `CPU n/KVM`,
+/// in vCPU order. Those names exist only with `-name ...,debug-threads=on`:
+/// prefer [`vcpu_threads_from_qmp`]; this is the fallback without QMP.
+pub fn qemu_vcpu_threads(qemu_pid: u32, nr_cpus: u32) -> Option<Vec<PathBuf>> {
     let mut out = vec![None; nr_cpus as usize];
     for e in std::fs::read_dir(format!("/proc/{qemu_pid}/task")).ok()?.flatten() {
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
@@ -194,6 +362,45 @@ pub fn qemu_vcpu_threads(qemu_pid: u32, nr_cpus: u32) -> Option<Vec<std::path::P
         }
     }
     out.into_iter().collect()
+}
+
+/// The stat files (`/proc/QEMU_PID/task/TID/stat`) of QEMU's vCPU threads
+/// in vCPU order, from QMP `query-cpus-fast` (each entry's `cpu-index` and
+/// `thread-id`): works without `debug-threads=on`. Refused when vCPUs share
+/// a host thread (single-threaded TCG, `-accel tcg,thread=single`): that
+/// thread's CPU time says nothing of one vCPU.
+pub fn vcpu_threads_from_qmp(qmp: &mut crate::qmp::Qmp, qemu_pid: u32) -> Result<Vec<PathBuf>, HangError> {
+    let r = qmp.execute("query-cpus-fast", None)?;
+    vcpu_threads_from_reply(&r, qemu_pid)
+}
+
+fn vcpu_threads_from_reply(r: &serde_json::Value, qemu_pid: u32) -> Result<Vec<PathBuf>, HangError> {
+    let bad = |why: String| HangError::VcpuThreads(why);
+    let list = r.as_array().ok_or_else(|| bad(format!("query-cpus-fast returned {r}")))?;
+    let mut by_index: Vec<(u64, u64)> = Vec::new();
+    for c in list {
+        let idx = c["cpu-index"].as_u64().ok_or_else(|| bad(format!("no cpu-index in {c}")))?;
+        let tid = c["thread-id"].as_u64().ok_or_else(|| bad(format!("no thread-id in {c}")))?;
+        by_index.push((idx, tid));
+    }
+    if by_index.is_empty() {
+        return Err(bad("query-cpus-fast lists no vCPU".into()));
+    }
+    by_index.sort_unstable();
+    for (i, (idx, _)) in by_index.iter().enumerate() {
+        if *idx != i as u64 {
+            return Err(bad(format!("cpu-index {idx} where {i} was expected (hot-unplugged vCPUs?)")));
+        }
+    }
+    let tids: HashSet<u64> = by_index.iter().map(|(_, t)| *t).collect();
+    if tids.len() != by_index.len() {
+        return Err(bad("vCPUs share a host thread (single-threaded TCG): per-vCPU CPU time is unknown".into()));
+    }
+    let paths: Vec<PathBuf> = by_index.iter().map(|(_, tid)| PathBuf::from(format!("/proc/{qemu_pid}/task/{tid}/stat"))).collect();
+    if let Some(p) = paths.iter().find(|p| thread_cpu_time(p).is_none()) {
+        return Err(bad(format!("{} is not readable (QEMU on another host, or another pid namespace?)", p.display())));
+    }
+    Ok(paths)
 }
 
 /// Samples a running guest's scheduler state through a [`PhysAccess`].
@@ -211,7 +418,10 @@ pub struct Sampler<M> {
     /// Stat files of the vCPU threads: with them, "no progress for the
     /// threshold" is counted in host CPU time the vCPU actually got, so a
     /// vCPU the host did not run (an overloaded host) is not a hung one.
-    pub vcpu_threads: Option<Vec<std::path::PathBuf>>,
+    pub vcpu_threads: Option<Vec<PathBuf>>,
+    /// The kill-after in force, and where it came from.
+    pub kill_after: Duration,
+    pub kill_after_source: String,
     /// Samples taken and samples lost to torn reads.
     pub samples: u64,
     pub torn: u64,
@@ -232,6 +442,8 @@ impl<M: PhysAccess> Sampler<M> {
             cpus: (0..nr_cpus).map(|_| None).collect(),
             blocked: HashMap::new(),
             vcpu_threads: None,
+            kill_after: cfg.kill_after,
+            kill_after_source: String::new(),
             samples: 0,
             torn: 0,
         };
@@ -242,11 +454,36 @@ impl<M: PhysAccess> Sampler<M> {
             s.cr3 = pgd.0 & !0xfff;
             s.pages.clear();
         }
+        s.read_kill_after();
         s
     }
 
-    /// Forgets every episode: after the guest was stopped on purpose (a
-    /// repair), absence of progress says nothing.
+    /// The kill-after in force: 2 x the guest's `watchdog_thresh` when
+    /// wanted and readable, else the configured one.
+    fn read_kill_after(&mut self) {
+        self.kill_after = self.cfg.kill_after;
+        self.kill_after_source = format!("{} s (configured)", self.cfg.kill_after.as_secs_f64());
+        if !self.cfg.kill_after_from_guest {
+            return;
+        }
+        self.kill_after_source = format!("{} s (the soft-lockup default; the image does not locate watchdog_thresh)", self.cfg.kill_after.as_secs_f64());
+        if let Some(a) = self.layout.watchdog_thresh {
+            match self.u32(a.0) {
+                Ok(t) if (1..=3600).contains(&t) => {
+                    self.kill_after = Duration::from_secs(2 * u64::from(t));
+                    self.kill_after_source = format!("{} s (2 x the guest's watchdog_thresh)", 2 * t);
+                }
+                Ok(0) => {
+                    // The guest's soft-lockup detector is off: keep ours.
+                    self.kill_after_source = format!("{} s (the guest's watchdog_thresh is 0: its detector is off)", self.cfg.kill_after.as_secs_f64());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Forgets every episode: after the guest was stopped (a repair, a
+    /// pause), absence of progress says nothing, so baselines restart.
     pub fn reset(&mut self) {
         self.cpus.iter_mut().for_each(|c| *c = None);
         self.blocked.clear();
@@ -257,7 +494,7 @@ impl<M: PhysAccess> Sampler<M> {
     fn phys(&mut self, gva: u64) -> Result<Gpa, AccessError> {
         let page = gva & !0xfff;
         if let Some(p) = self.pages.get(&page) {
-            return Ok(Gpa(p + (gva & 0xfff)));
+            return Ok(Gpa(p.wrapping_add(gva & 0xfff)));
         }
         if self.pages.len() > 65536 {
             self.pages.clear();
@@ -270,16 +507,17 @@ impl<M: PhysAccess> Sampler<M> {
         };
         let pa = translate(&mut rd, self.cr3, self.cr4, Gva(page))?.ok_or(AccessError::NotMapped(Gva(gva)))?;
         self.pages.insert(page, pa.0);
-        Ok(Gpa(pa.0 + (gva & 0xfff)))
+        Ok(Gpa(pa.0.wrapping_add(gva & 0xfff)))
     }
 
     fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), AccessError> {
-        // Never across a page: callers read small fields.
+        // Small fields; a field across a page is read in two parts.
         let pa = self.phys(gva)?;
         if (gva & 0xfff) as usize + buf.len() > 0x1000 {
             let first = 0x1000 - (gva & 0xfff) as usize;
             self.mem.read_phys(pa, &mut buf[..first])?;
-            let pa2 = self.phys(gva + first as u64)?;
+            let next = gva.checked_add(first as u64).ok_or(AccessError::NotMapped(Gva(gva)))?;
+            let pa2 = self.phys(next)?;
             return self.mem.read_phys(pa2, &mut buf[first..]);
         }
         self.mem.read_phys(pa, buf)
@@ -297,9 +535,15 @@ impl<M: PhysAccess> Sampler<M> {
         Ok(u32::from_le_bytes(b))
     }
 
+    /// `base + off` for a guest-read base: an overflow is a torn read.
+    fn at(base: u64, off: u64) -> Result<u64, AccessError> {
+        base.checked_add(off).ok_or(AccessError::NotMapped(Gva(base)))
+    }
+
     fn comm(&mut self, task: u64) -> String {
         let mut b = [0u8; 16];
-        if self.read(task + self.layout.task_comm, &mut b).is_err() {
+        let Ok(a) = Self::at(task, self.layout.task_comm) else { return "?".into() };
+        if self.read(a, &mut b).is_err() {
             return "?".into();
         }
         let n = b.iter().position(|&c| c == 0).unwrap_or(16);
@@ -309,25 +553,45 @@ impl<M: PhysAccess> Sampler<M> {
     /// The running task of `cpu` and its counters.
     fn cpu_snap(&mut self, cpu: u32) -> Result<(CpuSnap, i32), AccessError> {
         let l = self.layout.clone();
-        let base = self.u64(l.per_cpu_offset.0 + 8 * cpu as u64)?;
+        let base = self.u64(Self::at(l.per_cpu_offset.0, 8 * u64::from(cpu))?)?;
         let rq = base.wrapping_add(l.runqueues);
-        let curr = self.u64(rq + l.rq_curr)?;
-        let switches = self.u64(rq + l.rq_nr_switches)?;
-        let pid = self.u32(curr + l.task_pid)? as i32;
-        let utime = self.u64(curr + l.task_utime)?;
-        let stime = self.u64(curr + l.task_stime)?;
+        let curr = self.u64(Self::at(rq, l.rq_curr)?)?;
+        let switches = self.u64(Self::at(rq, l.rq_nr_switches)?)?;
+        let pid = self.u32(Self::at(curr, l.task_pid)?)? as i32;
+        let utime = self.u64(Self::at(curr, l.task_utime)?)?;
+        let stime = self.u64(Self::at(curr, l.task_stime)?)?;
         Ok((CpuSnap { curr, switches, utime, stime }, pid))
     }
 
-    /// One sample: returns the hangs that crossed their threshold now.
+    /// A hash of `task`'s whole kernel stack (`THREAD_SIZE`), page by page.
+    fn stack_hash(&mut self, task: u64) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let off = self.layout.task_stack?;
+        let stack = self.u64(Self::at(task, off).ok()?).ok()?;
+        if stack < KERNEL_HALF || stack & 0xfff != 0 {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut page = [0u8; 4096];
+        for i in 0..THREAD_SIZE / 4096 {
+            let a = stack.checked_add(i * 4096)?;
+            let pa = self.phys(a).ok()?;
+            self.mem.read_phys(pa, &mut page).ok()?;
+            page.hash(&mut h);
+        }
+        Some(h.finish())
+    }
+
+    /// One sample: returns the hang reports due now (detections, and
+    /// episodes that became certain).
     pub fn sample(&mut self, now: Instant) -> Vec<Hang> {
-        self.samples += 1;
+        self.samples = self.samples.wrapping_add(1);
         let mut found = Vec::new();
         for cpu in 0..self.nr_cpus {
             let (snap, pid) = match self.cpu_snap(cpu) {
                 Ok(s) => s,
                 Err(_) => {
-                    self.torn += 1;
+                    self.torn = self.torn.wrapping_add(1);
                     continue;
                 }
             };
@@ -339,79 +603,205 @@ impl<M: PhysAccess> Sampler<M> {
             };
             let cpu_now = self.vcpu_threads.as_ref().and_then(|t| t.get(idx)).and_then(|p| thread_cpu_time(p));
             if progress {
-                self.cpus[idx] = Some(Track { snap, since: now, cpu_at: cpu_now, reported: false });
+                let mut t = Track::new(snap, now, cpu_now);
+                t.last_tick = (snap.stime, cpu_now);
+                self.cpus[idx] = Some(t);
                 continue;
             }
-            let (since, reported, old, cpu_at) = {
-                let t = self.cpus[idx].as_ref().expect("tracked");
-                (t.since, t.reported, t.snap, t.cpu_at)
-            };
-            // The vCPU must have run for (nearly) the threshold: host CPU
-            // time is counted in 10 ms ticks, allow two of slack.
-            let ran = match (cpu_at, cpu_now) {
-                (Some(a), Some(b)) => b.saturating_sub(a) + Duration::from_millis(20) >= self.cfg.cpu_threshold,
-                _ => true,
-            };
-            if !reported && ran && now.duration_since(since) >= self.cfg.cpu_threshold {
-                let flags = self.u32(snap.curr + self.layout.task_flags).unwrap_or(0);
-                found.push(Hang {
-                    kind: HangKind::StuckCpu { cpu, no_ticks: old.stime == snap.stime },
-                    pid,
-                    comm: self.comm(snap.curr),
-                    kthread: flags & PF_KTHREAD != 0,
-                    since,
-                    detected: now,
-                });
-                if let Some(t) = self.cpus[idx].as_mut() {
-                    t.reported = true;
+            if let Some(t) = self.cpus[idx].as_mut() {
+                if t.last_tick.0 != snap.stime {
+                    t.last_tick = (snap.stime, cpu_now);
                 }
+            }
+            // In an episode: the stack's state, evidence of spin or work.
+            if let Some(h) = self.stack_hash(snap.curr) {
+                if let Some(t) = self.cpus[idx].as_mut() {
+                    t.note_state(h);
+                }
+            }
+            if let Some(h) = self.judge_cpu(cpu, snap, pid, cpu_now, now) {
+                found.push(h);
             }
         }
         if let Err(()) = self.scan_blocked(now, &mut found) {
-            self.torn += 1;
+            self.torn = self.torn.wrapping_add(1);
         }
         found
     }
 
-    /// Walks the process list (`init_task.tasks`) for tasks asleep in
-    /// `TASK_UNINTERRUPTIBLE` without a switch.
+    /// The report due for a CPU without progress since its track began.
+    fn judge_cpu(&mut self, cpu: u32, snap: CpuSnap, pid: i32, cpu_now: Option<Duration>, now: Instant) -> Option<Hang> {
+        let idx = cpu as usize;
+        let t = self.cpus[idx].as_ref()?;
+        if t.stage == Stage::Certain {
+            return None;
+        }
+        let stalled = now.saturating_duration_since(t.since);
+        // Time the vCPU really ran: host CPU time when its thread is known
+        // (counted in ns, or 10 ms ticks: allow 20 ms of slack).
+        let vcpu = match (t.cpu_at, cpu_now) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let ran = vcpu.map_or(stalled, |v| v.saturating_add(Duration::from_millis(20)).min(stalled));
+        if ran < self.cfg.cpu_threshold {
+            return None;
+        }
+        // IRQs off: no tick in the threshold of vCPU time (known only with
+        // the vCPU's thread), or none in the whole episode.
+        let tickless = match (t.last_tick.1, cpu_now) {
+            (Some(a), Some(b)) => b.saturating_sub(a).saturating_add(Duration::from_millis(20)) >= self.cfg.cpu_threshold,
+            _ => false,
+        };
+        let no_ticks = t.snap.stime == snap.stime || tickless;
+        let spin_states = t.states.len();
+        let computing = t.computing();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ran_words = match vcpu {
+            Some(v) => format!("{:.0} ms of vCPU time ({:.0} ms wall)", ms(v), ms(stalled)),
+            None => format!("{:.0} ms wall (vCPU threads unknown)", ms(stalled)),
+        };
+        let (certain, why) = match self.cfg.policy {
+            HangPolicy::AtDetection => (true, format!("no context switch and no user time for {ran_words}; policy: act at detection")),
+            HangPolicy::WhenCertain if tickless => (
+                true,
+                format!(
+                    "no context switch and no user time for {ran_words}, and no timer tick in the last {:.0} ms of vCPU time: IRQs are off (a hard lockup)",
+                    ms(cpu_now.unwrap_or_default().saturating_sub(t.last_tick.1.unwrap_or_default()))
+                ),
+            ),
+            HangPolicy::WhenCertain if ran >= self.kill_after && !computing => (
+                true,
+                format!(
+                    "no context switch and no user time for {ran_words}, the kill-after of {}; its kernel stack cycles through {spin_states} state(s): a spin",
+                    self.kill_after_source
+                ),
+            ),
+            HangPolicy::WhenCertain => (
+                false,
+                format!(
+                    "no context switch and no user time for {ran_words}; {}: not certain before {} without progress{}",
+                    if no_ticks { "IRQs look off, but the vCPU's own CPU time is unknown" } else { "timer ticks still land (IRQs on)" },
+                    self.kill_after_source,
+                    if computing { " (its kernel stack changes at most samples: it computes)" } else { "" }
+                ),
+            ),
+        };
+        let stage = if certain { Stage::Certain } else { Stage::Detected };
+        if stage <= t.stage {
+            return None;
+        }
+        let since = t.since;
+        let flags = Self::at(snap.curr, self.layout.task_flags).and_then(|a| self.u32(a)).unwrap_or(0);
+        let comm = self.comm(snap.curr);
+        if let Some(t) = self.cpus[idx].as_mut() {
+            t.stage = stage;
+        }
+        Some(Hang {
+            kind: HangKind::StuckCpu { cpu, no_ticks },
+            pid,
+            comm,
+            kthread: flags & PF_KTHREAD != 0,
+            certain,
+            why,
+            stalled_ms: ms(stalled),
+            vcpu_ms: vcpu.map(ms),
+            since,
+            detected: now,
+        })
+    }
+
+    /// Walks the process list (`init_task.tasks`), and each process's
+    /// threads (`thread_group`) when the layout has it, for threads asleep
+    /// in `TASK_UNINTERRUPTIBLE` without a switch.
     fn scan_blocked(&mut self, now: Instant, found: &mut Vec<Hang>) -> Result<(), ()> {
         let l = self.layout.clone();
-        let head = l.init_task.0 + l.task_tasks;
-        let mut seen = Vec::new();
+        let head = Self::at(l.init_task.0, l.task_tasks).map_err(|_| ())?;
+        let mut seen = HashSet::new();
         let mut pos = self.u64(head).map_err(|_| ())?;
-        let mut n = 0;
+        let mut n = 0usize;
         while pos != head {
             n += 1;
-            if n > MAX_TASKS || pos < 0xffff_8000_0000_0000 {
+            if n > MAX_TASKS || pos < KERNEL_HALF {
                 return Err(());
             }
-            let task = pos - l.task_tasks;
-            let state = self.u32(task + l.task_state).map_err(|_| ())?;
-            if state & TASK_UNINTERRUPTIBLE != 0 && state & TASK_NOLOAD == 0 {
-                let sw = self.u64(task + l.task_nvcsw).map_err(|_| ())?.wrapping_add(self.u64(task + l.task_nivcsw).map_err(|_| ())?);
-                seen.push(task);
-                let t = self.blocked.entry(task).or_insert(Track { snap: sw, since: now, cpu_at: None, reported: false });
-                if t.snap != sw {
-                    *t = Track { snap: sw, since: now, cpu_at: None, reported: false };
-                } else if !t.reported && now.duration_since(t.since) >= self.cfg.blocked_threshold {
-                    t.reported = true;
-                    let since = t.since;
-                    let pid = self.u32(task + l.task_pid).map_err(|_| ())? as i32;
-                    let flags = self.u32(task + l.task_flags).unwrap_or(0);
-                    found.push(Hang {
-                        kind: HangKind::BlockedTask,
-                        pid,
-                        comm: self.comm(task),
-                        kthread: flags & PF_KTHREAD != 0,
-                        since,
-                        detected: now,
-                    });
+            let leader = pos.checked_sub(l.task_tasks).ok_or(())?;
+            self.check_blocked(leader, now, &mut seen, found)?;
+            if let Some(tg) = l.task_thread_group {
+                let thead = Self::at(leader, tg).map_err(|_| ())?;
+                let mut t = self.u64(thead).map_err(|_| ())?;
+                while t != thead {
+                    n += 1;
+                    if n > MAX_TASKS || t < KERNEL_HALF {
+                        return Err(());
+                    }
+                    let task = t.checked_sub(tg).ok_or(())?;
+                    self.check_blocked(task, now, &mut seen, found)?;
+                    t = self.u64(t).map_err(|_| ())?;
                 }
             }
             pos = self.u64(pos).map_err(|_| ())?;
         }
         self.blocked.retain(|k, _| seen.contains(k));
+        Ok(())
+    }
+
+    fn check_blocked(&mut self, task: u64, now: Instant, seen: &mut HashSet<u64>, found: &mut Vec<Hang>) -> Result<(), ()> {
+        let l = self.layout.clone();
+        let rd32 = |s: &mut Self, off: u64| Self::at(task, off).and_then(|a| s.u32(a)).map_err(|_| ());
+        let rd64 = |s: &mut Self, off: u64| Self::at(task, off).and_then(|a| s.u64(a)).map_err(|_| ());
+        let state = rd32(self, l.task_state)?;
+        if state & TASK_UNINTERRUPTIBLE == 0 || state & (TASK_NOLOAD | TASK_WAKEKILL) != 0 {
+            return Ok(());
+        }
+        let sw = rd64(self, l.task_nvcsw)?.wrapping_add(rd64(self, l.task_nivcsw)?);
+        if !seen.insert(task) {
+            return Ok(()); // listed twice: a torn walk; judged once
+        }
+        let t = self.blocked.entry(task).or_insert_with(|| Track::new(sw, now, None));
+        if t.snap != sw {
+            *t = Track::new(sw, now, None);
+            return Ok(());
+        }
+        let stalled = now.saturating_duration_since(t.since);
+        if stalled < self.cfg.blocked_threshold || t.stage == Stage::Certain {
+            return Ok(());
+        }
+        let ms = stalled.as_secs_f64() * 1e3;
+        let (certain, why) = match self.cfg.policy {
+            HangPolicy::AtDetection => (true, format!("in TASK_UNINTERRUPTIBLE without a switch for {ms:.0} ms; policy: act at detection")),
+            HangPolicy::WhenCertain if stalled >= self.cfg.blocked_certain_after => (
+                true,
+                format!("in TASK_UNINTERRUPTIBLE without a switch for {ms:.0} ms, past the hung-task limit of {} s", self.cfg.blocked_certain_after.as_secs_f64()),
+            ),
+            HangPolicy::WhenCertain => (
+                false,
+                format!(
+                    "in TASK_UNINTERRUPTIBLE without a switch for {ms:.0} ms: I/O or a lock may still end it; not certain before {} s",
+                    self.cfg.blocked_certain_after.as_secs_f64()
+                ),
+            ),
+        };
+        let stage = if certain { Stage::Certain } else { Stage::Detected };
+        if stage <= t.stage {
+            return Ok(());
+        }
+        t.stage = stage;
+        let since = t.since;
+        let pid = rd32(self, l.task_pid)? as i32;
+        let flags = rd32(self, l.task_flags).unwrap_or(0);
+        found.push(Hang {
+            kind: HangKind::BlockedTask,
+            pid,
+            comm: self.comm(task),
+            kthread: flags & PF_KTHREAD != 0,
+            certain,
+            why,
+            stalled_ms: ms,
+            vcpu_ms: None,
+            since,
+            detected: now,
+        });
         Ok(())
     }
 }
@@ -465,7 +855,10 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
             continue;
         }
         // Fake the call: [new_rsp] = return address, message above it.
-        let msg_at = (orig.rsp - 8 - HANG_MESSAGE.len() as u64) & !0xf;
+        let Some(msg_at) = orig.rsp.checked_sub(8 + HANG_MESSAGE.len() as u64).map(|a| a & !0xf).filter(|a| *a >= 8) else {
+            last = format!("CPU {cpu}'s stack pointer {:#x} leaves no room for a call frame", orig.rsp);
+            continue;
+        };
         let new_rsp = msg_at - 8;
         let mut saved = vec![0u8; (orig.rsp - new_rsp) as usize];
         g.read_virt(vcpu, Gva(new_rsp), &mut saved)?;
@@ -511,30 +904,404 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
     Ok(HangRepair::Skipped(last))
 }
 
-/// Runs `sampler` on its own thread every `cfg.period` until `stop`, sending
-/// each hang found; while `paused` (the guest is stopped on purpose) it
-/// forgets what it saw, since absence of progress then says nothing.
-pub fn spawn_sampler<M: PhysAccess + Send + 'static>(
+/// Runs `sampler` on its own thread every `cfg.period` until `stop`,
+/// sending every report ([`SamplerMsg::Hang`]) and every failure
+/// ([`SamplerMsg::Error`]): a panic inside a sample is caught, reported
+/// (once, then at most every 10 s with a count) and the sampler reset; the
+/// thread never dies silently. While `paused` (the guest is stopped: the
+/// caller's own stops, or QMP `STOP` until `RESUME`) it forgets what it saw,
+/// since absence of progress then says nothing; every episode starts again
+/// after the pause.
+pub fn spawn_sampler_msgs<M: PhysAccess + Send + 'static>(
     mut sampler: Sampler<M>,
     paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> (std::sync::mpsc::Receiver<Hang>, std::thread::JoinHandle<()>) {
+) -> (std::sync::mpsc::Receiver<SamplerMsg>, std::thread::JoinHandle<()>) {
     use std::sync::atomic::Ordering;
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let period = sampler.cfg.period;
-        while !stop.load(Ordering::Relaxed) {
-            if paused.load(Ordering::Relaxed) {
-                sampler.reset();
-            } else {
-                for h in sampler.sample(Instant::now()) {
-                    if tx.send(h).is_err() {
-                        return;
+    let handle = std::thread::Builder::new()
+        .name("hang-sampler".into())
+        .spawn(move || {
+            let period = sampler.cfg.period;
+            let mut was_paused = false;
+            let mut panics = 0u64;
+            let mut last_report: Option<Instant> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if paused.load(Ordering::Relaxed) {
+                    if !was_paused {
+                        sampler.reset();
+                    }
+                    was_paused = true;
+                } else {
+                    if was_paused {
+                        // No episode spans a pause.
+                        sampler.reset();
+                        was_paused = false;
+                    }
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sampler.sample(Instant::now())));
+                    match r {
+                        Ok(hangs) => {
+                            for h in hangs {
+                                if tx.send(SamplerMsg::Hang(h)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(p) => {
+                            panics += 1;
+                            let what = p
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a non-string panic".into());
+                            sampler.reset();
+                            if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                                last_report = Some(Instant::now());
+                                let msg = format!("the hang sampler panicked ({panics} time(s) so far): {what}; it was reset and goes on");
+                                if tx.send(SamplerMsg::Error(msg)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
                     }
                 }
+                std::thread::sleep(period);
             }
-            std::thread::sleep(period);
-        }
-    });
+        })
+        .expect("spawning the hang sampler thread");
     (rx, handle)
+}
+
+/// [`spawn_sampler_msgs`] for callers that take only hangs: every report
+/// is forwarded, sampler failures go to the log (`tracing::error!`). Prefer
+/// [`spawn_sampler_msgs`], whose receiver sees the failures.
+pub fn spawn_sampler<M: PhysAccess + Send + 'static>(
+    sampler: Sampler<M>,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (std::sync::mpsc::Receiver<Hang>, std::thread::JoinHandle<()>) {
+    let (rx, inner) = spawn_sampler_msgs(sampler, paused, stop);
+    let (tx, out) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        for m in rx {
+            match m {
+                SamplerMsg::Hang(h) => {
+                    if tx.send(h).is_err() {
+                        break;
+                    }
+                }
+                SamplerMsg::Error(e) => tracing::error!("{e}"),
+            }
+        }
+        let _ = inner.join();
+    });
+    (out, handle)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sampler over a fake guest: page tables mapping a direct map at
+    //! `DIRECT` onto a small RAM, a per-CPU area, run queues and tasks.
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    const DIRECT: u64 = 0xffff_8880_0000_0000;
+    const RAM: usize = 4 << 20;
+    const PML4: u64 = 0x1000;
+    const PDPT: u64 = 0x2000;
+    const PCPU: u64 = 0x10000; // __per_cpu_offset[]
+    const AREA: u64 = 0x20000; // per-CPU areas, 0x1000 each
+    const INIT: u64 = 0x40000; // init_task
+    const TASK0: u64 = 0x50000; // tasks, 0x1000 apart; stacks at 0x100000 + 0x4000 * n
+    const RUNQ: u64 = 0x100;
+    const THRESH: u64 = 0x30000; // watchdog_thresh
+
+    #[derive(Clone)]
+    struct Ram(Arc<std::sync::Mutex<Vec<u8>>>, Arc<AtomicBool>);
+
+    impl PhysAccess for Ram {
+        fn read_phys(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), AccessError> {
+            if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                panic!("injected sampler panic");
+            }
+            let m = self.0.lock().unwrap();
+            let a = gpa.0 as usize;
+            let b = a.checked_add(buf.len()).filter(|b| *b <= m.len()).ok_or(AccessError::OutOfRam { gpa, len: buf.len() })?;
+            buf.copy_from_slice(&m[a..b]);
+            Ok(())
+        }
+        fn write_phys(&mut self, _: Gpa, _: &[u8]) -> Result<(), AccessError> {
+            Err(AccessError::Unsupported("write".into()))
+        }
+        fn ram_end(&self) -> u64 {
+            RAM as u64
+        }
+    }
+
+    impl Ram {
+        fn w64(&self, pa: u64, v: u64) {
+            self.0.lock().unwrap()[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        fn w32(&self, pa: u64, v: u32) {
+            self.0.lock().unwrap()[pa as usize..pa as usize + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn layout() -> HangLayout {
+        HangLayout {
+            per_cpu_offset: Gva(DIRECT + PCPU),
+            init_task: Gva(DIRECT + INIT),
+            swapper_pgd: Gva(DIRECT + PML4),
+            runqueues: RUNQ,
+            rq_curr: 0x10,
+            rq_nr_switches: 0x18,
+            task_pid: 0x100,
+            task_comm: 0x110,
+            task_state: 0x18,
+            task_flags: 0x2c,
+            task_utime: 0x200,
+            task_stime: 0x208,
+            task_nvcsw: 0x210,
+            task_nivcsw: 0x218,
+            task_tasks: 0x300,
+            task_stack: Some(0x20),
+            task_thread_group: Some(0x310),
+            watchdog_thresh: Some(Gva(DIRECT + THRESH)),
+        }
+    }
+
+    fn task(n: u64) -> u64 {
+        TASK0 + 0x1000 * n
+    }
+
+    /// A guest with 2 CPUs and `ntasks` processes (task 0 is init_task's
+    /// successor), each alone in its thread group, all idle-ish.
+    fn guest(ntasks: u64) -> Ram {
+        let ram = Ram(Arc::new(std::sync::Mutex::new(vec![0u8; RAM])), Arc::new(AtomicBool::new(false)));
+        // PML4[273] (DIRECT) -> PDPT; PDPT[0]: 1 GiB page at 0.
+        ram.w64(PML4 + 8 * ((DIRECT >> 39) & 511), PDPT | 3);
+        ram.w64(PDPT, 0x83);
+        ram.w32(THRESH, 10);
+        let l = layout();
+        for cpu in 0..2u64 {
+            let area = AREA + 0x1000 * cpu;
+            ram.w64(PCPU + 8 * cpu, DIRECT + area);
+            ram.w64(area + RUNQ + l.rq_curr, DIRECT + INIT); // idle (pid 0)
+        }
+        // The process list: init_task -> task(0) -> ... -> init_task.
+        let node = |t: u64| DIRECT + t + l.task_tasks;
+        let mut prev = INIT;
+        for n in 0..ntasks {
+            let t = task(n);
+            ram.w64(prev + l.task_tasks, node(t));
+            ram.w32(t + l.task_pid, 100 + n as u32);
+            ram.w64(t + 0x20, DIRECT + 0x100000 + 0x4000 * n);
+            let tg = DIRECT + t + 0x310;
+            ram.w64(t + 0x310, tg);
+            prev = t;
+        }
+        ram.w64(prev + l.task_tasks, node(INIT));
+        ram
+    }
+
+    fn run_on(ram: &Ram, cpu: u64, n: u64) {
+        ram.w64(AREA + 0x1000 * cpu + RUNQ + 0x10, DIRECT + task(n));
+    }
+
+    fn sampler(ram: &Ram, cfg: HangConfig) -> Sampler<Ram> {
+        Sampler::new(ram.clone(), PML4, 0, layout(), 2, cfg)
+    }
+
+    #[test]
+    fn stuck_cpu_reported_at_detection_then_once_certain_never_more() {
+        let ram = guest(2);
+        run_on(&ram, 1, 0);
+        let mut s = sampler(&ram, HangConfig::default().with_kill_after(Duration::from_secs(2)));
+        let t0 = Instant::now();
+        let mut reports = Vec::new();
+        let mut stime = 0u64;
+        for i in 0..200u64 {
+            // Ticks land (stime moves), nothing else does: a spin with IRQs on.
+            stime += 4_000_000;
+            ram.w64(task(0) + 0x208, stime);
+            for h in s.sample(t0 + Duration::from_millis(20 * i)) {
+                reports.push((i, h));
+            }
+        }
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        let (i, first) = &reports[0];
+        assert!(!first.certain, "{first:?}");
+        assert_eq!(first.kind, HangKind::StuckCpu { cpu: 1, no_ticks: false });
+        assert_eq!((*i, first.pid), (25, 100));
+        let (j, second) = &reports[1];
+        assert!(second.certain && second.why.contains("kill-after"), "{second:?}");
+        assert_eq!(*j, 100);
+    }
+
+    #[test]
+    fn watchdog_thresh_sets_kill_after_unless_fixed() {
+        let ram = guest(1);
+        let s = sampler(&ram, HangConfig::default());
+        assert_eq!(s.kill_after, Duration::from_secs(20));
+        assert!(s.kill_after_source.contains("watchdog_thresh"), "{}", s.kill_after_source);
+        ram.w32(THRESH, 0);
+        let s = sampler(&ram, HangConfig::default());
+        assert_eq!(s.kill_after, DEFAULT_SOFTLOCKUP);
+        let s = sampler(&ram, HangConfig::default().with_kill_after(Duration::from_secs(3)));
+        assert_eq!(s.kill_after, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_stack_that_keeps_changing_is_work_not_a_spin() {
+        let ram = guest(1);
+        run_on(&ram, 0, 0);
+        let mut s = sampler(&ram, HangConfig::default().with_kill_after(Duration::from_secs(1)));
+        let t0 = Instant::now();
+        let mut reports = Vec::new();
+        for i in 0..300u64 {
+            ram.w64(task(0) + 0x208, 4_000_000 * i);
+            // A counter on the task's stack, as LKDTM ATOMIC_TIMING's.
+            ram.w64(0x100000 + 0x3f00, i);
+            reports.extend(s.sample(t0 + Duration::from_millis(20 * i)));
+        }
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(!reports[0].certain);
+    }
+
+    #[test]
+    fn irqs_off_is_certain_at_detection_only_when_the_vcpu_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = |cpu: u32| dir.path().join(format!("{cpu}/stat"));
+        let set = |cpu: u32, ns: u64| {
+            std::fs::create_dir_all(dir.path().join(cpu.to_string())).unwrap();
+            std::fs::write(dir.path().join(format!("{cpu}/schedstat")), format!("{ns} 0 0\n")).unwrap();
+            std::fs::write(stat(cpu), "1 (x) R 0 0 0 0 0 0 0 0 0 0 0 0\n").unwrap();
+        };
+        let ram = guest(1);
+        run_on(&ram, 0, 0);
+        set(0, 0);
+        set(1, 0);
+        let mut s = sampler(&ram, HangConfig::default());
+        s.vcpu_threads = Some(vec![stat(0), stat(1)]);
+        let t0 = Instant::now();
+        // The host starves the vCPU for 2 s: no tick, no progress, and no
+        // report either (it did not run).
+        for i in 0..100u64 {
+            assert!(s.sample(t0 + Duration::from_millis(20 * i)).is_empty());
+        }
+        // Now it runs (20 ms of CPU per sample) with no tick: IRQs off.
+        let mut reports = Vec::new();
+        for i in 100..200u64 {
+            set(0, 20_000_000 * (i - 99));
+            reports.extend(s.sample(t0 + Duration::from_millis(20 * i)));
+        }
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].certain && reports[0].why.contains("IRQs are off"), "{:?}", reports[0]);
+        assert_eq!(reports[0].kind, HangKind::StuckCpu { cpu: 0, no_ticks: true });
+        assert!(reports[0].vcpu_ms.unwrap() >= 480.0);
+    }
+
+    #[test]
+    fn a_pause_restarts_every_episode() {
+        let ram = guest(1);
+        run_on(&ram, 0, 0);
+        let mut s = sampler(&ram, HangConfig::default());
+        let t0 = Instant::now();
+        for i in 0..20u64 {
+            assert!(s.sample(t0 + Duration::from_millis(20 * i)).is_empty());
+        }
+        s.reset(); // what the thread does while paused
+        for i in 0..20u64 {
+            assert!(s.sample(t0 + Duration::from_millis(2400 + 20 * i)).is_empty(), "an episode spanned the pause");
+        }
+    }
+
+    #[test]
+    fn blocked_threads_beyond_the_leader_are_found() {
+        let ram = guest(2);
+        let l = layout();
+        // task(5) is a thread of task(1)'s group, not on the process list.
+        let t = task(5);
+        let (lead, th) = (DIRECT + task(1) + 0x310, DIRECT + t + 0x310);
+        ram.w64(task(1) + 0x310, th);
+        ram.w64(t + 0x310, lead);
+        ram.w32(t + l.task_pid, 777);
+        ram.w32(t + l.task_state, TASK_UNINTERRUPTIBLE);
+        // A killable sleeper (TASK_KILLABLE) is not counted.
+        ram.w32(task(0) + l.task_state, TASK_UNINTERRUPTIBLE | TASK_WAKEKILL);
+        let mut s = sampler(&ram, HangConfig::default());
+        let t0 = Instant::now();
+        let mut reports = Vec::new();
+        for i in 0..40u64 {
+            reports.extend(s.sample(t0 + Duration::from_millis(20 * i)));
+        }
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!((reports[0].kind.clone(), reports[0].pid, reports[0].certain), (HangKind::BlockedTask, 777, false));
+    }
+
+    #[test]
+    fn garbage_guest_memory_never_panics() {
+        // Every pointer the sampler follows is random: checked arithmetic,
+        // torn reads, no panic (this runs in debug builds too).
+        let ram = guest(3);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut s = sampler(&ram, HangConfig::default());
+        let t0 = Instant::now();
+        for round in 0..300u64 {
+            for _ in 0..16 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (0x10000 + (x % 0x60000)) & !7;
+                let v = match x % 4 {
+                    0 => u64::MAX - (x % 64),
+                    1 => DIRECT + (x % (RAM as u64)),
+                    2 => x,
+                    _ => 0xffff_ffff_ffff_f000 | (x & 0xfff),
+                };
+                ram.w64(at, v);
+            }
+            let _ = s.sample(t0 + Duration::from_millis(20 * round));
+        }
+        assert!(s.torn > 0);
+    }
+
+    #[test]
+    fn a_panicking_sample_is_reported_and_the_sampler_goes_on() {
+        let ram = guest(1);
+        run_on(&ram, 0, 0);
+        let s = sampler(&ram, HangConfig { period: Duration::from_millis(5), ..HangConfig::default() });
+        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let boom = ram.1.clone();
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        boom.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (rx, handle) = spawn_sampler_msgs(s, paused, stop.clone());
+        let first = rx.recv_timeout(Duration::from_secs(5)).expect("a report of the panic");
+        boom.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(&first, SamplerMsg::Error(e) if e.contains("injected sampler panic")), "{first:?}");
+        // It goes on: the spin on CPU 0 is reported afterwards.
+        let next = rx.recv_timeout(Duration::from_secs(10)).expect("the sampler kept sampling");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        handle.join().unwrap();
+        std::panic::set_hook(prev);
+        assert!(matches!(next, SamplerMsg::Hang(Hang { kind: HangKind::StuckCpu { cpu: 0, .. }, .. })), "{next:?}");
+    }
+
+    #[test]
+    fn vcpu_threads_from_a_query_cpus_fast_reply() {
+        let me = std::process::id();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u64;
+        let r = serde_json::json!([
+            {"cpu-index": 1, "thread-id": tid, "props": {}},
+            {"cpu-index": 0, "thread-id": me, "props": {}},
+        ]);
+        let p = vcpu_threads_from_reply(&r, me).unwrap();
+        assert_eq!(p, vec![PathBuf::from(format!("/proc/{me}/task/{me}/stat")), PathBuf::from(format!("/proc/{me}/task/{tid}/stat"))]);
+        let shared = serde_json::json!([{"cpu-index": 0, "thread-id": me}, {"cpu-index": 1, "thread-id": me}]);
+        assert!(vcpu_threads_from_reply(&shared, me).is_err());
+        assert!(thread_cpu_time(&p[0]).is_some());
+    }
 }
