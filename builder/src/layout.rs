@@ -6,16 +6,32 @@ use std::collections::BTreeMap;
 use repair_kernel::layout::{Item, KernelLayout, Kind, ITEMS};
 use symbols::{Profile, Wanted, DEFAULT_WANTED};
 
-/// Required layout items the profile does not have.
+/// Why a profile cannot give the repair kernel its layout.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the kernel profile lacks {} item(s) the repair kernel needs: {}; \
-     is this an x86_64 Linux 6.x vmlinux with full DWARF (the -dbg package)?",
-    missing.len(), missing.join(", ")
-)]
-pub struct LayoutError {
-    /// Each missing item, as `symbol init_task`, `task_struct.pid`, ...
-    pub missing: Vec<String>,
+pub enum LayoutError {
+    /// Required layout items the profile does not have.
+    #[error(
+        "the kernel profile lacks {} item(s) the repair kernel needs: {}; \
+         is this an x86_64 Linux 6.x vmlinux with full DWARF (the -dbg package)?",
+        missing.len(), missing.join(", ")
+    )]
+    Missing {
+        /// Each missing item, as `symbol init_task`, `task_struct.pid`, ...
+        missing: Vec<String>,
+    },
+    /// The vmlinux's DWARF does not describe the layout its code uses.
+    #[error(
+        "this kernel was compiled with GCC's randstruct plugin (DW_AT_producer: ...{plugin}): \
+         the plugin shuffles task_struct's randomized members after GCC wrote their declared \
+         order to DWARF, so the DWARF (and pahole) give task_struct offsets the kernel does not \
+         use (Linux keeps BTF off for such builds for the same reason); a repair kernel working \
+         from them would read pid, comm and the task list at the wrong places. Build the kernel \
+         with Clang's randstruct (exact DWARF) or without RANDSTRUCT"
+    )]
+    DwarfNotTheCodesLayout {
+        /// The plugin option as the producer names it.
+        plugin: String,
+    },
 }
 
 fn describe(kind: Kind, ty: &str, member: &str) -> String {
@@ -29,12 +45,26 @@ fn describe(kind: Kind, ty: &str, member: &str) -> String {
     }
 }
 
-/// Looks every [`ITEMS`] entry up in the profile. Absent optional items are
+/// Looks every [`ITEMS`] entry up in the profile (refused outright when the
+/// profile's DWARF is known not to match the code, see
+/// [`Profile::dwarf_layouts_randomized_after_the_fact`]). Absent optional items are
 /// left [`ABSENT`](repair_kernel::layout::ABSENT); every missing required
 /// item is listed in one error, as is a drift pair of which neither
 /// alternative exists (`task_struct.__state` / `state`, the current task as
 /// `pcpu_hot.current_task` / `current_task`).
 pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutError> {
+    // Offsets are only as good as the DWARF they come from: refuse a build
+    // whose DWARF is known not to be its code's layout, rather than walk
+    // task lists at the wrong offsets and decline every crash as "corrupt".
+    if profile.dwarf_layouts_randomized_after_the_fact() {
+        let plugin = profile
+            .producer
+            .split_whitespace()
+            .find(|o| o.ends_with("randomize_layout_plugin.so"))
+            .unwrap_or_default()
+            .to_owned();
+        return Err(LayoutError::DwarfNotTheCodesLayout { plugin });
+    }
     let mut layout = KernelLayout::default();
     let mut missing = Vec::new();
     for (i, spec) in ITEMS.iter().enumerate() {
@@ -63,7 +93,7 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
     if missing.is_empty() {
         Ok(layout)
     } else {
-        Err(LayoutError { missing })
+        Err(LayoutError::Missing { missing })
     }
 }
 
@@ -189,12 +219,32 @@ mod tests {
     }
 
     #[test]
+    fn a_gcc_randstruct_plugin_build_is_refused_with_the_reason() {
+        let p = Profile {
+            producer: "GNU C11 12.2.0 -m64 -g -gdwarf-5 -Os \
+                       -fplugin=./scripts/gcc-plugins/randomize_layout_plugin.so"
+                .into(),
+            ..Profile::default()
+        };
+        let err = layout_from_profile(&p).unwrap_err();
+        assert_eq!(
+            err,
+            LayoutError::DwarfNotTheCodesLayout {
+                plugin: "-fplugin=./scripts/gcc-plugins/randomize_layout_plugin.so".into()
+            }
+        );
+        assert!(err.to_string().contains("task_struct"), "{err}");
+    }
+
+    #[test]
     fn missing_items_are_all_listed() {
-        let err = layout_from_profile(&Profile::default()).unwrap_err();
-        assert!(err.missing.iter().any(|m| m == "symbol init_task"));
-        assert!(err.missing.iter().any(|m| m == "task_struct.pid"));
-        assert!(err.missing.iter().any(|m| m.contains("__state or")));
+        let LayoutError::Missing { missing } = layout_from_profile(&Profile::default()).unwrap_err() else {
+            panic!("not a missing-items error");
+        };
+        assert!(missing.iter().any(|m| m == "symbol init_task"));
+        assert!(missing.iter().any(|m| m == "task_struct.pid"));
+        assert!(missing.iter().any(|m| m.contains("__state or")));
         let required = ITEMS.iter().filter(|s| s.required).count();
-        assert_eq!(err.missing.len(), required + 2);
+        assert_eq!(missing.len(), required + 2);
     }
 }

@@ -146,6 +146,28 @@ impl<'a> Scanner<'a> {
             .collect())
     }
 
+    /// The `DW_AT_producer` of the first compiled-C unit (assembler units,
+    /// `GNU AS ...`, are skipped), looking at no more than `max_units`
+    /// unit DIEs: the compiler and the options that shaped every layout.
+    pub fn c_producer(&self, max_units: usize) -> Option<String> {
+        let mut units = self.dwarf.units();
+        for _ in 0..max_units {
+            let header = units.next().ok()??;
+            // `Unit` resolves every string form (`strp`, `line_strp`,
+            // Clang's `strx` through the unit's string offsets).
+            let Ok(unit) = self.dwarf.unit(header) else { continue };
+            let mut entries = unit.entries();
+            let Ok(Some((_, die))) = entries.next_dfs() else { continue };
+            let Ok(Some(value)) = die.attr_value(constants::DW_AT_producer) else { continue };
+            let Ok(p) = self.dwarf.attr_string(&unit, value) else { continue };
+            let p = String::from_utf8_lossy(p.slice());
+            if !p.starts_with("GNU AS") {
+                return Some(p.into_owned());
+            }
+        }
+        None
+    }
+
     /// Whether each name can be the name of a DIE at all. A DIE's name is a
     /// string in `.debug_str` or `.debug_line_str`, or inline in
     /// `.debug_info`; a name whose bytes (with the NUL) occur in none of them

@@ -29,6 +29,7 @@
 //!   "rodata":   {"start": N, "end": N},      [__start_rodata, __end_rodata)
 //!   "symbols":  {name: {"address": N, "size": N}},   link-time addresses
 //!   "percpu":   {name: N},                   offset in the per-CPU area
+//!   "producer": "GNU C11 12.2.0 ...",        DW_AT_producer of the first C unit
 //!   "types":    {name: {"size": N,
 //!                       "members": {path: {"offset": N, "size": N,
 //!                                          "bit_offset": N?, "bit_size": N?}}}}
@@ -58,8 +59,8 @@ mod wanted;
 
 pub use error::{Error, Missing};
 pub use profile::{
-    from_bytes_strict, read_build_id, read_identity, Identity, Member, Profile, Range, Symbol,
-    TypeLayout,
+    from_bytes_strict, producer_has_gcc_randstruct_plugin, read_build_id, read_identity, Identity,
+    Member, Profile, Range, Symbol, TypeLayout,
 };
 pub use system_map::parse_system_map;
 pub use wanted::{Wanted, DEFAULT_WANTED};

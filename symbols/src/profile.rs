@@ -67,6 +67,11 @@ pub struct Profile {
     /// Per-CPU variables: offset inside each CPU's per-CPU area.
     pub percpu: BTreeMap<String, u64>,
     pub types: BTreeMap<String, TypeLayout>,
+    /// `DW_AT_producer` of the vmlinux's first C unit: the compiler and
+    /// its options (empty when the DWARF has none). See
+    /// [`Profile::dwarf_layouts_randomized_after_the_fact`].
+    #[serde(default)]
+    pub producer: String,
 }
 
 /// Symbols every profile reads for its identity and ranges.
@@ -180,6 +185,26 @@ impl Profile {
     pub fn size(&self, ty: &str) -> Option<u64> {
         self.types.get(ty).map(|t| t.size)
     }
+
+    /// True when the kernel was compiled with GCC's randstruct plugin
+    /// (`-fplugin=.../randomize_layout_plugin.so` in `DW_AT_producer`).
+    /// The plugin shuffles the members of every `__randomize_layout`
+    /// struct (`task_struct`'s randomized part, `mm_struct`, `cred`, ...)
+    /// after GCC has written the declared, unshuffled layout to DWARF: the
+    /// DWARF (and so `pahole`, and this profile) then gives offsets the
+    /// code does not use. Linux's own Kconfig keeps BTF off for this
+    /// reason (`DEBUG_INFO_BTF depends on !GCC_PLUGIN_RANDSTRUCT`). Clang's
+    /// randstruct shuffles while it builds the type, so its DWARF is exact.
+    pub fn dwarf_layouts_randomized_after_the_fact(&self) -> bool {
+        producer_has_gcc_randstruct_plugin(&self.producer)
+    }
+}
+
+/// Whether a `DW_AT_producer` string names GCC's randstruct plugin.
+pub fn producer_has_gcc_randstruct_plugin(producer: &str) -> bool {
+    producer
+        .split_whitespace()
+        .any(|opt| opt.starts_with("-fplugin=") && opt.ends_with("randomize_layout_plugin.so"))
 }
 
 fn check(path: &Path, profile: Profile, missing: Vec<Missing>) -> Result<Profile, Error> {
@@ -371,6 +396,7 @@ fn extract(
             .debug_info_file_offset()
             .and_then(|o| usize::try_from(o).ok());
         let scanner = Scanner::new(dwarf, endian);
+        profile.producer = scanner.c_producer(64).unwrap_or_default();
         let mut progress = |range: std::ops::Range<usize>| {
             if let Some(base) = info_file_off {
                 release(base, range);
@@ -415,6 +441,23 @@ fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gcc_randstruct_plugin_is_recognised_in_the_producer() {
+        let gcc = "GNU C11 12.2.0 -mno-sse -m64 -g -gdwarf-5 -Os -fstack-protector-strong \
+                   -fplugin=./scripts/gcc-plugins/randomize_layout_plugin.so";
+        assert!(producer_has_gcc_randstruct_plugin(gcc));
+        let p = Profile { producer: gcc.into(), ..Profile::default() };
+        assert!(p.dwarf_layouts_randomized_after_the_fact());
+        for other in [
+            "GNU C11 12.2.0 -mno-sse -m64 -g -gdwarf-5 -Os",
+            "GNU C11 12.2.0 -fplugin=./scripts/gcc-plugins/stackleak_plugin.so",
+            "Debian clang version 16.0.6 (15~deb12u1)",
+            "",
+        ] {
+            assert!(!producer_has_gcc_randstruct_plugin(other), "{other}");
+        }
+    }
 
     #[test]
     fn kaslr_slide_from_kallsyms() {
