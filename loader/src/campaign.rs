@@ -436,14 +436,13 @@ fn watcher(
         };
         paused.store(true, Ordering::Relaxed);
         if ev.reason != StopReason::Trap && foreign.load(Ordering::Relaxed) {
-            // Someone else's pause (QMP `stop`), reported by the gdbstub:
-            // leave it to them; once they resumed, the gdbstub's `continue`
-            // is a no-op that puts its state back in step.
-            while foreign.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = g.resume();
-            paused.store(false, Ordering::Relaxed);
+            // Someone else's pause (QMP `stop`, which QEMU 7.2 reports to
+            // the gdb client): leave the VM to them and go back to
+            // listening, sending nothing (any byte would stop the VM once
+            // they resume it). The QMP thread clears the pause flag on
+            // RESUME.
+            g.release_stop();
+            paused.store(foreign.load(Ordering::Relaxed), Ordering::Relaxed);
             continue;
         }
         if ev.reason != StopReason::Trap || ev.rip.0 != panic_addr {

@@ -97,14 +97,14 @@ fn busy_workload_raises_no_false_hang() {
 }
 
 /// Uninterruptible waits of 1-3 s (writers queued on a tmpfs file's inode
-/// lock behind a writer of 48-144 MiB in one `write`): long non-preemptible
+/// lock behind a writer of 96-200 MiB in one `write`): long non-preemptible
 /// work and `TASK_UNINTERRUPTIBLE` sleeps that end by themselves. The
 /// default policy may report them (not certain) and must act on none.
 #[test]
 fn uninterruptible_bursts_are_never_acted_on() {
     let cfg = CampaignConfig::default();
     let hog = HostHog::start();
-    let workload = "for n in 48 96 144 48 96; do \
+    let workload = "for n in 96 160 200 128 200; do \
            dd if=/dev/zero of=/data/big bs=${n}M count=1 2>/dev/null & w=$!; sleep 0.1; \
            dd if=/dev/zero of=/data/big bs=4k count=1 conv=notrunc 2>/dev/null & v=$!; \
            t0=$(cut -d' ' -f1 /proc/uptime); wait $w $v; t1=$(cut -d' ' -f1 /proc/uptime); \
