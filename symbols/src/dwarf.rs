@@ -58,6 +58,25 @@ impl<'u, 'a> DieRef<'u, 'a> {
 struct UnitCtx<'a> {
     header: UnitHeader<R<'a>>,
     abbrevs: std::sync::Arc<Abbreviations>,
+    /// `DW_AT_str_offsets_base` of the unit DIE, for `DW_FORM_strx*` names
+    /// (Clang's DWARF 5).
+    str_offsets_base: Option<gimli::DebugStrOffsetsBase<usize>>,
+}
+
+impl<'a> UnitCtx<'a> {
+    fn new(header: UnitHeader<R<'a>>, abbrevs: std::sync::Arc<Abbreviations>) -> gimli::Result<Self> {
+        let mut str_offsets_base = None;
+        let mut raw = header.entries_raw(&abbrevs, None)?;
+        if let Some(ab) = raw.read_abbreviation()? {
+            for spec in ab.attributes() {
+                let attr = raw.read_attribute(*spec)?;
+                if let AttributeValue::DebugStrOffsetsBase(b) = attr.value() {
+                    str_offsets_base = Some(b);
+                }
+            }
+        }
+        Ok(Self { header, abbrevs, str_offsets_base })
+    }
 }
 
 /// The attributes of a DIE that layouts need.
@@ -118,7 +137,7 @@ impl<'a> Scanner<'a> {
             unit_start = header.offset().as_debug_info_offset().map_or(0, |o| o.0);
             let err = |e| (unit_start as u64, e);
             let abbrevs = self.dwarf.abbreviations(&header).map_err(err)?;
-            let unit = UnitCtx { header, abbrevs };
+            let unit = UnitCtx::new(header, abbrevs).map_err(err)?;
             let hits = self.scan_unit(&unit, &by_name, &found).map_err(err)?;
             for (idx, offset) in hits {
                 if found[idx].is_some() {
@@ -257,7 +276,9 @@ impl<'a> Scanner<'a> {
                             sibling = Some(o);
                         }
                     }
-                    constants::DW_AT_name if interesting => name = self.string(attr.value()),
+                    constants::DW_AT_name if interesting => {
+                        name = self.string(unit, attr.value())
+                    }
                     constants::DW_AT_declaration => declaration = true,
                     _ => {}
                 }
@@ -283,8 +304,17 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string attribute's bytes, for the forms a linked vmlinux uses.
-    fn string(&self, value: AttributeValue<R<'a>>) -> Option<&'a [u8]> {
+    fn string(&self, unit: &UnitCtx<'a>, value: AttributeValue<R<'a>>) -> Option<&'a [u8]> {
         match value {
+            AttributeValue::DebugStrOffsetsIndex(i) => {
+                let base = unit.str_offsets_base?;
+                let o = self
+                    .dwarf
+                    .debug_str_offsets
+                    .get_str_offset(unit.header.format(), base, i)
+                    .ok()?;
+                self.dwarf.debug_str.get_str(o).ok().map(|s| s.slice())
+            }
             AttributeValue::String(s) => Some(s.slice()),
             AttributeValue::DebugStrRef(o) => {
                 self.dwarf.debug_str.get_str(o).ok().map(|s| s.slice())
@@ -317,7 +347,7 @@ impl<'a> Scanner<'a> {
             let attr = raw.read_attribute(*spec)?;
             let value = attr.value();
             match attr.name() {
-                constants::DW_AT_name => a.name = self.string(value),
+                constants::DW_AT_name => a.name = self.string(die.unit, value),
                 constants::DW_AT_byte_size => a.byte_size = value.udata_value(),
                 constants::DW_AT_bit_size => a.bit_size = value.udata_value(),
                 constants::DW_AT_data_bit_offset => a.data_bit_offset = value.udata_value(),
