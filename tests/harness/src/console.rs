@@ -36,6 +36,12 @@ pub fn parse_panic(console: &str) -> Option<PanicInfo> {
     Some(PanicInfo { message, cpu, pid, comm, call_trace })
 }
 
+/// The last `CPU: N PID: P Comm: C` line of a console text (an oops
+/// report prints it before the oops path calls `panic`): (cpu, pid, comm).
+pub fn last_cpu_line(console: &str) -> Option<(u32, u32, String)> {
+    console.lines().rev().find_map(|l| parse_cpu_line(strip_timestamp(l)))
+}
+
 /// `[   12.345678] text` -> `text`.
 fn strip_timestamp(line: &str) -> &str {
     let t = line.trim_start();

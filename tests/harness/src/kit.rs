@@ -3,21 +3,34 @@
 use crate::{Error, Result};
 use std::path::PathBuf;
 
-/// The two kernels of the kit.
+/// The kernels of the kit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// Debian's stock `linux-image-6.1.0-N-cloud-amd64`.
     Debian,
     /// 6.1 from `linux-source-6.1` with LKDTM (`guest/lkdtm.config`).
     Lkdtm,
+    /// The LKDTM kernel hardened: structure layout randomization
+    /// (`RANDSTRUCT_FULL`, GCC plugin) and full `PREEMPT`
+    /// (`guest/lkdtm.config` + `guest/randstruct.config`).
+    Randstruct,
 }
 
 impl Kernel {
+    /// Every kernel of the kit, for tests that run over all of them.
+    pub const ALL: [Kernel; 3] = [Kernel::Debian, Kernel::Lkdtm, Kernel::Randstruct];
+
     pub fn dir_name(self) -> &'static str {
         match self {
             Kernel::Debian => "debian",
             Kernel::Lkdtm => "lkdtm",
+            Kernel::Randstruct => "randstruct",
         }
+    }
+
+    /// Whether the kernel has LKDTM (`/sys/kernel/debug/provoke-crash`).
+    pub fn has_lkdtm(self) -> bool {
+        !matches!(self, Kernel::Debian)
     }
 }
 
@@ -54,10 +67,10 @@ impl Kit {
     /// The bootable image and the debug vmlinux of a kernel.
     pub fn kernel(&self, k: Kernel) -> Result<(PathBuf, PathBuf)> {
         let boot = match k {
-            Kernel::Debian => "debian/vmlinuz",
-            Kernel::Lkdtm => "lkdtm/bzImage",
+            Kernel::Debian => "debian/vmlinuz".to_string(),
+            Kernel::Lkdtm | Kernel::Randstruct => format!("{}/bzImage", k.dir_name()),
         };
-        Ok((self.file(boot)?, self.vmlinux(k)?))
+        Ok((self.file(&boot)?, self.vmlinux(k)?))
     }
 
     /// The debug vmlinux (ELF + DWARF) of a kernel.

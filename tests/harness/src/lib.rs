@@ -19,7 +19,7 @@
 mod console;
 mod kit;
 
-pub use console::{parse_panic, PanicInfo};
+pub use console::{last_cpu_line, parse_panic, PanicInfo};
 pub use kit::{Kernel, Kit};
 
 use std::io::{BufRead, BufReader, Write};
@@ -84,6 +84,10 @@ pub struct GuestConfig {
     /// A second QMP monitor ([`Guest::qmp2_addr`]), for a test that talks
     /// QMP while another client holds the first.
     pub second_qmp: bool,
+    /// A reset reboots the guest instead of ending QEMU (`-no-reboot`, the
+    /// default, turns every reset, QMP `system_reset` included, into a
+    /// shutdown).
+    pub reboot: bool,
 }
 
 impl GuestConfig {
@@ -100,6 +104,7 @@ impl GuestConfig {
             kit_dir: None,
             qemu: None,
             second_qmp: false,
+            reboot: false,
         }
     }
 
@@ -118,6 +123,12 @@ impl GuestConfig {
         };
         let qemu = qemu10_in(&kit)?;
         Ok(self.with_qemu(qemu))
+    }
+
+    /// Lets a reset reboot the guest (no `-no-reboot`).
+    pub fn with_reboot(mut self) -> Self {
+        self.reboot = true;
+        self
     }
 
     /// Adds a second QMP monitor, at [`Guest::qmp2_addr`].
@@ -220,7 +231,11 @@ impl Guest {
             None => qemu_binary(),
         };
         let mut cmd = Command::new(&qemu);
-        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"])
+        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none"]);
+        if !cfg.reboot {
+            cmd.arg("-no-reboot");
+        }
+        cmd
             .args(["-smp", &cfg.cpus.to_string()])
             .args(["-m", &format!("{}M", cfg.mem_mib)])
             .arg("-kernel")
