@@ -187,6 +187,15 @@ pub trait GuestAccess {
 
     fn set_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError>;
     fn clear_breakpoint(&mut self, addr: Gva, kind: BpKind) -> Result<(), AccessError>;
+
+    /// A stop reported to us that someone else made (an operator's pause):
+    /// leave the guest as it is and listen for the next stop, sending
+    /// nothing. Backends whose every stop is their own (in-process KVM, the
+    /// in-memory guest) have nothing to do.
+    fn release_stop(&mut self) {}
+    /// The guest was stopped by someone else without a stop reported to us
+    /// (QEMU 10's gdbstub reports no QMP `stop`): requests may be served.
+    fn assume_stopped(&mut self) {}
 }
 
 /// Plain physical memory, for backends that have no CPU (a RAM file).

@@ -6,7 +6,7 @@ use crate::access::Endpoint;
 use crate::flow::{FlowConfig, Session};
 use crate::gdb::GdbGuest;
 use crate::memory::{RamFile, WithRam};
-use crate::watch::{watch, EventSink};
+use crate::watch::{watch, EventSink, WatchConfig};
 use anyhow::{bail, Context, Result};
 use harness::{Guest, GuestConfig, Kernel, Kit};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +53,7 @@ pub fn run(crashes: u32) -> Result<()> {
     let stop2 = stop.clone();
     let watcher = std::thread::spawn(move || {
         let mut sink = EventSink::stdout();
-        watch(&mut backend, &mut session, &mut sink, None, stop2, None)
+        watch(&mut backend, &mut session, &mut sink, stop2, WatchConfig::default())
     });
 
     // Let the bystander get going, so its records visibly carry on.

@@ -253,6 +253,38 @@ impl Session {
         })
     }
 
+    /// After a guest reset or reboot: the same image, a new kernel
+    /// instance. Finds the new KASLR slide (the banner check refuses
+    /// another kernel), forgets the trap (QEMU's breakpoint must already
+    /// be gone: the caller cleared it at the reset) and any pre-staging (a
+    /// reboot reuses the memory). The guest must be stopped.
+    pub fn reattach<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
+        let vcpus = guest.vcpus()?;
+        let first = *vcpus.first().ok_or_else(|| AccessError::Other("the guest has no vCPUs".into()))?;
+        let regs = guest.get_regs(first)?;
+        let paging = WalkPaging::from_regs(regs.cr3, regs.cr4);
+        let slide = {
+            let mem = GuestPhys::read_only(guest, self.ram_end);
+            kaslr::find_slide(&mem, paging, &self.image.layout, &self.image.kernel.banner)?
+        };
+        self.slide = slide.slide;
+        self.slide_from_page_tables = slide.from_page_tables;
+        self.armed = false;
+        self.prestaged = false;
+        Ok(())
+    }
+
+    /// Forgets the trap without touching the guest: the breakpoint is
+    /// known gone (a reset was handled by removing it already).
+    pub fn forget_trap(&mut self) {
+        self.armed = false;
+    }
+
+    /// True while the trap is set.
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
     /// Replans the staging after the image changed (a live snapshot taken
     /// into it): the next [`Session::arm`] stages it again.
     pub fn replan(&mut self) -> Result<(), FlowError> {

@@ -37,6 +37,7 @@ pub mod memory;
 pub mod qmp;
 pub mod report;
 pub mod snapshot;
+pub mod supervise;
 pub mod symbolize;
 pub mod watch;
 pub mod kvm;

@@ -7,10 +7,23 @@ use loader::access::{Endpoint, GuestAccess};
 use loader::flow::{FlowConfig, Mode, Session};
 use loader::gdb::GdbGuest;
 use loader::memory::{RamFile, WithRam};
-use loader::watch::{watch, Event, EventSink};
+use loader::supervise::{Supervisor, SupervisorNote, TrapRecorder};
+use loader::watch::{watch, Event, EventSink, WatchConfig, WatchEnd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Exit codes, one per class of failure (listed in `--help`).
+mod exit {
+    /// Bad input: arguments, a missing or unreadable file.
+    pub const BAD_INPUT: i32 = 2;
+    /// The image was refused: it is not for the guest's kernel build.
+    pub const REFUSED: i32 = 3;
+    /// The guest is gone or unreachable (QEMU exited, a socket is dead).
+    pub const GUEST_GONE: i32 = 4;
+    /// An internal error of ours (a bug: a panic).
+    pub const INTERNAL: i32 = 5;
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,7 +35,13 @@ use std::sync::Arc;
         traps the guest at the entry of panic(), injects the repair kernel of a repair image \
         (build-repair-image) into the crashed vCPU, and applies its verdict: kill the task that \
         crashed the kernel and resume, or decline with a reason and let the panic complete.\n\n\
-        ADDR is unix:PATH or tcp:HOST:PORT."
+        ADDR is unix:PATH or tcp:HOST:PORT.\n\n\
+        The first law: with this tool attached, dying, restarting or detaching, a guest is never worse \
+        off than without it. Every way out removes the trap and resumes the guest if the stop was ours; \
+        a guest someone else paused stays paused.\n\n\
+        Exit status: 0 done; 1 failed (the message says what, and in which state the guest was left); \
+        2 bad input (arguments, files); 3 image refused (another kernel build); \
+        4 guest gone or unreachable; 5 internal error (a bug)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,6 +79,10 @@ struct Attach {
     /// time per page under TCG.
     #[arg(long, requires = "reserve")]
     integrity: bool,
+    /// The guest's name in events; default: QMP `query-name`, else the
+    /// gdbstub's address.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,14 +99,24 @@ enum Command {
         max_repairs: Option<u32>,
         /// Detect hangs from outside: sample each CPU's running task and
         /// context switches in guest RAM (no stop) and repair a task that
-        /// spins in the kernel as a crash there would be. Needs --ram-file
-        /// (and --qmp, so a host that starves QEMU is not taken for a hang).
-        #[arg(long, requires = "ram_file")]
+        /// spins in the kernel as a crash there would be. Needs --ram-file,
+        /// and --qmp (QEMU's vCPU threads, so a host that starves QEMU is
+        /// not taken for a hang; run states, so a paused guest is not).
+        #[arg(long, requires_all = ["ram_file", "qmp"])]
         hangs: bool,
         /// How long a CPU (or a task in uninterruptible sleep) may go
         /// without progress before it is a hang.
         #[arg(long, value_name = "MS", default_value_t = 500)]
         hang_threshold_ms: u64,
+        /// The watch runs in a worker process that this one supervises: a
+        /// worker that dies (even by SIGKILL) is restarted within a second,
+        /// at most N times a minute; past that (or with 0) the supervisor
+        /// removes the trap and resumes the guest if the stop was ours.
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        restarts: u32,
+        /// Internal: this process is the supervised worker.
+        #[arg(long, hide = true)]
+        supervised: bool,
     },
     /// One-shot repair of a guest stopped at a crash (forensic mode).
     Repair {
@@ -165,6 +198,14 @@ enum Backend {
 }
 
 impl Backend {
+    /// Whether leaving (an error, a panic) resumes a guest stopped by us.
+    fn resume_on_drop(&mut self, resume: bool) {
+        match self {
+            Backend::Gdb(g) => g.resume_on_drop = resume,
+            Backend::GdbRam(g) => g.inner.resume_on_drop = resume,
+        }
+    }
+
     fn guest(&mut self) -> &mut dyn GuestAccess {
         match self {
             Backend::Gdb(g) => g,
@@ -173,9 +214,38 @@ impl Backend {
     }
 }
 
-fn connect(a: &Attach) -> Result<(Backend, FlowConfig)> {
+/// What QMP told before we connected to the gdbstub (which stops the VM).
+#[derive(Debug, Default)]
+struct Found {
+    qmp: Option<loader::qmp::Qmp>,
+    /// The run state before our connection: `running`, `paused`, `debug`...
+    status: Option<String>,
+    name: Option<String>,
+}
+
+impl Found {
+    /// The stop our connection makes is ours to undo unless someone else
+    /// had the guest paused already (`debug` is a trap's: a watcher that
+    /// died left the guest there).
+    fn stop_is_ours(&self) -> bool {
+        matches!(self.status.as_deref(), None | Some("running") | Some("debug"))
+    }
+}
+
+fn connect(a: &Attach) -> Result<(Backend, FlowConfig, Found)> {
     let ep: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
-    let gdb = GdbGuest::connect(ep).with_context(|| format!("attaching to the gdbstub at {}", a.gdb))?;
+    let mut found = Found::default();
+    if let Some(q) = &a.qmp {
+        let ep: Endpoint = q.parse().with_context(|| format!("--qmp {q}"))?;
+        let mut qmp = loader::qmp::Qmp::connect(&ep).with_context(|| format!("connecting to QMP at {q}"))?;
+        found.status = Some(qmp.query_status().context("asking QMP for the run state")?);
+        found.name = qmp.execute("query-name", None).ok().and_then(|v| v["name"].as_str().map(str::to_string));
+        found.qmp = Some(qmp);
+    }
+    let mut gdb = GdbGuest::connect(ep).with_context(|| format!("attaching to the gdbstub at {}", a.gdb))?;
+    // From here on, every way out (an error, a panic) resumes the guest if
+    // the stop is ours: GdbGuest's Drop.
+    gdb.resume_on_drop = found.stop_is_ours();
     let mut cfg = FlowConfig { integrity: a.integrity, ..FlowConfig::default() };
     let (flag, range) = match &a.reserve {
         Some(r) => ("--reserve", r),
@@ -185,9 +255,7 @@ fn connect(a: &Attach) -> Result<(Backend, FlowConfig)> {
     cfg.borrowed_base = parse_hex(base)?;
     cfg.borrowed_size = parse_hex(size)?;
     cfg.reserved = a.reserve.is_some();
-    if let Some(q) = &a.qmp {
-        let ep: Endpoint = q.parse().with_context(|| format!("--qmp {q}"))?;
-        let mut qmp = loader::qmp::Qmp::connect(&ep).with_context(|| format!("connecting to QMP at {q}"))?;
+    if let Some(qmp) = &mut found.qmp {
         cfg.ram_end = Some(qmp.ram_size().context("asking QMP for the RAM size")?);
     }
     let backend = match &a.ram_file {
@@ -201,16 +269,16 @@ fn connect(a: &Attach) -> Result<(Backend, FlowConfig)> {
         }
         None => Backend::Gdb(gdb),
     };
-    Ok((backend, cfg))
+    Ok((backend, cfg, found))
 }
 
 fn load_image(path: &Path) -> Result<builder::RepairImage> {
     builder::RepairImage::read(path).with_context(|| format!("reading the repair image {}", path.display()))
 }
 
-fn attach(a: &Attach) -> Result<(Backend, Session)> {
+fn attach(a: &Attach) -> Result<(Backend, Session, Found)> {
     let image = load_image(&a.image)?;
-    let (mut backend, cfg) = connect(a)?;
+    let (mut backend, cfg, found) = connect(a)?;
     let mut session = Session::attach(backend.guest(), image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.gdb, a.image.display()))?;
     if a.integrity {
@@ -224,7 +292,7 @@ fn attach(a: &Attach) -> Result<(Backend, Session)> {
         session.replan().context("staging the snapshot in the --reserve range")?;
         eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
     }
-    Ok((backend, session))
+    Ok((backend, session, found))
 }
 
 fn main() {
@@ -232,41 +300,146 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("repair-guest: error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if let Err(e) = signal_flag(sig, stop.clone()) {
+            eprintln!("repair-guest: error: {e:#}");
+            std::process::exit(exit::INTERNAL);
+        }
     }
+    // A panic unwinds through the guest connection's Drop, which removes
+    // our trap and resumes the guest if the stop was ours; then it is an
+    // internal error.
+    let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli, stop))) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("repair-guest: error: {e:#}");
+            exit_code(&e)
+        }
+        Err(_) => {
+            eprintln!(
+                "repair-guest: internal error (a bug; the message is above). The trap was removed and the guest \
+                 resumed if we had stopped it."
+            );
+            exit::INTERNAL
+        }
+    };
+    std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Watch { attach: a, events, max_repairs, hangs, hang_threshold_ms } => {
-            let (mut backend, mut session) = attach(&a)?;
-            let hang_watch = if hangs { Some(hang_watch(&a, &mut backend, &session, hang_threshold_ms)?) } else { None };
-            let mut sink = if events == "-" {
-                EventSink::stdout()
-            } else {
-                EventSink::file(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&events)
-                        .with_context(|| format!("opening the events file {events}"))?,
-                )
-            };
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [libc::SIGINT, libc::SIGTERM] {
-                signal_flag(sig, stop.clone())?;
+/// The exit code of an error: its class, from the causes in its chain.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use loader::access::AccessError;
+    use loader::flow::FlowError;
+    use loader::kaslr::KaslrError;
+    for cause in e.chain() {
+        if let Some(k) = cause.downcast_ref::<KaslrError>() {
+            if matches!(k, KaslrError::BannerMismatch { .. }) {
+                return exit::REFUSED;
             }
-            let end = watch(backend.guest(), &mut session, &mut sink, max_repairs, stop, hang_watch)?;
+        }
+        if let Some(FlowError::Kaslr(KaslrError::BannerMismatch { .. })) = cause.downcast_ref::<FlowError>() {
+            return exit::REFUSED;
+        }
+        let access = cause
+            .downcast_ref::<AccessError>()
+            .or_else(|| match cause.downcast_ref::<FlowError>() {
+                Some(FlowError::Access(a)) => Some(a),
+                _ => None,
+            });
+        match access {
+            Some(AccessError::GuestGone(_) | AccessError::Connect { .. }) => return exit::GUEST_GONE,
+            Some(AccessError::BadAddress(_)) => return exit::BAD_INPUT,
+            _ => {}
+        }
+        if cause.downcast_ref::<builder::ImageError>().is_some() || cause.downcast_ref::<std::io::Error>().is_some() {
+            return exit::BAD_INPUT;
+        }
+    }
+    1
+}
+
+/// The events destination: a file (appended to) or standard output.
+fn event_sink(events: &str, name: Option<String>) -> Result<EventSink> {
+    let mut sink = if events == "-" {
+        EventSink::stdout()
+    } else {
+        EventSink::file(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(events)
+                .with_context(|| format!("opening the events file {events}"))?,
+        )
+    };
+    sink.guest = name;
+    Ok(sink)
+}
+
+/// `watch` without `--supervised`: run the watch in a worker process and
+/// supervise it (see `loader::supervise`).
+fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Result<i32> {
+    let gdb: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
+    let qmp: Option<Endpoint> = a.qmp.as_deref().map(str::parse).transpose().context("--qmp")?;
+    let mut sink = event_sink(events, Some(a.name.clone().unwrap_or_else(|| a.gdb.clone())))?;
+    let exe = std::env::current_exe().context("finding our own executable to start the worker")?;
+    let mut worker = std::process::Command::new(exe);
+    worker.args(std::env::args_os().skip(1)).arg("--supervised");
+    let dir = tempfile::Builder::new().prefix("repair-guest-").tempdir().context("making a scratch directory")?;
+    let mut sup = Supervisor { worker, restarts, gdb, qmp, trap_file: dir.path().join("trap") };
+    let code = sup.run(stop, |n| match n {
+        SupervisorNote::Restarted { pid, how } => sink.emit(&Event {
+            event: "error",
+            message: Some(format!("the watcher (pid {pid}) died ({how}); restarting it")),
+            ..Default::default()
+        }),
+        SupervisorNote::GaveUp { pid, how, rescue } => sink.emit(&Event {
+            event: "detached",
+            message: Some(match rescue {
+                Ok(what) => format!("the watcher (pid {pid}) died ({how}) and is not restarted: {what}"),
+                Err(e) => format!(
+                    "the watcher (pid {pid}) died ({how}) and is not restarted; removing its trap failed: {e}"
+                ),
+            }),
+            ..Default::default()
+        }),
+    })?;
+    Ok(code)
+}
+
+fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
+    match cli.command {
+        Command::Watch { attach: a, events, restarts, supervised: false, .. } => supervise(&a, &events, restarts, &stop),
+        Command::Watch { attach: a, events, max_repairs, hangs, hang_threshold_ms, .. } => {
+            let (mut backend, mut session, mut found) = attach(&a)?;
+            let hangs = if hangs { Some(hang_watch(&a, &session, &mut found, hang_threshold_ms)?) } else { None };
+            let name = a.name.clone().or(found.name.clone()).unwrap_or_else(|| a.gdb.clone());
+            let mut sink = event_sink(&events, Some(name))?;
+            if found.qmp.is_none() {
+                eprintln!(
+                    "repair-guest: without --qmp, a pause made through another monitor is told from ours only by its \
+                     signal, and a reset of the guest goes unseen"
+                );
+            }
+            let cfg = WatchConfig {
+                max_repairs,
+                found_paused: !found.stop_is_ours(),
+                qmp: found.qmp,
+                hangs,
+                crash_context: a.ram_file.is_some(),
+                record: TrapRecorder::from_env(),
+            };
+            let end = watch(backend.guest(), &mut session, &mut sink, stop, cfg)?;
             tracing::info!(?end, "watch ended");
-            Ok(())
+            Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 })
         }
         Command::Repair { attach: a, wait_crash } => {
-            let (mut backend, mut session) = attach(&a)?;
+            let (mut backend, mut session, _found) = attach(&a)?;
+            backend.resume_on_drop(true);
             let g = backend.guest();
             let vcpu = match wait_crash {
-                Some(secs) => wait_for_crash(g, &mut session, secs)?,
+                Some(secs) => wait_for_crash(g, &mut session, secs, &stop)?,
                 None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
             };
             let outcome = session.repair(g, vcpu, Mode::Repair)?;
@@ -275,17 +448,17 @@ fn run(cli: Cli) -> Result<()> {
             session.disarm(g)?;
             g.resume().context("resuming the guest")?;
             sink.emit(&Event::verdict(&outcome, 0.0));
-            Ok(())
+            Ok(0)
         }
         Command::Diagnose { attach: a, vmlinux, json, wait_crash } => {
-            let (mut backend, mut session) = attach(&a)?;
+            let (mut backend, mut session, _found) = attach(&a)?;
             let sym = match &vmlinux {
                 Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p).map_err(anyhow::Error::msg)?),
                 None => None,
             };
             let g = backend.guest();
             let vcpu = match wait_crash {
-                Some(secs) => wait_for_crash(g, &mut session, secs)?,
+                Some(secs) => wait_for_crash(g, &mut session, secs, &stop)?,
                 None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
             };
             let report = loader::report::diagnose(g, &session, vcpu, sym.as_ref(), 40)?;
@@ -302,10 +475,12 @@ fn run(cli: Cli) -> Result<()> {
                     println!("(pass --vmlinux PATH to name the backtrace's frames)");
                 }
             }
-            Ok(())
+            // Leaving: the guest goes back to the run state we found it in
+            // (GdbGuest's Drop).
+            Ok(0)
         }
         Command::Snapshot { attach: a, output, pristine } => {
-            let (mut backend, mut session) = attach(&a)?;
+            let (mut backend, mut session, _found) = attach(&a)?;
             let g = backend.guest();
             let bar = indicatif::ProgressBar::new(0).with_message("reading kernel text and rodata");
             bar.set_style(
@@ -325,40 +500,42 @@ fn run(cli: Cli) -> Result<()> {
                 stats.unmapped,
                 output.display()
             );
-            Ok(())
+            Ok(0)
         }
-        Command::Demo { crashes } => loader::demo::run(crashes),
-        Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json),
-        Command::Campaign(args) => loader::campaign::cli(&args),
+        Command::Demo { crashes } => loader::demo::run(crashes).map(|()| 0),
+        Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json).map(|()| 0),
+        Command::Campaign(args) => loader::campaign::cli(&args).map(|()| 0),
     }
 }
 
-/// The hang sampler of `watch --hangs`: its own mapping of the RAM file,
-/// the kernel's page tables, the layout from the image, and QEMU's vCPU
-/// threads (through QMP's peer) to count only time the vCPUs really ran.
-fn hang_watch(a: &Attach, backend: &mut Backend, session: &Session, threshold_ms: u64) -> Result<loader::watch::HangWatch> {
+/// The hang sampler of `watch --hangs`, made for each kernel instance: its
+/// own mapping of the RAM file, the kernel's page tables, the layout from
+/// the image at the session's slide, and QEMU's vCPU threads (through QMP)
+/// to count only time the vCPUs really ran.
+fn hang_watch(a: &Attach, session: &Session, found: &mut Found, threshold_ms: u64) -> Result<loader::watch::HangWatch> {
     use loader::hang::{self, HangConfig, HangLayout, Sampler};
-    let path = a.ram_file.as_ref().context("--hangs needs --ram-file")?;
-    let ram = RamFile::open_pc(path, 0xe000_0000).with_context(|| format!("mapping {}", path.display()))?;
-    let layout = HangLayout::from_layout(&session.image.layout, session.slide)?;
-    let g = backend.guest();
-    let regs = g.get_regs(loader::access::VcpuId(0))?;
+    let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
+    let qmp = found.qmp.as_mut().context("--hangs needs --qmp")?;
+    let nr_vcpus = session.nr_vcpus;
+    let vcpu_threads = qmp.peer_pid().and_then(|pid| hang::qemu_vcpu_threads(pid, nr_vcpus));
+    if vcpu_threads.is_none() {
+        eprintln!("repair-guest: QEMU's vCPU threads are unknown (QMP over TCP, or another host): a host that starves QEMU may look like a hang");
+    }
     let threshold = std::time::Duration::from_millis(threshold_ms);
-    let cfg = HangConfig { cpu_threshold: threshold, blocked_threshold: threshold, ..HangConfig::default() };
-    let mut sampler = Sampler::new(ram, regs.cr3, regs.cr4, layout, session.nr_vcpus, cfg);
-    if let Some(q) = &a.qmp {
-        let qmp = loader::qmp::Qmp::connect(&q.parse()?).with_context(|| format!("connecting to QMP at {q}"))?;
-        sampler.vcpu_threads = qmp.peer_pid().and_then(|pid| hang::qemu_vcpu_threads(pid, session.nr_vcpus));
-    }
-    if sampler.vcpu_threads.is_none() {
-        eprintln!("repair-guest: without QEMU's vCPU threads (pass --qmp on the same host), a host that starves QEMU may look like a hang");
-    }
-    Ok(loader::watch::HangWatch { sampler })
+    let make = move |session: &Session, regs: &loader::access::CpuState| -> std::result::Result<Sampler<RamFile>, String> {
+        let ram = RamFile::open_pc(&path, 0xe000_0000).map_err(|e| format!("mapping {}: {e}", path.display()))?;
+        let layout = HangLayout::from_layout(&session.image.layout, session.slide).map_err(|e| e.to_string())?;
+        let cfg = HangConfig { cpu_threshold: threshold, blocked_threshold: threshold, ..HangConfig::default() };
+        let mut s = Sampler::new(ram, regs.cr3, regs.cr4, layout, nr_vcpus, cfg);
+        s.vcpu_threads = vcpu_threads.clone();
+        Ok(s)
+    };
+    Ok(loader::watch::HangWatch { make: Box::new(make) })
 }
 
 /// Arms the trap, lets the guest run and waits for it to stop at `panic`;
 /// returns the crashed vCPU, held at the entry of `panic`.
-fn wait_for_crash(g: &mut dyn GuestAccess, session: &mut Session, secs: u64) -> Result<loader::access::VcpuId> {
+fn wait_for_crash(g: &mut dyn GuestAccess, session: &mut Session, secs: u64, stop: &AtomicBool) -> Result<loader::access::VcpuId> {
     session.arm(g)?;
     let panic = session.panic_addr()?;
     g.resume().context("resuming the guest")?;
@@ -366,9 +543,16 @@ fn wait_for_crash(g: &mut dyn GuestAccess, session: &mut Session, secs: u64) -> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match g.wait_stop(Some(left))? {
+        if stop.load(Ordering::Relaxed) {
+            g.pause()?;
+            session.disarm(g)?;
+            g.resume()?;
+            bail!("stopped by a signal before any crash; the guest runs on, untouched");
+        }
+        match g.wait_stop(Some(left.min(std::time::Duration::from_millis(200))))? {
             Some(ev) if ev.rip.0 == panic => return Ok(ev.vcpu),
             Some(_) => g.resume()?,
+            None if !left.is_zero() => {}
             None => {
                 g.pause()?;
                 session.disarm(g)?;

@@ -450,6 +450,12 @@ impl<A: GuestAccess, M: PhysAccess> GuestAccess for WithRam<A, M> {
     fn wait_stop(&mut self, timeout: Option<Duration>) -> Result<Option<StopEvent>, AccessError> {
         self.inner.wait_stop(timeout)
     }
+    fn release_stop(&mut self) {
+        self.inner.release_stop()
+    }
+    fn assume_stopped(&mut self) {
+        self.inner.assume_stopped()
+    }
     fn run_vcpu_until(&mut self, vcpu: VcpuId, stop_at: Gva, timeout: Duration) -> Result<RunOutcome, AccessError> {
         self.inner.run_vcpu_until(vcpu, stop_at, timeout)
     }

@@ -1,7 +1,10 @@
 //! The `repair-guest` binary as a user runs it, against real guests.
 
+mod support;
+
 use harness::{Guest, GuestConfig, Kernel};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use support::{bin, image_file, start_watch, wait_exit};
 use std::time::{Duration, Instant};
 
 /// Waits until the child's stderr says its trap is armed; the rest of
@@ -23,16 +26,6 @@ fn wait_armed(child: &mut std::process::Child) -> std::thread::JoinHandle<String
     });
     rx.recv_timeout(Duration::from_secs(120)).expect("the trap was never armed");
     h
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_repair-guest"))
-}
-
-fn image_file(kernel: Kernel, dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join(format!("{}.img", kernel.dir_name()));
-    loader::demo::kit_image(kernel).unwrap().write(&path).unwrap();
-    path
 }
 
 #[test]
@@ -72,7 +65,7 @@ fn an_image_of_another_kernel_is_refused_with_a_clear_error() {
     let guest = Guest::boot(&GuestConfig::new(Kernel::Debian)).unwrap();
     let image = image_file(Kernel::Lkdtm, guest.dir());
     let out = bin().args(["diagnose", "--gdb", &guest.gdb_addr(), "--image"]).arg(&image).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a refused image is exit status 3");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not the image's build"), "{err}");
     assert!(err.contains("6.1.0-56-cloud-amd64"), "names the guest's kernel: {err}");
@@ -83,7 +76,7 @@ fn an_image_of_another_kernel_is_refused_with_a_clear_error() {
 #[test]
 fn bad_input_gets_a_message_not_a_backtrace() {
     let out = bin().args(["watch", "--gdb", "unix:/nonexistent/gdb.sock", "--image", "/nonexistent.img"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "bad input is exit status 2");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent.img"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -92,45 +85,6 @@ fn bad_input_gets_a_message_not_a_backtrace() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("not a repair image") || err.contains("unix:PATH"), "{err}");
-}
-
-/// Starts `watch` on a guest (RAM file and QMP given, plus `extra`
-/// arguments) and waits until it has armed its trap.
-fn start_watch(guest: &Guest, events: &std::path::Path, extra: &[&str]) -> std::process::Child {
-    let image = image_file(guest.kernel(), guest.dir());
-    let mut watcher = bin()
-        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
-        .arg("--ram-file")
-        .arg(guest.ram_file().unwrap())
-        .arg("--image")
-        .arg(&image)
-        .arg("--events")
-        .arg(events)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(events).unwrap_or_default().contains("\"attached\"") {
-        assert!(start.elapsed() < Duration::from_secs(60), "watcher never attached");
-        if let Some(st) = watcher.try_wait().unwrap() {
-            let out = watcher.wait_with_output().unwrap();
-            panic!("watcher exited {st}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    watcher
-}
-
-fn wait_exit(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(start.elapsed() < Duration::from_secs(secs), "watcher did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -157,7 +111,7 @@ fn watch_ends_cleanly_when_the_guest_goes_away() {
     let events = dir.path().join("events.jsonl");
     let mut watcher = start_watch(&guest, &events, &[]);
     guest.shutdown().unwrap();
-    assert!(wait_exit(&mut watcher, 30).success());
+    assert_eq!(wait_exit(&mut watcher, 30).code(), Some(4), "the guest gone is exit status 4");
     let text = std::fs::read_to_string(&events).unwrap();
     assert!(text.contains("the guest went away"), "{text}");
 }

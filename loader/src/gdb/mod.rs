@@ -336,6 +336,24 @@ pub struct GdbGuest {
     breakpoints: BTreeSet<(u64, BpKind)>,
     running: bool,
     vcont: bool,
+    /// What [`Drop`] does with the guest after removing our breakpoints:
+    /// resume it (we stopped it: connecting alone stops QEMU's VM) or
+    /// leave it stopped (someone else had paused it). See [`GdbGuest::leave`].
+    pub resume_on_drop: bool,
+    /// Set once [`GdbGuest::leave`] ran: nothing more to clean up.
+    left: bool,
+}
+
+/// How [`GdbGuest::leave`] left the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Left {
+    /// Our breakpoints removed, the guest running.
+    Resumed,
+    /// Our breakpoints removed, the guest still stopped, as asked.
+    Stopped,
+    /// Our breakpoints removed; the guest was found paused by someone else
+    /// (a QMP `stop` we got no stop reply for) and stays paused.
+    PausedByOthers,
 }
 
 impl GdbGuest {
@@ -377,6 +395,8 @@ impl GdbGuest {
             breakpoints: BTreeSet::new(),
             running: false,
             vcont,
+            resume_on_drop: false,
+            left: false,
         };
         // The stop QEMU made on connect (or an exit, if the guest is gone).
         let r = g.client.request("?")?;
@@ -387,7 +407,24 @@ impl GdbGuest {
             None => return Err(protocol(b"?", &String::from_utf8_lossy(&r))),
         }
         g.tids = g.thread_list()?;
+        g.clear_stale_breakpoints()?;
         Ok(g)
+    }
+
+    /// Removes every breakpoint a former client left (QEMU keeps them when
+    /// a client goes: a watcher killed with SIGKILL leaves its trap). QEMU's
+    /// answer to `?` removes the breakpoints of the current vCPU
+    /// (`handle_target_halt`), and a `z` stops at the first vCPU that has
+    /// none: so each vCPU is made current (`Hc`) and asked `?` in turn.
+    fn clear_stale_breakpoints(&mut self) -> Result<(), AccessError> {
+        for tid in self.tids.clone() {
+            expect_ok(&mut self.client, &format!("Hc{tid:x}"))?;
+            let r = self.client.request("?")?;
+            if parse_stop_reply(&r).is_none() {
+                return Err(protocol(b"?", &String::from_utf8_lossy(&r)));
+            }
+        }
+        Ok(())
     }
 
     /// The packet layer, for requests this type does not wrap.
@@ -648,19 +685,113 @@ impl GdbGuest {
         }
         self.breakpoints.clear();
         let r = self.client.request("D");
-        self.running = true; // nothing more to clean up in Drop
+        self.left = true;
         r.map(|_| ())
+    }
+
+    /// Stops a guest we believe running. QEMU ignores the `0x03` of a
+    /// client whose VM is already paused (by a QMP `stop`, which QEMU 10
+    /// does not report to the gdb client): when no stop reply comes, `?`
+    /// tells whether the stub is serving packets, i.e. the VM is stopped by
+    /// someone else. Returns true when the stop was ours.
+    fn stop_for_cleanup(&mut self) -> Result<bool, AccessError> {
+        self.client.interrupt()?;
+        let deadline = Instant::now() + self.client.timeout.min(Duration::from_secs(3));
+        if self.wait_reply(Some(deadline))?.is_some() {
+            return Ok(true);
+        }
+        let r = self.client.request("?")?;
+        if parse_stop_reply(&r).is_none() {
+            return Err(protocol(b"?", &String::from_utf8_lossy(&r)));
+        }
+        // That `?` removed the current vCPU's breakpoints; ours are gone
+        // from it, so `z` would stop there: clear every vCPU's the same way.
+        self.running = false;
+        self.selected = None;
+        self.clear_stale_breakpoints()?;
+        self.breakpoints.clear();
+        Ok(false)
+    }
+
+    /// Leaves the guest as the first law wants it: every breakpoint of ours
+    /// removed; a guest that was running runs on; a stopped one is resumed
+    /// when `resume_stopped` (the stop was ours: our trap, or the stop QEMU
+    /// makes when a client connects), else left stopped. A guest found
+    /// paused by someone else stays paused. Nothing is sent afterwards; the
+    /// connection may close (QEMU does nothing when a client goes: see
+    /// `loader/DESIGN.md`).
+    pub fn leave(&mut self, resume_stopped: bool) -> Result<Left, AccessError> {
+        if self.left {
+            return Ok(if self.running { Left::Resumed } else { Left::Stopped });
+        }
+        if self.running && self.breakpoints.is_empty() {
+            self.left = true;
+            return Ok(Left::Resumed);
+        }
+        let mut ours = true;
+        let mut resume = resume_stopped;
+        if self.running {
+            ours = self.stop_for_cleanup()?;
+            resume = true;
+        }
+        let mut first_err = None;
+        for (a, k) in std::mem::take(&mut self.breakpoints) {
+            if let Err(e) = self.remove_bp(a, k) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.left = true;
+        if let Some(e) = first_err {
+            // Still resume: a guest left stopped is worse than a stray
+            // breakpoint (QEMU would stop at it in `debug`).
+            if resume && ours {
+                let _ = self.continue_all();
+            }
+            return Err(e);
+        }
+        match (ours, resume) {
+            (false, _) => Ok(Left::PausedByOthers),
+            (true, true) => self.continue_all().map(|()| Left::Resumed),
+            (true, false) => Ok(Left::Stopped),
+        }
+    }
+
+    /// `vCont;c` (or `c`), nothing stepped over first.
+    fn continue_all(&mut self) -> Result<(), AccessError> {
+        self.client.send(if self.vcont { b"vCont;c" } else { b"c" })?;
+        self.running = true;
+        self.selected = None;
+        Ok(())
+    }
+
+    /// A stop reported to us that is not ours (an operator's QMP `stop`,
+    /// which QEMU 7.2 reports to the gdb client as `T02`): leave the VM as
+    /// it is and go back to listening. Nothing is sent: any byte would stop
+    /// a running VM. The next stop reply (our trap, once whoever paused the
+    /// VM resumes it) is read by [`GuestAccess::wait_stop`].
+    pub fn release_stop(&mut self) {
+        self.running = true;
+        self.selected = None;
+    }
+
+    /// The opposite: QMP says the VM is stopped although no stop reply came
+    /// (QEMU 10 sends none for a QMP `stop`); the stub serves packets.
+    pub fn assume_stopped(&mut self) {
+        self.running = false;
+        self.selected = None;
     }
 }
 
 impl Drop for GdbGuest {
     fn drop(&mut self) {
-        // Leave no breakpoint of ours behind for the next debugger to trip
-        // over; a running guest would stop on our bytes, so skip then.
-        if !self.running {
-            self.client.timeout = Duration::from_millis(500);
-            for (a, k) in std::mem::take(&mut self.breakpoints) {
-                let _ = self.remove_bp(a, k);
+        // Every way out (an error, a panic unwinding) leaves no trap of
+        // ours behind: QEMU keeps a client's breakpoints after it goes, and
+        // a panic would then freeze the VM in `debug` with nobody attached.
+        if !self.left {
+            self.client.timeout = self.client.timeout.min(Duration::from_secs(2));
+            let resume = self.resume_on_drop;
+            if let Err(e) = self.leave(resume) {
+                tracing::warn!("leaving the guest on drop: {e}");
             }
         }
     }
@@ -773,14 +904,19 @@ impl GuestAccess for GdbGuest {
         for tid in tids {
             self.step_over(tid)?;
         }
-        self.client.send(if self.vcont { b"vCont;c" } else { b"c" })?;
-        self.running = true;
-        self.selected = None;
-        Ok(())
+        self.continue_all()
     }
 
     fn is_running(&self) -> bool {
         self.running
+    }
+
+    fn release_stop(&mut self) {
+        GdbGuest::release_stop(self)
+    }
+
+    fn assume_stopped(&mut self) {
+        GdbGuest::assume_stopped(self)
     }
 
     fn wait_stop(&mut self, timeout: Option<Duration>) -> Result<Option<StopEvent>, AccessError> {
