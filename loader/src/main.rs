@@ -105,9 +105,19 @@ enum Command {
         #[arg(long, requires_all = ["ram_file", "qmp"])]
         hangs: bool,
         /// How long a CPU (or a task in uninterruptible sleep) may go
-        /// without progress before it is a hang.
+        /// without progress before it is reported as a hang.
         #[arg(long, value_name = "MS", default_value_t = 500)]
         hang_threshold_ms: u64,
+        /// A hang is acted on only once certain: a CPU with IRQs off (no
+        /// timer tick) for the threshold, or a task spinning in the same
+        /// few kernel states for this long (default: the guest's own
+        /// soft-lockup limit, 2 x watchdog_thresh, else 20 s), of vCPU time.
+        #[arg(long, value_name = "MS")]
+        hang_kill_after_ms: Option<u64>,
+        /// Act on every hang as soon as it is detected (the old policy: may
+        /// kill a long but healthy kernel loop).
+        #[arg(long)]
+        hang_kill_at_detection: bool,
         /// The watch runs in a worker process that this one supervises: a
         /// worker that dies (even by SIGKILL) is restarted within a second,
         /// at most N times a minute; past that (or with 0) the supervisor
@@ -411,9 +421,23 @@ fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Resu
 fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
     match cli.command {
         Command::Watch { attach: a, events, restarts, supervised: false, .. } => supervise(&a, &events, restarts, &stop),
-        Command::Watch { attach: a, events, max_repairs, hangs, hang_threshold_ms, .. } => {
+        Command::Watch {
+            attach: a,
+            events,
+            max_repairs,
+            hangs,
+            hang_threshold_ms,
+            hang_kill_after_ms,
+            hang_kill_at_detection,
+            ..
+        } => {
             let (mut backend, mut session, mut found) = attach(&a)?;
-            let hangs = if hangs { Some(hang_watch(&a, &session, &mut found, hang_threshold_ms)?) } else { None };
+            let policy = HangPolicyArgs {
+                threshold: std::time::Duration::from_millis(hang_threshold_ms),
+                kill_after: hang_kill_after_ms.map(std::time::Duration::from_millis),
+                at_detection: hang_kill_at_detection,
+            };
+            let hangs = if hangs { Some(hang_watch(&a, &session, &mut found, policy)?) } else { None };
             let name = a.name.clone().or(found.name.clone()).unwrap_or_else(|| a.gdb.clone());
             let mut sink = event_sink(&events, Some(name))?;
             if found.qmp.is_none() {
@@ -508,24 +532,45 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
     }
 }
 
+/// The hang options of `watch`.
+#[derive(Debug, Clone, Copy)]
+struct HangPolicyArgs {
+    threshold: std::time::Duration,
+    kill_after: Option<std::time::Duration>,
+    at_detection: bool,
+}
+
 /// The hang sampler of `watch --hangs`, made for each kernel instance: its
 /// own mapping of the RAM file, the kernel's page tables, the layout from
-/// the image at the session's slide, and QEMU's vCPU threads (through QMP)
-/// to count only time the vCPUs really ran.
-fn hang_watch(a: &Attach, session: &Session, found: &mut Found, threshold_ms: u64) -> Result<loader::watch::HangWatch> {
+/// the image at the session's slide, and QEMU's vCPU threads (from QMP
+/// `query-cpus-fast`) to count only time the vCPUs really ran.
+fn hang_watch(a: &Attach, session: &Session, found: &mut Found, p: HangPolicyArgs) -> Result<loader::watch::HangWatch> {
     use loader::hang::{self, HangConfig, HangLayout, Sampler};
     let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
     let qmp = found.qmp.as_mut().context("--hangs needs --qmp")?;
     let nr_vcpus = session.nr_vcpus;
-    let vcpu_threads = qmp.peer_pid().and_then(|pid| hang::qemu_vcpu_threads(pid, nr_vcpus));
+    let vcpu_threads = qmp.peer_pid().and_then(|pid| match hang::vcpu_threads_from_qmp(qmp, pid) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("vCPU threads from query-cpus-fast: {e}; trying thread names");
+            hang::qemu_vcpu_threads(pid, nr_vcpus)
+        }
+    });
     if vcpu_threads.is_none() {
-        eprintln!("repair-guest: QEMU's vCPU threads are unknown (QMP over TCP, or another host): a host that starves QEMU may look like a hang");
+        eprintln!(
+            "repair-guest: QEMU's vCPU threads are unknown (QMP over TCP, another host, or single-threaded TCG): \
+             a host that starves QEMU may look like a hang"
+        );
     }
-    let threshold = std::time::Duration::from_millis(threshold_ms);
     let make = move |session: &Session, regs: &loader::access::CpuState| -> std::result::Result<Sampler<RamFile>, String> {
         let ram = RamFile::open_pc(&path, 0xe000_0000).map_err(|e| format!("mapping {}: {e}", path.display()))?;
-        let layout = HangLayout::from_layout(&session.image.layout, session.slide).map_err(|e| e.to_string())?;
-        let cfg = HangConfig { cpu_threshold: threshold, blocked_threshold: threshold, ..HangConfig::default() };
+        let layout = HangLayout::from_image(&session.image, session.slide).map_err(|e| e.to_string())?;
+        let mut cfg = if p.at_detection { HangConfig::at_detection() } else { HangConfig::default() };
+        if let Some(k) = p.kill_after {
+            cfg = cfg.with_kill_after(k);
+        }
+        cfg.cpu_threshold = p.threshold;
+        cfg.blocked_threshold = p.threshold;
         let mut s = Sampler::new(ram, regs.cr3, regs.cr4, layout, nr_vcpus, cfg);
         s.vcpu_threads = vcpu_threads.clone();
         Ok(s)

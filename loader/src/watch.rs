@@ -3,7 +3,7 @@
 
 use crate::access::{AccessError, CpuState, GuestAccess, StopEvent, StopReason, VcpuId};
 use crate::flow::{FlowError, Mode, Outcome, Session, Timings};
-use crate::hang::{self, Hang, HangKind, HangRepair, Sampler};
+use crate::hang::{self, Hang, HangKind, HangRepair, Sampler, SamplerMsg};
 use crate::kaslr::KaslrError;
 use crate::memory::RamFile;
 use crate::qmp::Qmp;
@@ -52,6 +52,10 @@ pub struct Event {
     /// `guest-panicked`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// A `hang`: whether it is certain (the default policy acts only then),
+    /// with the evidence in `reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certain: Option<bool>,
     /// The new KASLR slide of a `rearmed` event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slide: Option<String>,
@@ -129,16 +133,16 @@ impl Event {
             }
             HangKind::BlockedTask => ("blocked task".to_string(), None),
         };
+        let vcpu = h.vcpu_ms.map(|v| format!(" ({v:.0} ms of vCPU time)")).unwrap_or_default();
         Event {
             event: "hang",
             kind: Some(kind),
-            message: Some(format!(
-                "no progress for {} ms",
-                h.detected.saturating_duration_since(h.since).as_millis()
-            )),
+            message: Some(format!("no progress for {:.0} ms{vcpu}", h.stalled_ms)),
             cpu,
             pid: Some(h.pid),
             comm: Some(h.comm.clone()),
+            certain: Some(h.certain),
+            reason: Some(h.why.clone()),
             ..Default::default()
         }
     }
@@ -313,7 +317,7 @@ pub fn watch<G: GuestAccess + ?Sized>(
 
 /// The running sampler thread.
 struct SamplerThread {
-    rx: std::sync::mpsc::Receiver<Hang>,
+    rx: std::sync::mpsc::Receiver<SamplerMsg>,
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<()>,
 }
@@ -690,7 +694,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
         match (h.make)(self.session, regs) {
             Ok(s) => {
                 let stop = Arc::new(AtomicBool::new(false));
-                let (rx, handle) = hang::spawn_sampler(s, self.paused.clone(), stop.clone());
+                let (rx, handle) = hang::spawn_sampler_msgs(s, self.paused.clone(), stop.clone());
                 self.sampler = Some(SamplerThread { rx, stop, handle });
             }
             Err(why) => self.events.emit(&Event::simple("error", format!("hang detection is off: {why}"))),
@@ -704,13 +708,26 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
         }
     }
 
+    /// Reports what the sampler found; acts only on a certain hang (the
+    /// sampler's policy decides what is certain: see `hang::HangPolicy`).
     fn poll_hangs(&mut self) -> Result<(), FlowError> {
-        let hangs: Vec<Hang> = match &self.sampler {
+        let msgs: Vec<SamplerMsg> = match &self.sampler {
             Some(s) => s.rx.try_iter().collect(),
             None => return Ok(()),
         };
-        for h in hangs {
+        for m in msgs {
+            let h = match m {
+                SamplerMsg::Hang(h) => h,
+                SamplerMsg::Error(e) => {
+                    self.events.emit(&Event::simple("error", format!("hang sampler: {e}; it was reset and goes on")));
+                    continue;
+                }
+            };
             if self.foreign_pause || self.rearm_at.is_some() {
+                continue;
+            }
+            self.events.emit(&Event::hang(&h));
+            if !h.certain {
                 continue;
             }
             self.cfg.record.set_held(true);
@@ -750,7 +767,6 @@ fn act_on_hang<G: GuestAccess + ?Sized>(
     h: &Hang,
     paused: &AtomicBool,
 ) -> Result<bool, FlowError> {
-    events.emit(&Event::hang(h));
     let cpu = match h.kind {
         HangKind::BlockedTask => {
             events.emit(&Event::hang_declined(
