@@ -239,3 +239,25 @@ fn events_carry_time_guest_backtrace_and_log_tail() {
     kill(watcher.id(), libc::SIGTERM);
     assert!(wait_exit(&mut watcher, 60).success());
 }
+
+#[test]
+fn a_crash_on_vcpu_1_while_vcpu_0_is_busy_in_the_kernel_is_repaired() {
+    let mut guest = Guest::boot(&debian()).unwrap();
+    let events = guest.dir().join("events.jsonl");
+    let mut watcher = start_watch(&guest, &events, &[]);
+    // vCPU 0 copies zeroes in the kernel (read of /dev/zero, write to
+    // /dev/null) without end; vCPU 1 crashes.
+    let busy = guest.run("taskset 1 dd if=/dev/zero of=/dev/null bs=4M </dev/null >/dev/null 2>&1 & echo $!", Duration::from_secs(60)).unwrap();
+    let dd: u32 = busy.output.last().unwrap().trim().parse().unwrap();
+    let r = guest.run("taskset 2 sh -c 'echo c > /proc/sysrq-trigger'; echo status $?", Duration::from_secs(180)).unwrap();
+    assert!(r.output.iter().any(|l| l == "status 137"), "{r:?}");
+    let text = wait_event(&events, "\"repaired\"", 1, Duration::from_secs(30), Some(&mut watcher));
+    let rep: serde_json::Value =
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).find(|e: &serde_json::Value| e["event"] == "repaired").unwrap();
+    assert_eq!(rep["cpu"], 1, "{rep}");
+    // The busy task on vCPU 0 was not touched.
+    let alive = guest.run(&format!("kill -0 {dd} && echo alive; kill {dd}"), Duration::from_secs(60)).unwrap();
+    assert_eq!(alive.output, ["alive"], "{alive:?}");
+    kill(watcher.id(), libc::SIGTERM);
+    assert!(wait_exit(&mut watcher, 60).success());
+}
