@@ -563,6 +563,14 @@ impl<M: PhysAccess> Sampler<M> {
         Ok((CpuSnap { curr, switches, utime, stime }, pid))
     }
 
+    /// The task running on `cpu` as the sampler reads it (the same reads a
+    /// sample makes, nothing else): its pid (0: idle) and comm (`?` when
+    /// the name could not be read). Read-only; no episode is touched.
+    pub fn cpu_current(&mut self, cpu: u32) -> Result<(i32, String), AccessError> {
+        let (snap, pid) = self.cpu_snap(cpu)?;
+        Ok((pid, self.comm(snap.curr)))
+    }
+
     /// A hash of `task`'s whole kernel stack (`THREAD_SIZE`), page by page.
     fn stack_hash(&mut self, task: u64) -> Option<u64> {
         use std::hash::{Hash, Hasher};

@@ -85,3 +85,103 @@ fn diagnosis_matches_the_guests_own_panic_report_on_a_randstruct_preempt_kernel(
     assert!(report.tasks.iter().any(|t| t.pid == 1 && t.comm == "init"), "{:?}", report.tasks);
     assert!(report.log_tail.iter().any(|l| l.contains("sysrq: Trigger a crash")), "{:?}", report.log_tail);
 }
+
+/// The hang sampler's view of each CPU (read from guest RAM while the guest
+/// runs, through this build's randomized `task_struct` offsets) is the
+/// guest's: with a CPU-bound loop pinned to each of the 2 vCPUs, the task
+/// the sampler finds running on CPU N is, in most samples, the loop the
+/// guest pinned there: its pid (printed by the guest) and comm `sh`, and
+/// the guest's own `/proc/PID/stat` says it runs on CPU N. Most, not all:
+/// the bystander, kworkers and our own commands run now and then.
+#[test]
+fn hang_sampler_sees_each_cpus_running_task_as_the_guest_does_on_a_randstruct_preempt_kernel() {
+    use loader::hang::{HangConfig, HangLayout, Sampler};
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    let mut cfg = GuestConfig::new(Kernel::Randstruct).with_ram_file();
+    cfg.cpus = 2;
+    let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("boot: {e}"));
+    let image = loader::demo::kit_image(Kernel::Randstruct).expect("repair image of the randstruct kernel");
+    let layout = HangLayout::from_image(&image, 0).expect("hang layout of the randstruct image");
+    let t = Duration::from_secs(60);
+
+    // A CPU-bound shell loop pinned to each CPU (busybox taskset: a mask).
+    let mut loops = Vec::new();
+    for cpu in 0..2u32 {
+        let cmd = format!("taskset {} sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!", 1u32 << cpu);
+        let r = guest.run(&cmd, t).unwrap();
+        assert_eq!(r.status, 0, "{cmd}: {r:?}");
+        let pid: i32 = r.output.last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{cmd}: no pid in {r:?}"));
+        loops.push(pid);
+    }
+    // The guest's own view: field 39 of /proc/PID/stat is the CPU the task
+    // last ran on (comm, field 2, is `(sh)`: no space to split on).
+    let guest_view = |guest: &mut Guest| -> Vec<(String, u32)> {
+        loops
+            .iter()
+            .map(|pid| {
+                let r = guest.run(&format!("cut -d' ' -f2,39 /proc/{pid}/stat"), t).unwrap();
+                let line = r.output.first().cloned().unwrap_or_else(|| panic!("/proc/{pid}/stat: {r:?}"));
+                let (comm, cpu) = line.split_once(' ').unwrap_or_else(|| panic!("/proc/{pid}/stat: {line}"));
+                (comm.to_string(), cpu.trim().parse().unwrap_or_else(|_| panic!("/proc/{pid}/stat: {line}")))
+            })
+            .collect()
+    };
+    let before = guest_view(&mut guest);
+    assert_eq!(before, [("(sh)".to_string(), 0), ("(sh)".to_string(), 1)], "the guest's view of loops {loops:?}");
+
+    // Attach for the slide and page tables, then let the guest go and
+    // close the gdbstub: the sampler reads only the RAM file.
+    let (slide, regs, nr_cpus) = {
+        let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).expect("gdbstub");
+        let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
+        let mut g = WithRam::new(gdb, ram);
+        g.inner.resume_on_drop = true;
+        let fc = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
+        let session = Session::attach(&mut g, image, fc).expect("attach");
+        let regs = g.get_regs(loader::access::VcpuId(0)).expect("vCPU 0 registers");
+        g.resume().unwrap();
+        g.inner.leave(true).expect("leaving the guest running");
+        (session.slide, regs, session.nr_vcpus)
+    };
+    assert_eq!(nr_cpus, 2);
+    let mem = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
+    let mut sampler = Sampler::new(mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, HangConfig::default());
+
+    // ~20 samples of each CPU over 2 s, the guest running.
+    const SAMPLES: usize = 20;
+    let mut seen: Vec<HashMap<(i32, String), usize>> = vec![HashMap::new(); 2];
+    let start = Instant::now();
+    for i in 0..SAMPLES {
+        for (cpu, s) in seen.iter_mut().enumerate() {
+            let key = match sampler.cpu_current(cpu as u32) {
+                Ok(k) => k,
+                Err(e) => (-1, format!("error: {e}")),
+            };
+            *s.entry(key).or_default() += 1;
+        }
+        let next = Duration::from_millis(100) * (i as u32 + 1);
+        std::thread::sleep(next.saturating_sub(start.elapsed()));
+    }
+    eprintln!("loops {loops:?}; sampler's view over {:?}: {seen:?}", start.elapsed());
+
+    // The guest is alive and the loops still where they were pinned.
+    let after = guest_view(&mut guest);
+    assert_eq!(after, before, "the guest's view of loops {loops:?} changed");
+    for (cpu, (pid, s)) in loops.iter().zip(&seen).enumerate() {
+        let want = (*pid, "sh".to_string());
+        let (top, n) = s.iter().max_by_key(|(_, n)| **n).map(|(k, n)| (k.clone(), *n)).unwrap();
+        assert_eq!(top, want, "CPU {cpu}: the sampler's majority answer vs the loop the guest pinned there: {s:?}");
+        assert!(n * 2 > SAMPLES, "CPU {cpu}: the loop in only {n} of {SAMPLES} samples: {s:?}");
+    }
+
+    // Gone, or a zombie not yet reaped by init.
+    let kill = format!(
+        "kill -9 {a} {b}; sleep 1; for p in {a} {b}; do s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); echo ${{s:-gone}}; done",
+        a = loops[0],
+        b = loops[1]
+    );
+    let gone = guest.run(&kill, t).unwrap();
+    assert!(gone.output.len() == 2 && gone.output.iter().all(|s| s == "gone" || s == "Z"), "the loops outlived kill -9: {gone:?}");
+}
