@@ -1,5 +1,6 @@
 """drgn's side of the benchmark: load a vmlinux's debug info and look up the
-same types, member paths and symbols as the symbols crate's DEFAULT_WANTED."""
+same types, member paths and symbols as the repair kernel's item table
+(repair-kernel/src/layout.rs), which the symbols crate extracts."""
 import sys
 
 import drgn

@@ -1,10 +1,8 @@
-//! From a `symbols` profile to the repair kernel's [`KernelLayout`], and the
-//! [`Wanted`] table that asks the profile for every layout item.
-
-use std::collections::BTreeMap;
+//! From a `symbols` profile to the repair kernel's [`KernelLayout`] (what
+//! to extract for it is [`crate::wanted`]).
 
 use repair_kernel::layout::{Item, KernelLayout, Kind, ITEMS};
-use symbols::{Profile, Wanted, DEFAULT_WANTED};
+use symbols::Profile;
 
 /// Why a profile cannot give the repair kernel its layout.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,125 +95,31 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
     }
 }
 
-/// The names to extract: [`DEFAULT_WANTED`] merged with every [`ITEMS`]
-/// entry (optional items marked `?`), owned, for [`Self::with`].
-#[derive(Debug, Clone, Default)]
-pub struct WantedNames {
-    symbols: Vec<String>,
-    percpu: Vec<String>,
-    /// type group text (without `?`) -> (optional, member entries)
-    types: BTreeMap<String, (bool, Vec<String>)>,
-}
-
-impl WantedNames {
-    /// `DEFAULT_WANTED` ∪ `ITEMS`.
-    pub fn for_repair_kernel() -> Self {
-        let mut w = Self::default();
-        for s in DEFAULT_WANTED.symbols {
-            push_unique(&mut w.symbols, s);
-        }
-        for s in DEFAULT_WANTED.percpu {
-            push_unique(&mut w.percpu, s);
-        }
-        for (ty, members) in DEFAULT_WANTED.types {
-            let (name, optional) = split_optional(ty);
-            let e = w.types.entry(name.to_owned()).or_insert((optional, Vec::new()));
-            e.0 &= optional;
-            for m in *members {
-                push_unique(&mut e.1, m);
-            }
-        }
-        for spec in ITEMS {
-            let mark = |s: &str| if spec.required { s.to_owned() } else { format!("{s}?") };
-            match spec.kind {
-                Kind::Symbol | Kind::SymbolSize => push_unique(&mut w.symbols, &mark(spec.ty)),
-                Kind::PerCpu => push_unique(&mut w.percpu, &mark(spec.ty)),
-                Kind::Size | Kind::Offset | Kind::MemberSize => {
-                    let e = w.types.entry(spec.ty.to_owned()).or_insert((true, Vec::new()));
-                    e.0 &= !spec.required;
-                    if !spec.member.is_empty() {
-                        push_unique(&mut e.1, &mark(spec.member));
-                    }
-                }
-            }
-        }
-        w
-    }
-
-    /// Calls `f` with the names as a [`Wanted`].
-    pub fn with<R>(&self, f: impl FnOnce(&Wanted<'_>) -> R) -> R {
-        let symbols: Vec<&str> = self.symbols.iter().map(String::as_str).collect();
-        let percpu: Vec<&str> = self.percpu.iter().map(String::as_str).collect();
-        let names: Vec<String> = self
-            .types
-            .iter()
-            .map(|(t, (opt, _))| if *opt { format!("{t}?") } else { t.clone() })
-            .collect();
-        let members: Vec<Vec<&str>> =
-            self.types.values().map(|(_, m)| m.iter().map(String::as_str).collect()).collect();
-        let types: Vec<(&str, &[&str])> =
-            names.iter().map(String::as_str).zip(members.iter().map(Vec::as_slice)).collect();
-        f(&Wanted { symbols: &symbols, percpu: &percpu, types: &types })
-    }
-}
-
-fn split_optional(s: &str) -> (&str, bool) {
-    match s.strip_suffix('?') {
-        Some(t) => (t, true),
-        None => (s, false),
-    }
-}
-
-/// Adds `entry` unless an entry for the same name is there; a required
-/// entry replaces an optional one.
-fn push_unique(list: &mut Vec<String>, entry: &str) {
-    let (name, optional) = split_optional(entry);
-    if let Some(existing) = list.iter_mut().find(|e| split_optional(e).0 == name) {
-        if !optional {
-            *existing = name.to_owned();
-        }
-        return;
-    }
-    // An alternative group ("a|b") already listing this name covers it.
-    if list.iter().any(|e| split_optional(e).0.split('|').any(|a| a.trim() == name)) {
-        return;
-    }
-    list.push(entry.to_owned());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn wanted_covers_every_item() {
-        let w = WantedNames::for_repair_kernel();
-        for spec in ITEMS {
-            let covered = |list: &[String]| {
-                list.iter().any(|e| split_optional(e).0.split('|').any(|a| a == spec.ty))
+        crate::wanted::wanted().with(|w| {
+            let has = |list: &[&str], name: &str, required: bool| {
+                list.contains(&name) || (!required && list.contains(&format!("{name}?").as_str()))
             };
-            match spec.kind {
-                Kind::Symbol | Kind::SymbolSize => assert!(covered(&w.symbols), "{}", spec.ty),
-                Kind::PerCpu => assert!(covered(&w.percpu), "{}", spec.ty),
-                _ => {
-                    let (_, members) = &w.types[spec.ty];
-                    if !spec.member.is_empty() {
-                        assert!(
-                            members.iter().any(|m| split_optional(m)
-                                .0
-                                .split('|')
-                                .any(|a| a == spec.member)),
-                            "{}.{}",
-                            spec.ty,
-                            spec.member
-                        );
-                    }
-                }
+            for spec in ITEMS {
+                let ok = match spec.kind {
+                    Kind::Symbol | Kind::SymbolSize => has(w.symbols, spec.ty, spec.required),
+                    Kind::PerCpu => has(w.percpu, spec.ty, spec.required),
+                    _ => w.types.iter().any(|(t, members)| {
+                        has(&[t], spec.ty, spec.required)
+                            && (spec.member.is_empty() || has(members, spec.member, spec.required))
+                    }),
+                };
+                assert!(ok, "{spec:?} is not asked for as it should be");
             }
-        }
-        // pcpu_hot is optional as a whole; task_struct is not.
-        assert!(w.types["pcpu_hot"].0);
-        assert!(!w.types["task_struct"].0);
+            // pcpu_hot is optional as a whole; task_struct is not.
+            assert!(w.types.iter().any(|(t, _)| *t == "pcpu_hot?"));
+            assert!(w.types.iter().any(|(t, _)| *t == "task_struct"));
+        });
     }
 
     #[test]

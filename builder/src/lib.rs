@@ -13,6 +13,8 @@
 //! ```
 //!
 //! - [`image`]: the container ([`RepairImage`]) and its format;
+//! - [`wanted`]: what to extract from a vmlinux, from the repair kernel's
+//!   layout table;
 //! - [`layout`]: from a `symbols` profile to the repair kernel's layout;
 //! - [`elf`]: the embedded repair kernel ELF, and vmlinux pages;
 //! - [`stage`]: where everything goes in the guest ([`StagePlan`]).
@@ -27,12 +29,13 @@ pub mod inspect;
 pub mod layout;
 pub mod skips;
 pub mod stage;
+pub mod wanted;
 
 use std::path::{Path, PathBuf};
 
 pub use elf::{builtin_unikernel, UNIKERNEL_ELF, UNIKERNEL_LINK_BASE};
 pub use image::{FileInfo, ImageError, KernelId, RepairImage, Segment, SnapshotSource, Unikernel};
-pub use layout::{layout_from_profile, LayoutError, WantedNames};
+pub use layout::{layout_from_profile, LayoutError};
 pub use stage::{Paging, StageError, StageOptions, StagePlan};
 
 use repair_kernel::layout::{Kind, ITEMS};
@@ -69,8 +72,7 @@ pub enum BuildError {
 /// Extracts the profile the repair kernel needs from a vmlinux (missing
 /// items are reported by [`layout_from_profile`], not here).
 pub fn profile_from_vmlinux(vmlinux: &Path) -> Result<Profile, BuildError> {
-    let names = WantedNames::for_repair_kernel();
-    let (profile, _missing) = names.with(|w| Profile::from_vmlinux_lenient(vmlinux, w))?;
+    let (profile, _missing) = wanted::wanted().with(|w| Profile::from_vmlinux_lenient(vmlinux, w))?;
     Ok(profile)
 }
 

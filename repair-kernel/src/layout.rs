@@ -2,8 +2,10 @@
 //! struct member offsets of one kernel build, as a flat table of numbers.
 //!
 //! The table of [`ITEMS`] is the single list of what the repair kernel needs
-//! from a vmlinux. The builder looks every item up in the `symbols` profile and
-//! fills a [`KernelLayout`]; the repair kernel reads it back by [`Item`]. An
+//! from a vmlinux: adding an item is one line below. The builder asks
+//! `symbols` to extract exactly these names, looks every item up in the
+//! resulting profile and fills a [`KernelLayout`]; the repair kernel reads it
+//! back by [`Item`]. An
 //! item the kernel build does not have is [`ABSENT`]; layout drift (for
 //! example `task_struct.__state` versus `state`) is handled by asking for both
 //! and using whichever is present.
@@ -155,6 +157,10 @@ items! {
     TaskStime = Offset("task_struct", "stime"), optional;
     TaskNvcsw = Offset("task_struct", "nvcsw"), optional;
     TaskNivcsw = Offset("task_struct", "nivcsw"), optional;
+    // --- struct mm_struct: a process's own page table (`mm->pgd`), in every
+    // profile since the first; the repair kernel works on the crashed CPU's
+    // CR3 and does not read it ---
+    MmPgd = Offset("mm_struct", "pgd"), optional;
 }
 
 /// Number of items in the table.

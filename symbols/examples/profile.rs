@@ -1,9 +1,15 @@
-//! Extracts the default profile from a vmlinux and prints it as JSON.
+//! Extracts the repair kernel's profile from a vmlinux (what
+//! `build-repair-image --emit-profile` writes) and prints it as JSON.
 //!
 //! `cargo run --release -p symbols --example profile -- VMLINUX [OUT.json]`
 //! (the benchmark in `bench/symbols/run` times this binary).
 
 use std::process::ExitCode;
+
+/// What the builder extracts (its source, included: the builder depends on
+/// this crate).
+#[path = "../../builder/src/wanted.rs"]
+mod repair_kernel;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -13,7 +19,7 @@ fn main() -> ExitCode {
     };
     let out = args.next();
     let start = std::time::Instant::now();
-    match symbols::Profile::from_vmlinux(path.as_ref(), &symbols::DEFAULT_WANTED) {
+    match repair_kernel::wanted().with(|w| symbols::Profile::from_vmlinux(path.as_ref(), w)) {
         Ok(p) => {
             let json = p.to_json();
             eprintln!(

@@ -3,17 +3,23 @@
 //! per-CPU variable offsets, and the layouts of the structs it walks.
 //!
 //! ```no_run
-//! use symbols::{Profile, DEFAULT_WANTED};
-//! let p = Profile::from_vmlinux("vmlinux".as_ref(), &DEFAULT_WANTED)?;
+//! use symbols::{Profile, Wanted};
+//! let wanted = Wanted {
+//!     symbols: &["init_task", "panic", "panic_cpu?"],
+//!     percpu: &["pcpu_hot|current_task"],
+//!     types: &[("task_struct", &["pid", "__state|state", "thread.sp"])],
+//! };
+//! let p = Profile::from_vmlinux("vmlinux".as_ref(), &wanted)?;
 //! let sp = p.offset("task_struct", "thread.sp");
 //! let state = p.offset("task_struct", "__state").or(p.offset("task_struct", "state"));
 //! println!("{} {:?} {:?}", p.release, sp, state);
 //! # Ok::<(), symbols::Error>(())
 //! ```
 //!
-//! What to extract is data, a [`Wanted`] table; [`DEFAULT_WANTED`] is the
-//! repair kernel's. Layout drift is decided by which members exist
-//! (`__state` versus `state`), never by kernel version.
+//! What to extract is data, a [`Wanted`] table, or a [`WantedList`] built
+//! name by name (the builder derives the repair kernel's from its layout
+//! table, `repair_kernel::layout::ITEMS`). Layout drift is decided by which
+//! members exist (`__state` versus `state`), never by kernel version.
 //!
 //! # JSON shape
 //!
@@ -63,4 +69,4 @@ pub use profile::{
     Member, Profile, Range, Symbol, TypeLayout,
 };
 pub use system_map::parse_system_map;
-pub use wanted::{Wanted, DEFAULT_WANTED};
+pub use wanted::{Wanted, WantedList};

@@ -6,6 +6,8 @@
 //! finds, never by version numbers. A trailing `?` (`"pcpu_hot?"`) marks an
 //! item optional: it is recorded when present and never reported missing.
 
+use std::collections::BTreeMap;
+
 /// The items to extract from a vmlinux.
 #[derive(Clone, Copy, Debug)]
 pub struct Wanted<'a> {
@@ -19,74 +21,83 @@ pub struct Wanted<'a> {
     pub types: &'a [(&'a str, &'a [&'a str])],
 }
 
-/// What the repair kernel needs (issue 3 and `repair-kernel/src/layout.rs`).
-pub const DEFAULT_WANTED: Wanted<'static> = Wanted {
-    symbols: &[
-        "init_task",
-        "__per_cpu_offset",
-        "panic",
-        "oops_end",
-        "rewind_stack_and_make_dead",
-        "make_task_dead",
-        "page_offset_base",
-        "phys_base",
-        "prb",
-        "nr_cpu_ids",
-        "__cpu_online_mask",
-        "__start___jump_table",
-        "__stop___jump_table",
-        "linux_banner",
-        "_text",
-        "_stext",
-        "_etext",
-        "__start_rodata",
-        "__end_rodata",
-        "panic_cpu?",
-        "init_top_pgt?",
-    ],
-    percpu: &[
-        "pcpu_hot|current_task",
-        "__preempt_count|pcpu_hot",
-        "runqueues",
-    ],
-    types: &[
-        (
-            "task_struct",
-            &[
-                "pid",
-                "tgid",
-                "comm",
-                "tasks",
-                "__state|state",
-                "flags",
-                "exit_state",
-                "stack",
-                "mm",
-                "real_parent",
-                "on_cpu",
-                "thread.sp",
-                "utime",
-                "stime",
-                "nvcsw",
-                "nivcsw",
-            ],
-        ),
-        ("list_head", &["next", "prev"]),
-        ("mm_struct", &["pgd"]),
-        ("rq", &["curr", "nr_switches"]),
-        ("pcpu_hot?", &["current_task", "preempt_count"]),
-        ("printk_ringbuffer", &["desc_ring", "text_data_ring"]),
-        (
-            "prb_desc_ring",
-            &["count_bits", "descs", "infos", "head_id", "tail_id"],
-        ),
-        ("prb_data_ring", &["size_bits", "data"]),
-        ("prb_desc", &["state_var", "text_blk_lpos"]),
-        ("prb_data_blk_lpos", &["begin", "next"]),
-        ("printk_info", &["seq", "ts_nsec", "text_len", "caller_id"]),
-        ("pt_regs", &["ip", "sp", "cs", "flags"]),
-    ],
-};
+/// A [`Wanted`] built name by name, for callers whose list is kept as data
+/// of their own (the builder derives the repair kernel's from its layout
+/// table, `repair-kernel/src/layout.rs`). Each name is listed once; one
+/// required request for a name makes it required.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WantedList {
+    symbols: Vec<String>,
+    percpu: Vec<String>,
+    /// type name -> (optional, member entries)
+    types: BTreeMap<String, (bool, Vec<String>)>,
+}
+
+impl WantedList {
+    /// Asks for an ELF symbol.
+    pub fn symbol(&mut self, name: &str, optional: bool) -> &mut Self {
+        push(&mut self.symbols, name, optional);
+        self
+    }
+
+    /// Asks for a per-CPU variable.
+    pub fn percpu(&mut self, name: &str, optional: bool) -> &mut Self {
+        push(&mut self.percpu, name, optional);
+        self
+    }
+
+    /// Asks for a type, and for a member path (`"thread.sp"`) in it unless
+    /// `member` is empty. The type itself is optional only while every
+    /// request naming it is.
+    pub fn member(&mut self, ty: &str, member: &str, optional: bool) -> &mut Self {
+        let e = self.types.entry(ty.to_owned()).or_insert((true, Vec::new()));
+        e.0 &= optional;
+        if !member.is_empty() {
+            push(&mut e.1, member, optional);
+        }
+        self
+    }
+
+    /// Calls `f` with the list as a [`Wanted`] (optional names marked `?`).
+    pub fn with<R>(&self, f: impl FnOnce(&Wanted<'_>) -> R) -> R {
+        let symbols: Vec<&str> = self.symbols.iter().map(String::as_str).collect();
+        let percpu: Vec<&str> = self.percpu.iter().map(String::as_str).collect();
+        let names: Vec<String> = self
+            .types
+            .iter()
+            .map(|(t, (opt, _))| if *opt { format!("{t}?") } else { t.clone() })
+            .collect();
+        let members: Vec<Vec<&str>> = self
+            .types
+            .values()
+            .map(|(_, m)| m.iter().map(String::as_str).collect())
+            .collect();
+        let types: Vec<(&str, &[&str])> = names
+            .iter()
+            .map(String::as_str)
+            .zip(members.iter().map(Vec::as_slice))
+            .collect();
+        f(&Wanted {
+            symbols: &symbols,
+            percpu: &percpu,
+            types: &types,
+        })
+    }
+}
+
+/// Adds `name` (`name?` when optional) unless it is listed; a required
+/// request turns an optional entry required.
+fn push(list: &mut Vec<String>, name: &str, optional: bool) {
+    match list
+        .iter_mut()
+        .find(|e| e.strip_suffix('?').unwrap_or(e) == name)
+    {
+        Some(e) if !optional => *e = name.to_owned(),
+        Some(_) => {}
+        None if optional => list.push(format!("{name}?")),
+        None => list.push(name.to_owned()),
+    }
+}
 
 /// One entry parsed: its alternatives and whether it is optional.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,27 +140,27 @@ mod tests {
     }
 
     #[test]
-    fn default_covers_repair_kernel_items() {
-        use repair_kernel::layout::{Kind, ITEMS};
-        let alts = |list: &[&'static str]| -> Vec<&'static str> {
-            list.iter()
-                .flat_map(|e| Group::parse(e).alternatives)
-                .collect()
-        };
-        let symbols = alts(DEFAULT_WANTED.symbols);
-        let percpu = alts(DEFAULT_WANTED.percpu);
-        for item in ITEMS {
-            let ok = match item.kind {
-                Kind::Symbol | Kind::SymbolSize => symbols.contains(&item.ty),
-                Kind::PerCpu => percpu.contains(&item.ty),
-                Kind::Size | Kind::Offset | Kind::MemberSize => {
-                    DEFAULT_WANTED.types.iter().any(|(t, members)| {
-                        Group::parse(t).alternatives.contains(&item.ty)
-                            && (item.kind == Kind::Size || alts(members).contains(&item.member))
-                    })
-                }
-            };
-            assert!(ok, "repair-kernel item {item:?} is not in DEFAULT_WANTED");
-        }
+    fn list_names_each_once_and_required_wins() {
+        let mut l = WantedList::default();
+        l.symbol("panic_cpu", true)
+            .symbol("panic", false)
+            .symbol("panic_cpu", true)
+            .percpu("pcpu_hot", true)
+            .member("pcpu_hot", "current_task", true)
+            .member("task_struct", "", false)
+            .member("task_struct", "utime", true)
+            .member("task_struct", "utime", false)
+            .member("task_struct", "thread.sp", false);
+        l.with(|w| {
+            assert_eq!(w.symbols, ["panic_cpu?", "panic"]);
+            assert_eq!(w.percpu, ["pcpu_hot?"]);
+            assert_eq!(
+                w.types,
+                [
+                    ("pcpu_hot?", &["current_task?"][..]),
+                    ("task_struct", &["utime", "thread.sp"][..]),
+                ]
+            );
+        });
     }
 }

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use object::{Object, ObjectSection};
-use symbols::{Profile, Wanted, DEFAULT_WANTED};
+use symbols::{Profile, Wanted};
 
 const ITERATIONS: u64 = 6000;
 const BUDGET: Duration = Duration::from_secs(20);
@@ -117,6 +117,7 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<Outcomes, String> {
         let mut rng = Rng(seed);
         let regions: Vec<_> = inputs.iter().map(|d| ranges(d)).collect();
         let mut done = Outcomes::new();
+        let repair_kernel = common::repair_kernel::wanted();
         for i in 0..ITERATIONS {
             if start.elapsed() > BUDGET {
                 break;
@@ -124,9 +125,12 @@ fn run_fuzz(seed: u64, inputs: Vec<Vec<u8>>) -> Result<Outcomes, String> {
             let k = (i % inputs.len() as u64) as usize;
             let input = mutate(&mut rng, &inputs[k], &regions[k]);
             let _ = tx.send(Err(i)); // "working on i", for the hang report
-            let wanted = if i % 8 == 0 { DEFAULT_WANTED } else { WANTED };
             let r = catch_unwind(AssertUnwindSafe(|| {
-                let r = Profile::from_bytes(&input, &wanted);
+                let r = if i % 8 == 0 {
+                    repair_kernel.with(|w| Profile::from_bytes(&input, w))
+                } else {
+                    Profile::from_bytes(&input, &WANTED)
+                };
                 if let Ok((p, _)) = &r {
                     let _ = Profile::from_json(&p.to_json());
                 }

@@ -6,11 +6,13 @@
 mod common;
 
 use common::{compare_with_nm, compare_with_pahole, kit_file};
-use symbols::{parse_system_map, Profile, DEFAULT_WANTED};
+use symbols::{parse_system_map, Profile};
 
 fn check_kernel(dir: &str) {
     let vmlinux = kit_file(&format!("{dir}/vmlinux"));
-    let p = Profile::from_vmlinux(&vmlinux, &DEFAULT_WANTED).unwrap_or_else(|e| panic!("{e}"));
+    let p = common::repair_kernel::wanted()
+        .with(|w| Profile::from_vmlinux(&vmlinux, w))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     assert!(p.banner.starts_with("Linux version "), "{}", p.banner);
     assert!(p.release.starts_with("6.1"), "{}", p.release);

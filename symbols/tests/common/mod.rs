@@ -9,6 +9,11 @@ use std::sync::OnceLock;
 
 use symbols::{Member, Profile};
 
+/// What the builder extracts for the repair kernel: its own source, as the
+/// builder (which depends on this crate) cannot be a dependency here.
+#[path = "../../../builder/src/wanted.rs"]
+pub mod repair_kernel;
+
 /// The guest kit directory (`$CRASH_REPAIR_KIT`, default
 /// `~/.cache/crash-repair/kit`).
 pub fn kit_dir() -> PathBuf {

@@ -1,0 +1,25 @@
+//! What to extract from a vmlinux for the repair kernel: every entry of its
+//! layout table, [`ITEMS`], the one list of what it needs.
+//!
+//! This file depends on `repair_kernel` and `symbols` only, so that the
+//! `symbols` crate's own tests and its `profile` example (which cannot depend
+//! on the builder) include it by path and extract exactly what the builder
+//! does.
+
+use repair_kernel::layout::{Kind, ITEMS};
+use symbols::WantedList;
+
+/// Every [`ITEMS`] entry as a name to extract, the optional ones marked so
+/// (they are recorded when present, never reported missing).
+pub fn wanted() -> WantedList {
+    let mut w = WantedList::default();
+    for spec in ITEMS {
+        let optional = !spec.required;
+        match spec.kind {
+            Kind::Symbol | Kind::SymbolSize => w.symbol(spec.ty, optional),
+            Kind::PerCpu => w.percpu(spec.ty, optional),
+            Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
+        };
+    }
+    w
+}
