@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use builder::image::{ImageError, RepairImage, SnapshotSource, PAGE_SIZE};
 use builder::{build_from_vmlinux, BuildOptions, StagePlan};
+use harness::{Guest, GuestConfig, Kernel};
 use repair_kernel::integrity::hash_page;
 use repair_kernel::layout::{Item, ITEMS};
 use repair_kernel::mem::LinkAddr;
@@ -153,66 +154,22 @@ fn cli_builds_and_inspects() {
 /// Boots the kit kernel under QEMU (TCG, `nokaslr`), dumps its text and
 /// rodata once booted, and returns the pages `(link address, bytes)`.
 fn live_pages(kernel: &'static str, img: &RepairImage) -> Vec<(u64, [u8; PAGE_SIZE])> {
-    use std::io::{BufRead, BufReader, Write};
-    let kit = kit_dir();
-    let boot = kit.join(kernel).join(if kernel == "debian" { "vmlinuz" } else { "bzImage" });
-    let initrd = kit.join("initramfs.cpio.gz");
-    for p in [&boot, &initrd] {
-        assert!(p.exists(), "{} is missing: build the guest kit first with `scripts/guest-kit`", p.display());
-    }
+    let which = if kernel == "debian" { Kernel::Debian } else { Kernel::Lkdtm };
+    let mut cfg = GuestConfig::new(which).append("nokaslr");
+    cfg.cpus = 1;
+    // Booted when the kit's init says it is ready.
+    let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("{kernel}: {e}"));
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("text.bin");
-    let serial = dir.path().join("serial.log");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot", "-monitor", "none"])
-        .args(["-qmp", "stdio", "-kernel"])
-        .arg(&boot)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 nokaslr panic=-1"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 runs (Debian: apt-get install qemu-system-x86)");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut qmp = |cmd: String| {
-        writeln!(stdin, "{cmd}").unwrap();
-        loop {
-            let mut line = String::new();
-            assert!(out.read_line(&mut line).unwrap() > 0, "QEMU closed QMP");
-            if line.contains("\"return\"") {
-                return;
-            }
-            assert!(!line.contains("\"error\""), "{cmd}: {line}");
-        }
-    };
-    qmp(r#"{"execute":"qmp_capabilities"}"#.into());
-    // Booted when init has printed something (the kit's init says hello).
-    let start = std::time::Instant::now();
-    loop {
-        let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        if log.contains("Run /init") || log.contains("Freeing unused kernel") {
-            std::thread::sleep(std::time::Duration::from_secs(2));
-            break;
-        }
-        assert!(start.elapsed().as_secs() < 120, "{kernel} did not boot in 120 s:\n{log}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    qmp(r#"{"execute":"stop"}"#.into());
+    let mut qmp = |cmd: serde_json::Value| guest.qmp(&cmd).unwrap_or_else(|e| panic!("{e}"));
+    qmp(serde_json::json!({"execute": "stop"}));
     let lo = *img.page_hashes.keys().next().unwrap();
     let hi = *img.page_hashes.keys().last().unwrap() + PAGE_SIZE as u64;
     // nokaslr: loaded at its link address minus __START_KERNEL_map.
     let phys = lo - 0xffff_ffff_8000_0000;
-    qmp(format!(
-        r#"{{"execute":"pmemsave","arguments":{{"val":{phys},"size":{},"filename":"{}"}}}}"#,
-        hi - lo,
-        dump.display()
-    ));
-    let _ = child.kill();
-    let _ = child.wait();
+    qmp(serde_json::json!({"execute": "pmemsave",
+        "arguments": {"val": phys, "size": hi - lo, "filename": dump.to_str().unwrap()}}));
+    drop(guest);
     let bytes = std::fs::read(&dump).unwrap();
     if let Some(d) = std::env::var_os("KEEP_LIVE_DUMP") {
         std::fs::write(PathBuf::from(d.clone()).join(format!("live-{kernel}.bin")), &bytes).unwrap();

@@ -8,11 +8,11 @@
 //!
 //! Needs `qemu-system-x86_64` (Debian: `qemu-system-x86`); fails without it.
 
-use std::process::Command;
 use std::time::Duration;
 
 use builder::image::RepairImage;
 use builder::{builtin_unikernel, StagePlan};
+use harness::{Guest, GuestConfig, Kernel};
 use repair_kernel::contract::{Contract, ContractIn, CpuState, RunStatus};
 use repair_kernel::layout::KernelLayout;
 
@@ -106,39 +106,34 @@ fn stub_elf(contract: &Contract, rsi_override: Option<u64>) -> (StagePlan, tempf
     (plan, dir, path)
 }
 
+/// Boots the stub ELF under the harness's QEMU (TCG, one vCPU, 128 MiB),
+/// with `extra` QEMU arguments.
+fn boot(path: &std::path::Path, extra: &[&str]) -> Guest {
+    let mut cfg = GuestConfig::new(Kernel::Debian).with_image(path, None);
+    cfg.cpus = 1;
+    cfg.mem_mib = (RAM >> 20) as u32;
+    cfg.qemu_args = extra.iter().map(|a| a.to_string()).collect();
+    Guest::boot(&cfg).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Runs the plan under QEMU; returns the run status the repair kernel
 /// signalled, or a description of what else happened.
 fn run(contract: &Contract, rsi_override: Option<u64>) -> Result<u32, String> {
     let (_plan, _dir, path) = stub_elf(contract, rsi_override);
-
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "128", "-no-reboot", "-display", "none", "-serial", "none"])
-        .args(["-monitor", "none", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-system-x86_64 ({e}); install it (Debian: apt-get install qemu-system-x86)")
-        });
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let mut guest = boot(&path, &["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+    match guest.wait_exit(Duration::from_secs(60)).unwrap() {
+        Some(st) => {
+            let err = guest.qemu_stderr();
             if !err.trim().is_empty() {
                 return Err(format!("QEMU failed: {err}"));
             }
-            return match st.code() {
+            match st.code() {
                 Some(c) if c & 1 == 1 => Ok((c as u32) >> 1),
                 other => Err(format!("QEMU exited with {other:?} (0: triple fault, the guest reset)")),
-            };
+            }
         }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("no completion within 60 s (hung?)".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        // Dropping the guest kills QEMU.
+        None => Err("no completion within 60 s (hung?)".into()),
     }
 }
 
@@ -181,46 +176,11 @@ fn an_invalid_contract_is_not_run() {
 /// sits in `repair_done`, and returns the contract block read back from
 /// guest memory and the IDTR base the vCPU ended with.
 fn run_and_read_back(contract: &Contract, rsi_override: Option<u64>) -> (Contract, u64) {
-    use std::io::{BufRead, BufReader, Write};
-
     let (plan, dir, path) = stub_elf(contract, rsi_override);
     let dump = dir.path().join("contract.bin");
-
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "128", "-no-reboot", "-display", "none", "-serial", "none"])
-        .args(["-monitor", "none", "-qmp", "stdio", "-kernel"])
-        .arg(&path)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 runs (Debian: apt-get install qemu-system-x86)");
-    // Kill QEMU whatever happens below.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let _reap = Reap(child);
-    let mut greeting = String::new();
-    stdout.read_line(&mut greeting).unwrap();
-    // One QMP command, its "return" (events are skipped).
-    let mut qmp = |cmd: serde_json::Value| -> serde_json::Value {
-        writeln!(stdin, "{cmd}").unwrap();
-        loop {
-            let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "QEMU closed QMP");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
-        }
-    };
-    qmp(serde_json::json!({"execute": "qmp_capabilities"}));
+    // QEMU is killed when the guest drops, whatever happens below.
+    let mut guest = boot(&path, &[]);
+    let mut qmp = |cmd: serde_json::Value| guest.qmp(&cmd).unwrap_or_else(|e| panic!("{e}"));
     let field = |text: &str, key: &str| -> Option<u64> {
         let at = text.find(key)? + key.len();
         let hex: String = text[at..].trim_start().chars().take_while(|c| c.is_ascii_hexdigit()).collect();

@@ -88,6 +88,11 @@ pub struct GuestConfig {
     /// default, turns every reset, QMP `system_reset` included, into a
     /// shutdown).
     pub reboot: bool,
+    /// Boot this image (`-kernel`: a bzImage, a multiboot ELF) with this
+    /// initrd instead of `kernel` from the kit with the kit's initramfs;
+    /// [`Guest::boot`] then returns as soon as QEMU listens, waiting for no
+    /// marker. [`GuestConfig::with_image`].
+    pub image: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 impl GuestConfig {
@@ -105,7 +110,15 @@ impl GuestConfig {
             qemu: None,
             second_qmp: false,
             reboot: false,
+            image: None,
         }
+    }
+
+    /// Boots `kernel` (and `initrd`) rather than a kit kernel: a test's own
+    /// image, such as a multiboot stub.
+    pub fn with_image(mut self, kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
+        self.image = Some((kernel.into(), initrd));
+        self
     }
 
     /// Boots under this QEMU binary instead of the default.
@@ -180,6 +193,8 @@ pub struct Guest {
     /// The QEMU binary this guest runs under.
     qemu: String,
     second_qmp: bool,
+    /// The QMP connection of [`Guest::qmp`], once used.
+    qmp: Option<BufReader<UnixStream>>,
 }
 
 /// The QEMU binary; `QEMU` overrides.
@@ -207,14 +222,19 @@ fn qemu10_in(kit: &Kit) -> Result<PathBuf> {
 }
 
 impl Guest {
-    /// Boots a kit kernel and waits for its init's ready marker.
+    /// Boots a kit kernel and waits for its init's ready marker (or boots
+    /// [`GuestConfig::image`] and waits for QEMU to listen).
     pub fn boot(cfg: &GuestConfig) -> Result<Guest> {
-        let kit = match &cfg.kit_dir {
-            Some(dir) => Kit { dir: dir.clone() },
-            None => Kit::locate()?,
+        let (kernel_image, initrd) = match &cfg.image {
+            Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
+            None => {
+                let kit = match &cfg.kit_dir {
+                    Some(dir) => Kit { dir: dir.clone() },
+                    None => Kit::locate()?,
+                };
+                (kit.kernel(cfg.kernel)?.0, Some(kit.initramfs()?))
+            }
         };
-        let (kernel_image, _) = kit.kernel(cfg.kernel)?;
-        let initrd = kit.initramfs()?;
         let dir = tempfile::Builder::new().prefix("guest-").tempdir()?;
         let console_path = dir.path().join("console.log");
         let stderr_path = dir.path().join("qemu.stderr");
@@ -240,8 +260,6 @@ impl Guest {
             .args(["-m", &format!("{}M", cfg.mem_mib)])
             .arg("-kernel")
             .arg(&kernel_image)
-            .arg("-initrd")
-            .arg(&initrd)
             .args(["-append", &append.join(" ")])
             .args(["-chardev", &format!("file,id=con0,path={}", console_path.display())])
             .args(["-serial", "chardev:con0"])
@@ -263,6 +281,9 @@ impl Guest {
                 &format!("unix:{},server=on,wait=off", dir.path().join("qmp.sock").display()),
             ])
             .args(["-device", "pvpanic"]);
+        if let Some(initrd) = &initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
         if cfg.second_qmp {
             cmd.args([
                 "-qmp",
@@ -344,9 +365,75 @@ impl Guest {
             kernel: cfg.kernel,
             qemu,
             second_qmp: cfg.second_qmp,
+            qmp: None,
         };
-        guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
+        if cfg.image.is_none() {
+            guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
+        }
         Ok(guest)
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself; its status, or
+    /// `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if start.elapsed() > timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What QEMU wrote on its stderr so far.
+    pub fn qemu_stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Runs one QMP command (`{"execute": ...}`) on the QMP socket and
+    /// returns its `"return"` value (events are skipped). The first call
+    /// connects and negotiates capabilities; a test that talks QMP through
+    /// its own client uses [`Guest::qmp_addr`] instead.
+    pub fn qmp(&mut self, command: &serde_json::Value) -> Result<serde_json::Value> {
+        if self.qmp.is_none() {
+            // Right after an image boot QEMU may not listen yet.
+            let path = self.dir.path().join("qmp.sock");
+            let start = Instant::now();
+            let stream = loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => return Err(Error::Channel(format!("connect {}: {e}", path.display()))),
+                }
+            };
+            stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut reader = BufReader::new(stream);
+            let mut greeting = String::new();
+            reader.read_line(&mut greeting)?;
+            self.qmp = Some(reader);
+            self.qmp(&serde_json::json!({"execute": "qmp_capabilities"}))?;
+        }
+        let reader = self.qmp.as_mut().expect("connected above");
+        writeln!(reader.get_mut(), "{command}")?;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(Error::Channel(format!("QEMU closed QMP during {command}")));
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|e| Error::Channel(format!("QMP sent {line:?}: {e}")))?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(Error::Channel(format!("QMP {command}: {e}")));
+            }
+        }
     }
 
     pub fn kernel(&self) -> Kernel {
