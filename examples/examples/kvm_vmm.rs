@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let o = &r.outcome;
     println!("VMM: {}", r.caps);
     println!("VMM: trap at {:#x} after {} exits", r.trap_rip, r.exits_before_trap);
-    println!("repair: {} {:?} pid {} ({}): {:?}", loader::watch::crash_kind_name(o.out.crash_kind), o.message(), o.out.pid, o.comm(), o.action());
+    println!("repair: {} {:?} pid {} ({}): {:?}", loader::flow::crash_kind_name(o.out.crash_kind), o.message(), o.out.pid, o.comm(), o.action());
     println!("repair: {}", o.reason());
     println!("repair: applied {}, vCPU resumes at {:#x}; repair kernel run {:.1} ms, total {:.1} ms", o.applied, r.resumed_at, o.timings.run, o.timings.total);
     if let Some(a) = &r.after {

@@ -24,9 +24,9 @@ fn the_example_vmm_repairs_through_the_embedding_api() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dump = tmp.path().join("sysrq-c.elf");
-    let c = loader::replay::capture_at_trap(&GuestConfig::new(Kernel::Debian), "sysrq-c", &dump).expect("capture");
+    let c = repair_guest::replay::capture_at_trap(&GuestConfig::new(Kernel::Debian), "sysrq-c", &dump).expect("capture");
 
-    let image = loader::demo::kit_image(Kernel::Debian).unwrap();
+    let image = repair_guest::kit::kit_image(Kernel::Debian).unwrap();
     let mut vmm = Vmm::from_dump(&dump, image).expect("VMM with the repairer embedded");
     let rewind = vmm.repairer().session().symbol(Item::SymRewindStackAndMakeDead).unwrap();
     // A dump has no MSRs: the LSTAR cross-check of the slide cannot say.

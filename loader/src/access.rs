@@ -300,11 +300,13 @@ impl std::fmt::Display for Endpoint {
 
 /// A connected socket to QEMU, either kind.
 #[derive(Debug)]
+#[cfg(feature = "qemu")]
 pub(crate) enum Stream {
     Unix(std::os::unix::net::UnixStream),
     Tcp(std::net::TcpStream),
 }
 
+#[cfg(feature = "qemu")]
 impl Stream {
     pub(crate) fn connect(ep: &Endpoint, timeout: Duration) -> std::io::Result<Self> {
         Ok(match ep {
@@ -379,6 +381,7 @@ impl Stream {
     }
 }
 
+#[cfg(feature = "qemu")]
 impl std::io::Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -388,6 +391,7 @@ impl std::io::Read for Stream {
     }
 }
 
+#[cfg(feature = "qemu")]
 impl std::io::Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {

@@ -12,6 +12,7 @@ use repair_kernel::contract::{
     field_str, Action, Contract, ContractIn, ContractOut, CpuState, RunStatus,
 };
 use repair_kernel::layout::Item;
+use repair_kernel::verdict::{CrashKind, Reason};
 use std::time::{Duration, Instant};
 
 /// Errors of the flow. Each says what failed and what to do.
@@ -506,5 +507,21 @@ impl Session {
         same("ss", crashed.ss, resume.ss)?;
         same("gs_base", crashed.gs_base, resume.gs_base)?;
         Ok(())
+    }
+}
+
+/// Name of a crash kind code, for events and reports.
+pub fn crash_kind_name(code: u32) -> String {
+    match CrashKind::from_u32(code) {
+        Some(k) => format!("{k}"),
+        None => format!("unknown ({code})"),
+    }
+}
+
+/// Name of a reason code.
+pub fn reason_name(code: u32) -> String {
+    match Reason::from_u32(code) {
+        Some(r) => format!("{r}"),
+        None => format!("unknown ({code})"),
     }
 }

@@ -1,7 +1,7 @@
 //! Hang detection from outside, without stopping the guest.
 //!
 //! A [`Sampler`] reads the guest's scheduler state through guest RAM (the
-//! RAM file QEMU shares, see [`crate::memory::RamFile`]) while every vCPU
+//! RAM file QEMU shares, see [`crate::ram::RamFile`]) while every vCPU
 //! keeps running, and declares:
 //!
 //! - a **stuck CPU** when, for longer than the threshold, the CPU's
@@ -369,11 +369,13 @@ pub fn qemu_vcpu_threads(qemu_pid: u32, nr_cpus: u32) -> Option<Vec<PathBuf>> {
 /// `thread-id`): works without `debug-threads=on`. Refused when vCPUs share
 /// a host thread (single-threaded TCG, `-accel tcg,thread=single`): that
 /// thread's CPU time says nothing of one vCPU.
+#[cfg(feature = "qemu")]
 pub fn vcpu_threads_from_qmp(qmp: &mut crate::qmp::Qmp, qemu_pid: u32) -> Result<Vec<PathBuf>, HangError> {
     let r = qmp.execute("query-cpus-fast", None)?;
     vcpu_threads_from_reply(&r, qemu_pid)
 }
 
+#[cfg(any(feature = "qemu", test))]
 fn vcpu_threads_from_reply(r: &serde_json::Value, qemu_pid: u32) -> Result<Vec<PathBuf>, HangError> {
     let bad = |why: String| HangError::VcpuThreads(why);
     let list = r.as_array().ok_or_else(|| bad(format!("query-cpus-fast returned {r}")))?;

@@ -2,14 +2,13 @@
 //! as one JSON line.
 
 use crate::access::{AccessError, CpuState, GuestAccess, StopEvent, StopReason, VcpuId};
-use crate::flow::{FlowError, Mode, Outcome, Session, Timings};
+use crate::flow::{crash_kind_name, FlowError, Mode, Outcome, Session, Timings};
 use crate::hang::{self, Hang, HangKind, HangRepair, Sampler, SamplerMsg};
 use crate::kaslr::KaslrError;
-use crate::memory::RamFile;
+use crate::ram::RamFile;
 use crate::qmp::Qmp;
 use crate::supervise::TrapRecorder;
 use repair_kernel::contract::Action;
-use repair_kernel::verdict::{CrashKind, Reason};
 use serde::Serialize;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,22 +68,6 @@ pub struct Event {
     /// where its message and the lines before it are kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<Vec<String>>,
-}
-
-/// Name of a crash kind code, for events and reports.
-pub fn crash_kind_name(code: u32) -> String {
-    match CrashKind::from_u32(code) {
-        Some(k) => format!("{k}"),
-        None => format!("unknown ({code})"),
-    }
-}
-
-/// Name of a reason code.
-pub fn reason_name(code: u32) -> String {
-    match Reason::from_u32(code) {
-        Some(r) => format!("{r}"),
-        None => format!("unknown ({code})"),
-    }
 }
 
 impl Event {

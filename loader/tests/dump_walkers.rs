@@ -48,9 +48,10 @@ fn walkers_on_a_crash_dump(kernel: Kernel) {
     // Every log record on the console, whatever its level, so the console
     // holds the whole log.
     let mut guest = Guest::boot(&GuestConfig::new(kernel).append("ignore_loglevel")).unwrap();
-    let image = loader::demo::kit_image(kernel).unwrap();
+    let image = repair_guest::kit::kit_image(kernel).unwrap();
     let mut g = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
-    let mut session = Session::attach(&mut g, image, FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() }).unwrap();
+    // No RAM file: the flow probes where RAM ends through the gdbstub.
+    let mut session = Session::attach(&mut g, image, FlowConfig::default()).unwrap();
     session.arm(&mut g).unwrap();
     g.resume().unwrap();
 

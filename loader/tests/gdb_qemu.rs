@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use loader::access::{AccessError, BpKind, GuestAccess, Gpa, Gva, PhysAccess, RunOutcome, StopReason, VcpuId};
 use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::ram::{RamFile, WithRam};
 use loader::qmp::{hmp_register, Qmp};
 use support::{Opts, Qemu};
 

@@ -27,11 +27,11 @@ fn replay_matches(kernel: Kernel, append: &[&str], crash: &str) {
         }
         None => tmp.path().join("dump.elf"),
     };
-    let c = replay::capture_at_trap(&cfg, crash, &dump).expect("capture the crash at the trap");
+    let c = repair_guest::replay::capture_at_trap(&cfg, crash, &dump).expect("capture the crash at the trap");
     let qemu = Verdict::of(&c.qemu);
 
     let d = CoreDump::open(&c.dump).expect("parse the dump");
-    let image = loader::demo::kit_image(kernel).unwrap();
+    let image = repair_guest::kit::kit_image(kernel).unwrap();
     let r = replay::replay(&d, image, &ReplayOptions::default()).expect("replay under KVM");
     let kvm = Verdict::of(&r.outcome);
     eprintln!("{crash}: QEMU {qemu:?}");
@@ -68,7 +68,7 @@ fn lkdtm_bug_replays_the_same_verdict() {
 #[test]
 #[ignore]
 fn measure_run_times_tcg_vs_kvm() {
-    use loader::access::{Endpoint, GuestAccess};
+    use loader::access::GuestAccess;
     use loader::flow::{FlowConfig, Mode, Session};
     const N: usize = 7;
     if let Some(why) = loader::kvm::skip_reason().expect("/dev/kvm") {
@@ -87,12 +87,8 @@ fn measure_run_times_tcg_vs_kvm() {
             cfg = cfg.append(a);
         }
         let mut guest = harness::Guest::boot(&cfg).unwrap();
-        let image = loader::demo::kit_image(kernel).unwrap();
-        let gdb = loader::gdb::GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
-        let ram = loader::memory::RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-        let mut g = loader::memory::WithRam::new(gdb, ram);
-        let fcfg = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
-        let mut session = Session::attach(&mut g, image.clone(), fcfg).unwrap();
+        let image = repair_guest::kit::kit_image(kernel).unwrap();
+        let (mut g, mut session) = repair_guest::kit::attach(&guest, image.clone(), FlowConfig::default()).unwrap();
         session.arm(&mut g).unwrap();
         g.resume().unwrap();
         guest.crash(crash).unwrap();

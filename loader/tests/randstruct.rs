@@ -5,10 +5,10 @@
 //! `CPU: N PID: P Comm: C` line, the child's exit status) is the oracle.
 
 use harness::{Guest, GuestConfig, Kernel};
-use loader::access::{Endpoint, GuestAccess};
+use loader::access::GuestAccess;
 use loader::flow::{FlowConfig, Mode, Session};
 use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::ram::{RamFile, WithRam};
 use repair_kernel::contract::Action;
 use std::time::Duration;
 
@@ -20,12 +20,8 @@ fn boot_and_attach(append: &[&str]) -> (Guest, Backend, Session) {
         cfg = cfg.append(a);
     }
     let guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("boot: {e}"));
-    let image = loader::demo::kit_image(Kernel::Randstruct).expect("repair image of the randstruct kernel");
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).expect("gdbstub");
-    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-    let mut g = WithRam::new(gdb, ram);
-    let cfg = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
-    let mut session = Session::attach(&mut g, image, cfg).expect("attach");
+    let image = repair_guest::kit::kit_image(Kernel::Randstruct).expect("repair image of the randstruct kernel");
+    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default()).expect("attach");
     session.arm(&mut g).unwrap();
     g.resume().unwrap();
     (guest, g, session)
@@ -102,7 +98,7 @@ fn hang_sampler_sees_each_cpus_running_task_as_the_guest_does_on_a_randstruct_pr
     let mut cfg = GuestConfig::new(Kernel::Randstruct).with_ram_file();
     cfg.cpus = 2;
     let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("boot: {e}"));
-    let image = loader::demo::kit_image(Kernel::Randstruct).expect("repair image of the randstruct kernel");
+    let image = repair_guest::kit::kit_image(Kernel::Randstruct).expect("repair image of the randstruct kernel");
     let layout = HangLayout::from_image(&image, 0).expect("hang layout of the randstruct image");
     let t = Duration::from_secs(60);
 
@@ -134,19 +130,15 @@ fn hang_sampler_sees_each_cpus_running_task_as_the_guest_does_on_a_randstruct_pr
     // Attach for the slide and page tables, then let the guest go and
     // close the gdbstub: the sampler reads only the RAM file.
     let (slide, regs, nr_cpus) = {
-        let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).expect("gdbstub");
-        let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-        let mut g = WithRam::new(gdb, ram);
+        let (mut g, session) = repair_guest::kit::attach(&guest, image, FlowConfig::default()).expect("attach");
         g.inner.resume_on_drop = true;
-        let fc = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
-        let session = Session::attach(&mut g, image, fc).expect("attach");
         let regs = g.get_regs(loader::access::VcpuId(0)).expect("vCPU 0 registers");
         g.resume().unwrap();
         g.inner.leave(true).expect("leaving the guest running");
         (session.slide, regs, session.nr_vcpus)
     };
     assert_eq!(nr_cpus, 2);
-    let mem = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
+    let mem = RamFile::open_pc_file(&guest.ram_file().unwrap()).unwrap();
     let mut sampler = Sampler::new(mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, HangConfig::default());
 
     // ~20 samples of each CPU over 2 s, the guest running.

@@ -4,10 +4,10 @@
 //! console, its processes, its bystander's data) as the oracle.
 
 use harness::{Guest, GuestConfig, Kernel};
-use loader::access::{Endpoint, GuestAccess};
+use loader::access::GuestAccess;
 use loader::flow::{FlowConfig, Mode, Outcome, Session};
 use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::ram::{RamFile, WithRam};
 use repair_kernel::contract::Action;
 use std::time::Duration;
 
@@ -20,12 +20,8 @@ fn boot(cfg: GuestConfig) -> Guest {
 /// Attaches the flow to a booted guest: gdbstub for control, RAM file for
 /// memory.
 fn attach(guest: &Guest) -> (Backend, Session) {
-    let image = loader::demo::kit_image(guest.kernel()).expect("repair image of the kit kernel");
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).expect("gdbstub");
-    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-    let mut g = WithRam::new(gdb, ram);
-    let cfg = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
-    let mut session = Session::attach(&mut g, image, cfg).expect("attach");
+    let image = repair_guest::kit::kit_image(guest.kernel()).expect("repair image of the kit kernel");
+    let (mut g, mut session) = repair_guest::kit::attach(guest, image, FlowConfig::default()).expect("attach");
     session.arm(&mut g).unwrap();
     g.resume().unwrap();
     (g, session)
@@ -118,7 +114,7 @@ fn diagnose_matches_the_guests_own_report_and_changes_nothing() {
     let report = loader::report::diagnose(&mut g, &session, stop.vcpu, Some(&sym), 40).unwrap();
     assert_eq!(differing_pages(&before, &ram_snapshot(&guest)), Vec::<u64>::new(), "diagnose changed guest RAM");
     assert_eq!(g.get_regs(stop.vcpu).unwrap(), regs_before, "diagnose changed registers");
-    eprintln!("{}", loader::report::render_text(&report));
+    eprintln!("{}", repair_guest::render::render_text(&report));
 
     // Let the panic complete, exactly as it would have without us, and
     // compare with the guest's own report.
@@ -181,12 +177,8 @@ fn a_panic_in_interrupt_context_is_declined_and_the_panic_completes() {
 #[test]
 fn a_live_snapshot_matches_and_corrupted_text_is_reported() {
     let guest = boot(GuestConfig::new(Kernel::Debian));
-    let image = loader::demo::kit_image(Kernel::Debian).unwrap();
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
-    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-    let mut g = WithRam::new(gdb, ram);
-    let mut session =
-        Session::attach(&mut g, image, FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() }).unwrap();
+    let image = repair_guest::kit::kit_image(Kernel::Debian).unwrap();
+    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default()).unwrap();
     let kit = harness::Kit::locate().unwrap();
     let sym = loader::symbolize::Symbolizer::from_vmlinux(&kit.vmlinux(Kernel::Debian).unwrap()).unwrap();
 

@@ -4,7 +4,7 @@
 //! host, across a pause. `bench/hang/run` runs the same with more
 //! repetitions and a longer workload.
 
-use loader::campaign::{self, CampaignConfig, Class, WorkloadOptions, HANG_TYPES};
+use repair_guest::campaign::{self, CampaignConfig, Class, WorkloadOptions, HANG_TYPES};
 use loader::hang::HangConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -2,35 +2,15 @@
 //! guest under QEMU, builds its repair image, watches it, crashes processes
 //! in it and shows each repaired and the guest carrying on.
 
-use crate::access::Endpoint;
-use crate::flow::{FlowConfig, Session};
-use crate::gdb::GdbGuest;
-use crate::memory::{RamFile, WithRam};
-use crate::watch::{watch, EventSink, WatchConfig};
-use anyhow::{bail, Context, Result};
-use harness::{Guest, GuestConfig, Kernel, Kit};
+use crate::kit::kit_image;
+use anyhow::{bail, Result};
+use harness::{Guest, GuestConfig, Kernel};
+use loader::attach::QemuGuest;
+use loader::flow::FlowConfig;
+use loader::watch::{watch, EventSink, WatchConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Builds (or reuses, keyed by the vmlinux's size and mtime) the repair
-/// image of a kit kernel, in the kit directory.
-pub fn kit_image(kernel: Kernel) -> Result<builder::RepairImage> {
-    let kit = Kit::locate()?;
-    let vmlinux = kit.vmlinux(kernel)?;
-    let meta = std::fs::metadata(&vmlinux)?;
-    let mtime = meta.modified()?.duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let path = kit.dir.join(format!("{}/repair-{}-{mtime}-{}.img", kernel.dir_name(), meta.len(), env!("CARGO_PKG_VERSION")));
-    if let Ok(img) = builder::RepairImage::read(&path) {
-        if img.unikernel.segments == builder::builtin_unikernel()?.segments {
-            return Ok(img);
-        }
-    }
-    let img = builder::build_from_vmlinux(&vmlinux, &builder::BuildOptions::default())
-        .with_context(|| format!("building the repair image of {}", vmlinux.display()))?;
-    img.write(&path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(img)
-}
 
 pub fn run(crashes: u32) -> Result<()> {
     println!("== booting the guest kit's Debian cloud kernel under QEMU (TCG, 2 vCPUs, KASLR on)");
@@ -43,17 +23,15 @@ pub fn run(crashes: u32) -> Result<()> {
     println!("   {} (build-id {})", image.kernel.release, image.kernel.build_id_hex());
 
     println!("== attaching: gdbstub {}, RAM file", guest.gdb_addr());
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?)?;
-    let ram_path = guest.ram_file().context("the demo guest has a RAM file")?;
-    let ram = RamFile::open_pc(&ram_path, 0xe000_0000)?;
-    let mut backend = WithRam::new(gdb, ram);
-    let cfg = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
-    let mut session = Session::attach(&mut backend, image, cfg)?;
+    let spec = QemuGuest { gdb: guest.gdb_addr().parse()?, qmp: None, ram_file: guest.ram_file() };
+    let mut attached = spec.connect()?;
+    let mut session = attached.session(image, FlowConfig::default())?;
+    let mut backend = attached.backend;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let watcher = std::thread::spawn(move || {
         let mut sink = EventSink::stdout();
-        watch(&mut backend, &mut session, &mut sink, stop2, WatchConfig::default())
+        watch(backend.guest(), &mut session, &mut sink, stop2, WatchConfig::default())
     });
 
     // Let the bystander get going, so its records visibly carry on.

@@ -2,7 +2,7 @@
 //! kit's LKDTM kernel (`oops=panic`), through the same campaign runner that
 //! regenerates docs/crash-catalogue.md (`repair-guest campaign --out docs`).
 
-use loader::campaign::{self, CampaignConfig, Class, QUICK_TYPES};
+use repair_guest::campaign::{self, CampaignConfig, Class, QUICK_TYPES};
 
 #[test]
 fn quick_catalogue_every_process_context_crash_recovered() {

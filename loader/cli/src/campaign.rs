@@ -10,12 +10,12 @@
 //!
 //! The output is a Markdown table and JSON (`docs/crash-catalogue.{md,json}`).
 
-use crate::access::{AccessError, Endpoint, GuestAccess, StopReason};
-use crate::flow::{FlowConfig, FlowError, Mode, Outcome, Session};
-use crate::gdb::GdbGuest;
-use crate::hang::{self, Hang, HangConfig, HangKind, HangLayout, HangPolicy, Sampler, SamplerMsg};
-use crate::memory::{RamFile, WithRam};
-use crate::watch::{crash_kind_name, reason_name};
+use loader::access::{AccessError, Endpoint, GuestAccess, StopReason};
+use loader::flow::{FlowConfig, FlowError, Mode, Outcome, Session};
+use loader::gdb::GdbGuest;
+use loader::hang::{self, Hang, HangConfig, HangKind, HangLayout, HangPolicy, Sampler, SamplerMsg};
+use loader::ram::{RamFile, WithRam};
+use loader::flow::{crash_kind_name, reason_name};
 use anyhow::{Context, Result};
 use harness::{Guest, GuestConfig, Kernel};
 use serde::Serialize;
@@ -311,11 +311,11 @@ impl Live {
         let guest = Guest::boot(&gc).context("booting the LKDTM guest")?;
         let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?).context("gdbstub")?;
         let ram_path = guest.ram_file().context("RAM file")?;
-        let ram = RamFile::open_pc(&ram_path, 0xe000_0000)?;
+        let ram = RamFile::open_pc_file(&ram_path)?;
+        let fc = FlowConfig { ram_end: Some(loader::access::PhysAccess::ram_end(&ram)), ..FlowConfig::default() };
         let mut g = WithRam::new(gdb, ram);
-        let fc = FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() };
         let mut session = Session::attach(&mut g, image.clone(), fc).context("attach")?;
-        let regs = g.get_regs(crate::access::VcpuId(0))?;
+        let regs = g.get_regs(loader::access::VcpuId(0))?;
         let nr_cpus = session.nr_vcpus;
         let slide = session.slide;
         session.arm(&mut g)?;
@@ -334,7 +334,7 @@ impl Live {
 
         // QEMU's vCPU threads from QMP (`query-cpus-fast`), so no-progress
         // time is counted in CPU time each vCPU really got.
-        let mut qmp = crate::qmp::Qmp::connect(&guest.qmp_addr().parse::<Endpoint>()?).context("QMP")?;
+        let mut qmp = loader::qmp::Qmp::connect(&guest.qmp_addr().parse::<Endpoint>()?).context("QMP")?;
         let (vcpu_threads, how) = match hang::vcpu_threads_from_qmp(&mut qmp, guest.qemu_pid()) {
             Ok(t) => {
                 let how = format!("query-cpus-fast: {} vCPU threads", t.len());
@@ -354,7 +354,7 @@ impl Live {
             let (tx, stop, paused, foreign) = (tx.clone(), stop.clone(), paused.clone(), foreign.clone());
             threads.push(std::thread::spawn(move || watcher(g, session, tx, req_rx, stop, paused, foreign)));
         }
-        let sampler_mem = RamFile::open_pc(&ram_path, 0xe000_0000)?;
+        let sampler_mem = RamFile::open_pc_file(&ram_path)?;
         let mut sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
         sampler.vcpu_threads = vcpu_threads;
         let kill_after = sampler.kill_after_source.clone();
@@ -477,14 +477,14 @@ fn watcher(
 /// the sampler's pause flag (a paused guest is never hung), and pauses on
 /// request (QMP `stop`, then `cont`), as someone else would.
 fn qmp_thread(
-    mut q: crate::qmp::Qmp,
+    mut q: loader::qmp::Qmp,
     tx: Sender<Msg>,
     req: Receiver<QmpReq>,
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     foreign: Arc<AtomicBool>,
 ) {
-    let on_events = |q: &mut crate::qmp::Qmp, events: Vec<crate::qmp::QmpEvent>| -> Result<(), AccessError> {
+    let on_events = |q: &mut loader::qmp::Qmp, events: Vec<loader::qmp::QmpEvent>| -> Result<(), AccessError> {
         for e in events {
             match e.name.as_str() {
                 // Our own stops are `debug`; any state but running is a pause.
@@ -538,7 +538,7 @@ fn hang_layout(image: &builder::RepairImage) -> Result<HangLayout> {
         layout.watchdog_thresh = text.lines().find_map(|l| {
             let mut f = l.split_whitespace();
             let (a, _, name) = (f.next()?, f.next()?, f.next()?);
-            (name == "watchdog_thresh").then(|| u64::from_str_radix(a, 16).ok()).flatten().map(crate::access::Gva)
+            (name == "watchdog_thresh").then(|| u64::from_str_radix(a, 16).ok()).flatten().map(loader::access::Gva)
         });
     }
     Ok(layout)
@@ -547,7 +547,7 @@ fn hang_layout(image: &builder::RepairImage) -> Result<HangLayout> {
 /// Runs the campaign.
 pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     let start = Instant::now();
-    let image = crate::demo::kit_image(Kernel::Lkdtm)?;
+    let image = crate::kit::kit_image(Kernel::Lkdtm)?;
     let layout = hang_layout(&image)?;
     let mut report = Report {
         kernel: image.kernel.release.clone(),
@@ -1146,7 +1146,7 @@ pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyRepor
 /// command channel) with the watcher and the sampler attached; reports
 /// every hang the sampler raised and what was done about it.
 pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opts: &WorkloadOptions) -> Result<BusyReport> {
-    let image = crate::demo::kit_image(Kernel::Lkdtm)?;
+    let image = crate::kit::kit_image(Kernel::Lkdtm)?;
     let layout = hang_layout(&image)?;
     let mut l = Live::boot(1, cfg, &image, &layout)?;
     // The messages are handled on another thread while the command runs.

@@ -6,10 +6,8 @@
 //! `cargo bench -p loader --bench recovery` (N: `BENCH_CRASHES`, default 20).
 
 use harness::{Guest, GuestConfig, Kernel};
-use loader::access::{Endpoint, GuestAccess};
-use loader::flow::{FlowConfig, Mode, Session};
-use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::access::GuestAccess;
+use loader::flow::{FlowConfig, Mode};
 use std::time::{Duration, Instant};
 
 struct Stats(Vec<f64>);
@@ -46,11 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file())?;
-    let image = loader::demo::kit_image(Kernel::Debian)?;
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?)?;
-    let ram = RamFile::open_pc(&guest.ram_file().ok_or("no RAM file")?, 0xe000_0000)?;
-    let mut g = WithRam::new(gdb, ram);
-    let mut session = Session::attach(&mut g, image, FlowConfig { ram_end: Some(512 << 20), ..FlowConfig::default() })?;
+    let image = repair_guest::kit::kit_image(Kernel::Debian)?;
+    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default())?;
     session.arm(&mut g)?;
     g.resume()?;
 

@@ -4,9 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use loader::access::{Endpoint, GuestAccess};
+use loader::attach::{Attached, QemuGuest};
 use loader::flow::{FlowConfig, Mode, Session};
-use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::ram::RamFile;
 use loader::supervise::{Supervisor, SupervisorNote, TrapRecorder};
 use loader::watch::{watch, Event, EventSink, WatchConfig, WatchEnd};
 use std::path::{Path, PathBuf};
@@ -192,7 +192,7 @@ enum Command {
     },
     /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
     /// watched; writes the Markdown table and JSON.
-    Campaign(loader::campaign::CampaignArgs),
+    Campaign(repair_guest::campaign::CampaignArgs),
 }
 
 fn parse_hex(s: &str) -> Result<u64> {
@@ -201,61 +201,8 @@ fn parse_hex(s: &str) -> Result<u64> {
     v.with_context(|| format!("{s:?} is not a number (use 0x... for hex)"))
 }
 
-/// A connected guest: gdbstub for control, RAM file (when given) for memory.
-enum Backend {
-    Gdb(GdbGuest),
-    GdbRam(WithRam<GdbGuest, RamFile>),
-}
-
-impl Backend {
-    /// Whether leaving (an error, a panic) resumes a guest stopped by us.
-    fn resume_on_drop(&mut self, resume: bool) {
-        match self {
-            Backend::Gdb(g) => g.resume_on_drop = resume,
-            Backend::GdbRam(g) => g.inner.resume_on_drop = resume,
-        }
-    }
-
-    fn guest(&mut self) -> &mut dyn GuestAccess {
-        match self {
-            Backend::Gdb(g) => g,
-            Backend::GdbRam(g) => g,
-        }
-    }
-}
-
-/// What QMP told before we connected to the gdbstub (which stops the VM).
-#[derive(Debug, Default)]
-struct Found {
-    qmp: Option<loader::qmp::Qmp>,
-    /// The run state before our connection: `running`, `paused`, `debug`...
-    status: Option<String>,
-    name: Option<String>,
-}
-
-impl Found {
-    /// The stop our connection makes is ours to undo unless someone else
-    /// had the guest paused already (`debug` is a trap's: a watcher that
-    /// died left the guest there).
-    fn stop_is_ours(&self) -> bool {
-        matches!(self.status.as_deref(), None | Some("running") | Some("debug"))
-    }
-}
-
-fn connect(a: &Attach) -> Result<(Backend, FlowConfig, Found)> {
-    let ep: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
-    let mut found = Found::default();
-    if let Some(q) = &a.qmp {
-        let ep: Endpoint = q.parse().with_context(|| format!("--qmp {q}"))?;
-        let mut qmp = loader::qmp::Qmp::connect(&ep).with_context(|| format!("connecting to QMP at {q}"))?;
-        found.status = Some(qmp.query_status().context("asking QMP for the run state")?);
-        found.name = qmp.execute("query-name", None).ok().and_then(|v| v["name"].as_str().map(str::to_string));
-        found.qmp = Some(qmp);
-    }
-    let mut gdb = GdbGuest::connect(ep).with_context(|| format!("attaching to the gdbstub at {}", a.gdb))?;
-    // From here on, every way out (an error, a panic) resumes the guest if
-    // the stop is ours: GdbGuest's Drop.
-    gdb.resume_on_drop = found.stop_is_ours();
+/// The flow's configuration from the attach options.
+fn flow_config(a: &Attach) -> Result<FlowConfig> {
     let mut cfg = FlowConfig { integrity: a.integrity, ..FlowConfig::default() };
     let (flag, range) = match &a.reserve {
         Some(r) => ("--reserve", r),
@@ -265,34 +212,30 @@ fn connect(a: &Attach) -> Result<(Backend, FlowConfig, Found)> {
     cfg.borrowed_base = parse_hex(base)?;
     cfg.borrowed_size = parse_hex(size)?;
     cfg.reserved = a.reserve.is_some();
-    if let Some(qmp) = &mut found.qmp {
-        cfg.ram_end = Some(qmp.ram_size().context("asking QMP for the RAM size")?);
-    }
-    let backend = match &a.ram_file {
-        Some(path) => {
-            let ram = RamFile::open_pc(path, 0xe000_0000)
-                .with_context(|| format!("mapping the guest RAM file {}", path.display()))?;
-            if cfg.ram_end.is_none() {
-                cfg.ram_end = ram.regions().first().map(|r| r.len);
-            }
-            Backend::GdbRam(WithRam::new(gdb, ram))
-        }
-        None => Backend::Gdb(gdb),
-    };
-    Ok((backend, cfg, found))
+    Ok(cfg)
 }
 
 fn load_image(path: &Path) -> Result<builder::RepairImage> {
     builder::RepairImage::read(path).with_context(|| format!("reading the repair image {}", path.display()))
 }
 
-fn attach(a: &Attach) -> Result<(Backend, Session, Found)> {
+/// Connects (QMP first, then the gdbstub: see `loader::attach`) and attaches
+/// the repair flow. From the connection on, every way out (an error, a
+/// panic) resumes the guest if the stop is ours: `GdbGuest`'s Drop.
+fn attach(a: &Attach) -> Result<(Attached, Session)> {
     let image = load_image(&a.image)?;
-    let (mut backend, cfg, found) = connect(a)?;
-    let mut session = Session::attach(backend.guest(), image, cfg)
+    let cfg = flow_config(a)?;
+    let spec = QemuGuest {
+        gdb: a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?,
+        qmp: a.qmp.as_deref().map(str::parse).transpose().with_context(|| format!("--qmp {:?}", a.qmp))?,
+        ram_file: a.ram_file.clone(),
+    };
+    let mut attached = spec.connect().with_context(|| format!("connecting to the guest at {}", a.gdb))?;
+    let mut session = attached
+        .session(image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.gdb, a.image.display()))?;
     if a.integrity {
-        let g = backend.guest();
+        let g = attached.guest();
         let bar = indicatif::ProgressBar::new(0).with_message("healthy snapshot of kernel text and rodata");
         let stats = loader::snapshot::take_live_snapshot(g, &mut session, true, |done, total| {
             bar.set_length(total as u64);
@@ -302,7 +245,7 @@ fn attach(a: &Attach) -> Result<(Backend, Session, Found)> {
         session.replan().context("staging the snapshot in the --reserve range")?;
         eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
     }
-    Ok((backend, session, found))
+    Ok((attached, session))
 }
 
 fn main() {
@@ -431,16 +374,16 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_kill_at_detection,
             ..
         } => {
-            let (mut backend, mut session, mut found) = attach(&a)?;
+            let (mut attached, mut session) = attach(&a)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
                 kill_after: hang_kill_after_ms.map(std::time::Duration::from_millis),
                 at_detection: hang_kill_at_detection,
             };
-            let hangs = if hangs { Some(hang_watch(&a, &session, &mut found, policy)?) } else { None };
-            let name = a.name.clone().or(found.name.clone()).unwrap_or_else(|| a.gdb.clone());
+            let hangs = if hangs { Some(hang_watch(&a, &session, &mut attached, policy)?) } else { None };
+            let name = a.name.clone().unwrap_or_else(|| attached.name.clone());
             let mut sink = event_sink(&events, Some(name))?;
-            if found.qmp.is_none() {
+            if attached.qmp.is_none() {
                 eprintln!(
                     "repair-guest: without --qmp, a pause made through another monitor is told from ours only by its \
                      signal, and a reset of the guest goes unseen"
@@ -448,20 +391,22 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             }
             let cfg = WatchConfig {
                 max_repairs,
-                found_paused: !found.stop_is_ours(),
-                qmp: found.qmp,
+                found_paused: !attached.stop_is_ours(),
+                qmp: attached.qmp.take(),
                 hangs,
                 crash_context: a.ram_file.is_some(),
                 record: TrapRecorder::from_env(),
             };
-            let end = watch(backend.guest(), &mut session, &mut sink, stop, cfg)?;
+            let end = watch(attached.guest(), &mut session, &mut sink, stop, cfg)?;
             tracing::info!(?end, "watch ended");
             Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 })
         }
         Command::Repair { attach: a, wait_crash } => {
-            let (mut backend, mut session, _found) = attach(&a)?;
-            backend.resume_on_drop(true);
-            let g = backend.guest();
+            let (mut attached, mut session) = attach(&a)?;
+            // A repair acts on a crash and resumes: whoever paused the
+            // guest at its panic asked for exactly that.
+            attached.backend.gdb().resume_on_drop = true;
+            let g = attached.guest();
             let vcpu = match wait_crash {
                 Some(secs) => wait_for_crash(g, &mut session, secs, &stop)?,
                 None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
@@ -475,12 +420,12 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             Ok(0)
         }
         Command::Diagnose { attach: a, vmlinux, json, wait_crash } => {
-            let (mut backend, mut session, _found) = attach(&a)?;
+            let (mut attached, mut session) = attach(&a)?;
             let sym = match &vmlinux {
                 Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p).map_err(anyhow::Error::msg)?),
                 None => None,
             };
-            let g = backend.guest();
+            let g = attached.guest();
             let vcpu = match wait_crash {
                 Some(secs) => wait_for_crash(g, &mut session, secs, &stop)?,
                 None => loader::report::crashed_vcpu(g, session.panic_addr()?)?,
@@ -494,7 +439,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", loader::report::render_text(&report));
+                print!("{}", repair_guest::render::render_text(&report));
                 if vmlinux.is_none() {
                     println!("(pass --vmlinux PATH to name the backtrace's frames)");
                 }
@@ -504,8 +449,8 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             Ok(0)
         }
         Command::Snapshot { attach: a, output, pristine } => {
-            let (mut backend, mut session, _found) = attach(&a)?;
-            let g = backend.guest();
+            let (mut attached, mut session) = attach(&a)?;
+            let g = attached.guest();
             let bar = indicatif::ProgressBar::new(0).with_message("reading kernel text and rodata");
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} pages")
@@ -526,9 +471,9 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Demo { crashes } => loader::demo::run(crashes).map(|()| 0),
-        Command::Replay { dump, image, json } => loader::replay::run(&dump, &image, json).map(|()| 0),
-        Command::Campaign(args) => loader::campaign::cli(&args).map(|()| 0),
+        Command::Demo { crashes } => repair_guest::demo::run(crashes).map(|()| 0),
+        Command::Replay { dump, image, json } => repair_guest::replay::run(&dump, &image, json).map(|()| 0),
+        Command::Campaign(args) => repair_guest::campaign::cli(&args).map(|()| 0),
     }
 }
 
@@ -544,10 +489,10 @@ struct HangPolicyArgs {
 /// own mapping of the RAM file, the kernel's page tables, the layout from
 /// the image at the session's slide, and QEMU's vCPU threads (from QMP
 /// `query-cpus-fast`) to count only time the vCPUs really ran.
-fn hang_watch(a: &Attach, session: &Session, found: &mut Found, p: HangPolicyArgs) -> Result<loader::watch::HangWatch> {
+fn hang_watch(a: &Attach, session: &Session, attached: &mut Attached, p: HangPolicyArgs) -> Result<loader::watch::HangWatch> {
     use loader::hang::{self, HangConfig, HangLayout, Sampler};
     let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
-    let qmp = found.qmp.as_mut().context("--hangs needs --qmp")?;
+    let qmp = attached.qmp.as_mut().context("--hangs needs --qmp")?;
     let nr_vcpus = session.nr_vcpus;
     let vcpu_threads = qmp.peer_pid().and_then(|pid| match hang::vcpu_threads_from_qmp(qmp, pid) {
         Ok(t) => Some(t),
@@ -563,7 +508,7 @@ fn hang_watch(a: &Attach, session: &Session, found: &mut Found, p: HangPolicyArg
         );
     }
     let make = move |session: &Session, regs: &loader::access::CpuState| -> std::result::Result<Sampler<RamFile>, String> {
-        let ram = RamFile::open_pc(&path, 0xe000_0000).map_err(|e| format!("mapping {}: {e}", path.display()))?;
+        let ram = RamFile::open_pc_file(&path).map_err(|e| format!("mapping {}: {e}", path.display()))?;
         let layout = HangLayout::from_image(&session.image, session.slide).map_err(|e| e.to_string())?;
         let mut cfg = if p.at_detection { HangConfig::at_detection() } else { HangConfig::default() };
         if let Some(k) = p.kill_after {

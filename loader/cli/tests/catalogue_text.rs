@@ -15,10 +15,10 @@
 //! megabytes do not fit the borrowed low memory.
 
 use harness::{Guest, GuestConfig, Kernel, Kit};
-use loader::access::{translate, Endpoint, GuestAccess, Gva, VcpuId};
+use loader::access::{translate, GuestAccess, Gva, VcpuId};
 use loader::flow::{FlowConfig, Mode, Session};
 use loader::gdb::GdbGuest;
-use loader::memory::{RamFile, WithRam};
+use loader::ram::{RamFile, WithRam};
 use repair_kernel::contract::Action;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -65,19 +65,15 @@ fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
             .with_ram_file(),
     )
     .unwrap();
-    let image = loader::demo::kit_image(Kernel::Lkdtm).unwrap();
-    let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>().unwrap()).unwrap();
-    let ram = RamFile::open_pc(&guest.ram_file().unwrap(), 0xe000_0000).unwrap();
-    let mut g = WithRam::new(gdb, ram);
+    let image = repair_guest::kit::kit_image(Kernel::Lkdtm).unwrap();
     let cfg = FlowConfig {
-        ram_end: Some(512 << 20),
         borrowed_base: STAGE_BASE,
         borrowed_size: STAGE_SIZE,
         reserved: true,
         integrity: true,
         ..FlowConfig::default()
     };
-    let mut session = Session::attach(&mut g, image, cfg).expect("attach");
+    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, cfg).expect("attach");
     let stats = loader::snapshot::take_live_snapshot(&mut g, &mut session, true, |_, _| {}).unwrap();
     eprintln!("snapshot: {stats:?}");
     session.replan().expect("staging plan with the integrity table");

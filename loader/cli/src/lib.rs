@@ -1,0 +1,14 @@
+//! The `repair-guest` program's library side: what the program does beyond
+//! the `loader` library, shared by its binary, its tests and the examples.
+//!
+//! - [`kit`]: repair images of the guest kit's kernels, built once and cached.
+//! - [`demo`]: the main job, a kit guest crashed and repaired live.
+//! - [`campaign`]: the crash catalogue over every LKDTM type.
+//! - [`replay`]: `repair-guest replay`, and a crash captured at the trap.
+//! - [`render`]: `diagnose`'s report as text.
+
+pub mod campaign;
+pub mod demo;
+pub mod kit;
+pub mod render;
+pub mod replay;
