@@ -157,6 +157,9 @@ items! {
     TaskStime = Offset("task_struct", "stime"), optional;
     TaskNvcsw = Offset("task_struct", "nvcsw"), optional;
     TaskNivcsw = Offset("task_struct", "nivcsw"), optional;
+    // The kernel's own soft-lockup limit (2 x this, in seconds): a spinning
+    // task is killed no sooner than the kernel itself would act.
+    SymWatchdogThresh = Symbol("watchdog_thresh"), optional;
     // --- struct mm_struct: a process's own page table (`mm->pgd`), in every
     // profile since the first; the repair kernel works on the crashed CPU's
     // CR3 and does not read it ---
