@@ -154,10 +154,13 @@ impl std::fmt::Debug for HangWatch {
     }
 }
 
-/// Where events go. Each event gets the time and the guest's name here.
+/// Where events go: JSON lines to a writer, or the events themselves to a
+/// channel (a program that drives the watch, like the crash campaign).
+/// Each event gets the time and the guest's name here.
 #[derive(Debug)]
 pub struct EventSink {
     out: Box<dyn WriteDebug>,
+    channel: Option<std::sync::mpsc::Sender<Event>>,
     /// Stamped on every event.
     pub guest: Option<String>,
     failing: bool,
@@ -173,8 +176,12 @@ impl EventSink {
     pub fn file(f: std::fs::File) -> Self {
         Self::new(Box::new(f))
     }
+    /// Events as values, to `tx` (nothing is written).
+    pub fn channel(tx: std::sync::mpsc::Sender<Event>) -> Self {
+        Self { channel: Some(tx), ..Self::new(Box::new(std::io::sink())) }
+    }
     fn new(out: Box<dyn WriteDebug>) -> Self {
-        Self { out, guest: None, failing: false }
+        Self { out, channel: None, guest: None, failing: false }
     }
     /// Writes one event line. A write error is reported on stderr (once
     /// until writing works again) and watching goes on: an event sink that
@@ -184,6 +191,11 @@ impl EventSink {
         e.time = utc_now();
         if e.guest.is_none() {
             e.guest = self.guest.clone();
+        }
+        if let Some(tx) = &self.channel {
+            // A receiver that went away wants no more events.
+            let _ = tx.send(e);
+            return;
         }
         let Ok(line) = serde_json::to_string(&e) else { return };
         let r = writeln!(self.out, "{line}").and_then(|()| self.out.flush());
