@@ -428,9 +428,9 @@ impl Session {
             && out.status == RunStatus::Done as u32
             && out.action == Action::Kill as u32;
         let applied = if kill {
-            if let Err(why) = self.check_resume(&crashed, &out.resume) {
+            if let Err(e) = self.check_resume(&crashed, &out.resume) {
                 guest.set_regs(vcpu, &crashed)?;
-                return Err(FlowError::UnsoundResume(why));
+                return Err(e);
             }
             guest.set_regs(vcpu, &out.resume)?;
             true
@@ -493,12 +493,21 @@ impl Session {
     /// The loader trusts the repair kernel, not the guest memory it read: a
     /// kill may only send the vCPU to `rewind_stack_and_make_dead` with the
     /// crashed context's address space and CPU modes.
-    fn check_resume(&self, crashed: &CpuState, resume: &CpuState) -> Result<(), String> {
-        let rewind = self.symbol(Item::SymRewindStackAndMakeDead).map_err(|e| e.to_string())?;
+    fn check_resume(&self, crashed: &CpuState, resume: &CpuState) -> Result<(), FlowError> {
+        let rewind = self.symbol(Item::SymRewindStackAndMakeDead)?;
         if resume.rip != rewind {
-            return Err(format!("rip {:#x} is not rewind_stack_and_make_dead ({rewind:#x})", resume.rip));
+            return Err(FlowError::UnsoundResume(format!(
+                "rip {:#x} is not rewind_stack_and_make_dead ({rewind:#x})",
+                resume.rip
+            )));
         }
-        let same = |what: &str, a: u64, b: u64| if a == b { Ok(()) } else { Err(format!("{what} changed: {a:#x} -> {b:#x}")) };
+        let same = |what: &str, a: u64, b: u64| {
+            if a == b {
+                Ok(())
+            } else {
+                Err(FlowError::UnsoundResume(format!("{what} changed: {a:#x} -> {b:#x}")))
+            }
+        };
         same("cr3", crashed.cr3, resume.cr3)?;
         same("cr0", crashed.cr0, resume.cr0)?;
         same("cr4", crashed.cr4, resume.cr4)?;

@@ -42,6 +42,23 @@ impl Frame {
     }
 }
 
+/// Why a vmlinux cannot be read for symbols.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolizeError {
+    #[error("cannot read the vmlinux {path}: {source}; pass the guest kernel's debug vmlinux (Debian: the -dbg package)")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not an ELF file ({source}); pass the guest kernel's vmlinux, not its compressed vmlinuz")]
+    NotElf {
+        path: std::path::PathBuf,
+        #[source]
+        source: object::read::Error,
+    },
+}
+
 /// Text symbols and line tables of one vmlinux.
 pub struct Symbolizer {
     funcs: Vec<Func>,
@@ -59,12 +76,13 @@ impl std::fmt::Debug for Symbolizer {
 
 impl Symbolizer {
     /// Reads the symbol table now and the DWARF lazily.
-    pub fn from_vmlinux(path: &Path) -> Result<Self, String> {
-        let file = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    pub fn from_vmlinux(path: &Path) -> Result<Self, SymbolizeError> {
+        let read = |source| SymbolizeError::Read { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(read)?;
         // SAFETY: the file is mapped read-only and not expected to change
         // while the symbolizer lives (a vmlinux is a build artefact).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mmap {}: {e}", path.display()))?;
-        let obj = object::File::parse(&*map).map_err(|e| format!("{} is not an ELF file: {e}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read)?;
+        let obj = object::File::parse(&*map).map_err(|source| SymbolizeError::NotElf { path: path.to_path_buf(), source })?;
         let mut funcs: Vec<Func> = obj
             .symbols()
             .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)

@@ -306,7 +306,10 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             Some(AccessError::BadAddress(_)) => return exit::BAD_INPUT,
             _ => {}
         }
-        if cause.downcast_ref::<builder::ImageError>().is_some() || cause.downcast_ref::<std::io::Error>().is_some() {
+        if cause.downcast_ref::<builder::ImageError>().is_some()
+            || cause.downcast_ref::<loader::symbolize::SymbolizeError>().is_some()
+            || cause.downcast_ref::<std::io::Error>().is_some()
+        {
             return exit::BAD_INPUT;
         }
     }
@@ -422,7 +425,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         Command::Diagnose { attach: a, vmlinux, json, wait_crash } => {
             let (mut attached, mut session) = attach(&a)?;
             let sym = match &vmlinux {
-                Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p).map_err(anyhow::Error::msg)?),
+                Some(p) => Some(loader::symbolize::Symbolizer::from_vmlinux(p)?),
                 None => None,
             };
             let g = attached.guest();
