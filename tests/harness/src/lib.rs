@@ -93,6 +93,14 @@ pub struct GuestConfig {
     /// [`Guest::boot`] then returns as soon as QEMU listens, waiting for no
     /// marker. [`GuestConfig::with_image`].
     pub image: Option<(PathBuf, Option<PathBuf>)>,
+    /// No kernel at all, and QEMU started stopped (`-S`): the vCPUs in the
+    /// x86 reset state over zeroed RAM, for protocol tests that write their
+    /// own code through the gdbstub. `kernel` and `image` are then unused and
+    /// [`Guest::boot`] waits for no marker. [`GuestConfig::without_kernel`].
+    pub no_kernel: bool,
+    /// The gdbstub on TCP (127.0.0.1, a free port) instead of a Unix
+    /// socket; [`Guest::gdb_addr`] says where.
+    pub gdb_tcp: bool,
 }
 
 impl GuestConfig {
@@ -111,7 +119,21 @@ impl GuestConfig {
             second_qmp: false,
             reboot: false,
             image: None,
+            no_kernel: false,
+            gdb_tcp: false,
         }
+    }
+
+    /// Starts QEMU stopped (`-S`) with no kernel: [`GuestConfig::no_kernel`].
+    pub fn without_kernel(mut self) -> Self {
+        self.no_kernel = true;
+        self
+    }
+
+    /// Puts the gdbstub on TCP: [`GuestConfig::gdb_tcp`].
+    pub fn with_gdb_tcp(mut self) -> Self {
+        self.gdb_tcp = true;
+        self
     }
 
     /// Boots `kernel` (and `initrd`) rather than a kit kernel: a test's own
@@ -193,6 +215,8 @@ pub struct Guest {
     /// The QEMU binary this guest runs under.
     qemu: String,
     second_qmp: bool,
+    /// The gdbstub's TCP port, when booted [`GuestConfig::with_gdb_tcp`].
+    gdb_port: Option<u16>,
     /// The QMP connection of [`Guest::qmp`], once used.
     qmp: Option<BufReader<UnixStream>>,
 }
@@ -200,6 +224,11 @@ pub struct Guest {
 /// The QEMU binary; `QEMU` overrides.
 fn qemu_binary() -> String {
     std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// A TCP port free on 127.0.0.1 just now (QEMU binds it right after).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Where `scripts/kit-qemu10` puts its wrapper, inside the kit directory.
@@ -223,16 +252,18 @@ fn qemu10_in(kit: &Kit) -> Result<PathBuf> {
 
 impl Guest {
     /// Boots a kit kernel and waits for its init's ready marker (or boots
-    /// [`GuestConfig::image`] and waits for QEMU to listen).
+    /// [`GuestConfig::image`], or nothing with [`GuestConfig::no_kernel`],
+    /// and waits for QEMU to listen).
     pub fn boot(cfg: &GuestConfig) -> Result<Guest> {
         let (kernel_image, initrd) = match &cfg.image {
-            Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
+            _ if cfg.no_kernel => (None, None),
+            Some((kernel, initrd)) => (Some(kernel.clone()), initrd.clone()),
             None => {
                 let kit = match &cfg.kit_dir {
                     Some(dir) => Kit { dir: dir.clone() },
                     None => Kit::locate()?,
                 };
-                (kit.kernel(cfg.kernel)?.0, Some(kit.initramfs()?))
+                (Some(kit.kernel(cfg.kernel)?.0), Some(kit.initramfs()?))
             }
         };
         let dir = tempfile::Builder::new().prefix("guest-").tempdir()?;
@@ -255,26 +286,28 @@ impl Guest {
         if !cfg.reboot {
             cmd.arg("-no-reboot");
         }
-        cmd
-            .args(["-smp", &cfg.cpus.to_string()])
-            .args(["-m", &format!("{}M", cfg.mem_mib)])
-            .arg("-kernel")
-            .arg(&kernel_image)
-            .args(["-append", &append.join(" ")])
-            .args(["-chardev", &format!("file,id=con0,path={}", console_path.display())])
+        cmd.args(["-smp", &cfg.cpus.to_string()]).args(["-m", &format!("{}M", cfg.mem_mib)]);
+        match &kernel_image {
+            Some(k) => {
+                cmd.arg("-kernel").arg(k).args(["-append", &append.join(" ")]);
+            }
+            None => {
+                cmd.arg("-S");
+            }
+        }
+        let gdb_port = cfg.gdb_tcp.then(free_port).transpose()?;
+        let gdb_chardev = match gdb_port {
+            Some(port) => format!("socket,id=gdb0,host=127.0.0.1,port={port},server=on,wait=off"),
+            None => format!("socket,id=gdb0,path={},server=on,wait=off", dir.path().join("gdb.sock").display()),
+        };
+        cmd.args(["-chardev", &format!("file,id=con0,path={}", console_path.display())])
             .args(["-serial", "chardev:con0"])
             .args([
                 "-chardev",
                 &format!("socket,id=cmd0,path={},server=on,wait=off", cmd_sock.display()),
             ])
             .args(["-serial", "chardev:cmd0"])
-            .args([
-                "-chardev",
-                &format!(
-                    "socket,id=gdb0,path={},server=on,wait=off",
-                    dir.path().join("gdb.sock").display()
-                ),
-            ])
+            .args(["-chardev", &gdb_chardev])
             .args(["-gdb", "chardev:gdb0"])
             .args([
                 "-qmp",
@@ -342,6 +375,26 @@ impl Guest {
                 }
             };
             let reader = BufReader::new(stream.try_clone()?);
+            // The QMP sockets come after the command socket on the command
+            // line, so QEMU may not have created them yet.
+            let mut qmp_socks = vec![dir.path().join("qmp.sock")];
+            if cfg.second_qmp {
+                qmp_socks.push(dir.path().join("qmp2.sock"));
+            }
+            while !qmp_socks.iter().all(|p| p.exists()) {
+                if let Some(status) = child.try_wait()? {
+                    return Err(Error::QemuExited {
+                        status: status.to_string(),
+                        waiting_for: "its QMP sockets".into(),
+                        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                        tail: String::new(),
+                    });
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    return Err(Error::Channel(format!("QEMU created no {}", qmp_socks[0].display())));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             Ok((stream, reader))
         })();
         let (stream, reader) = match connected {
@@ -365,9 +418,10 @@ impl Guest {
             kernel: cfg.kernel,
             qemu,
             second_qmp: cfg.second_qmp,
+            gdb_port,
             qmp: None,
         };
-        if cfg.image.is_none() {
+        if cfg.image.is_none() && !cfg.no_kernel {
             guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
         }
         Ok(guest)
@@ -440,9 +494,13 @@ impl Guest {
         self.kernel
     }
 
-    /// `unix:PATH` of the gdbstub.
+    /// `unix:PATH` of the gdbstub (`tcp:127.0.0.1:PORT` when booted
+    /// [`GuestConfig::with_gdb_tcp`]).
     pub fn gdb_addr(&self) -> String {
-        format!("unix:{}", self.dir.path().join("gdb.sock").display())
+        match self.gdb_port {
+            Some(port) => format!("tcp:127.0.0.1:{port}"),
+            None => format!("unix:{}", self.dir.path().join("gdb.sock").display()),
+        }
     }
 
     /// `unix:PATH` of the QMP socket.
