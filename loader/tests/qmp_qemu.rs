@@ -51,10 +51,11 @@ fn commands_errors_status_and_events() {
     assert!(matches!(e, AccessError::GuestGone(_) | AccessError::Io { .. }), "{e}");
 }
 
-/// A guest that pokes the pvpanic port: QMP reports GUEST_PANICKED.
+/// A guest that pokes the pvpanic port (the harness's QEMU has the
+/// device): QMP reports GUEST_PANICKED.
 #[test]
 fn guest_panicked_event_from_pvpanic() {
-    let q = Qemu::start(Opts { extra: vec!["-device", "pvpanic"], ..Default::default() });
+    let q = Qemu::start(Opts::default());
     let mut g = GdbGuest::connect(q.gdb.clone()).unwrap();
     let mut qmp = Qmp::connect(&q.qmp).unwrap();
     // 16-bit: mov dx, 0x505; mov al, 1; out dx, al; jmp $
