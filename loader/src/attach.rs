@@ -78,6 +78,11 @@ impl QemuGuest {
     /// name, the RAM size), then the gdbstub, which stops the VM. From then
     /// on, dropping the connection removes our breakpoints and resumes the
     /// guest if that stop was ours (see [`Attached::stop_is_ours`]).
+    ///
+    /// The RAM file is mapped with the layout QEMU reports over QMP
+    /// ([`Qmp::ram_layout`]). Without QMP, it is assumed to be the `pc`
+    /// machine's ([`RamFile::open_pc_file`]): a `q35` guest of 2.75 GiB or
+    /// more (split at 2 GiB, not 3) then needs `--qmp`.
     pub fn connect(&self) -> Result<Attached, AccessError> {
         let mut qmp = match &self.qmp {
             Some(ep) => Some(Qmp::connect(ep)?),
@@ -91,9 +96,13 @@ impl QemuGuest {
             name = q.execute("query-name", None).ok().and_then(|v| v["name"].as_str().map(str::to_string));
             ram_end = Some(q.ram_size()?);
         }
-        let ram = match &self.ram_file {
-            Some(p) => Some(RamFile::open_pc_file(p)?),
-            None => None,
+        let ram = match (&self.ram_file, &mut qmp) {
+            // QEMU's own map of the RAM block (any machine, any size),
+            // cross-checked against the file.
+            (Some(p), Some(q)) => Some(RamFile::open_checked(p, q.ram_layout()?)?),
+            // Without QMP, the `pc` machine's split is assumed.
+            (Some(p), None) => Some(RamFile::open_pc_file(p)?),
+            (None, _) => None,
         };
         let mut gdb = GdbGuest::connect(self.gdb.clone())?;
         gdb.resume_on_drop = stop_is_ours(found_status.as_deref());

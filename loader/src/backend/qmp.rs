@@ -244,6 +244,39 @@ impl Qmp {
         })
     }
 
+    /// Guest RAM's layout in guest-physical space and in its RAM block
+    /// (the file of `-object memory-backend-file`), from QEMU's own memory
+    /// map (HMP `info mtree -f`; QMP has no structured equivalent): see
+    /// [`crate::ram::parse_mtree_ram`]. Taken now: the BIOS shadow below
+    /// 1 MiB changes as the firmware runs, the rest does not.
+    pub fn ram_layout(&mut self) -> Result<Vec<crate::ram::RamRegion>, AccessError> {
+        let text = self.hmp("info mtree -f")?;
+        crate::ram::parse_mtree_ram(&text).map_err(|why| AccessError::Protocol {
+            what: WHAT,
+            request: "human-monitor-command info mtree -f".into(),
+            reply: format!("{why}: {}", text.chars().take(400).collect::<String>()),
+        })
+    }
+
+    /// Whether the first vCPU has CPUID feature `feature` (QEMU's property
+    /// name: `pdpe1gb` for 1 GiB pages, `la57`, ...), read with `qom-get`
+    /// on the CPU object. QEMU's default model (`qemu64`, TCG) has no
+    /// `pdpe1gb`; `-cpu max` or `-cpu host` (KVM) do.
+    pub fn cpu_feature(&mut self, feature: &str) -> Result<bool, AccessError> {
+        let cpus = self.execute("query-cpus-fast", None)?;
+        let path = cpus[0]["qom-path"].as_str().ok_or_else(|| AccessError::Protocol {
+            what: WHAT,
+            request: "query-cpus-fast".into(),
+            reply: cpus.to_string(),
+        })?;
+        let r = self.execute("qom-get", Some(json!({ "path": path, "property": feature })))?;
+        r.as_bool().ok_or_else(|| AccessError::Protocol {
+            what: WHAT,
+            request: format!("qom-get {path} {feature}"),
+            reply: r.to_string(),
+        })
+    }
+
     /// PID of the QEMU process, when connected over a Unix socket
     /// (`SO_PEERCRED`).
     pub fn peer_pid(&self) -> Option<u32> {

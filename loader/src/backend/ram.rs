@@ -62,6 +62,26 @@ impl RamFile {
         Ok(Self { map, regions })
     }
 
+    /// Maps `path` with the layout QEMU reported for it (see
+    /// [`parse_mtree_ram`], `Qmp::ram_layout` with the `qemu` feature), cross-checked
+    /// against the file: every region inside it, none overlapping another
+    /// in the file, and the last region ending exactly at the file's end
+    /// (so the layout is of this file's RAM block, all of it mapped).
+    pub fn open_checked(path: &Path, regions: Vec<RamRegion>) -> Result<Self, AccessError> {
+        let size = std::fs::metadata(path)
+            .map_err(|source| AccessError::Connect {
+                what: "the guest RAM file",
+                addr: path.display().to_string(),
+                hint: "-object memory-backend-file,mem-path=FILE,share=on,...",
+                source,
+            })?
+            .len();
+        check_layout(&regions, size).map_err(|why| {
+            AccessError::Other(format!("QEMU's RAM layout does not fit the RAM file {} ({size:#x} bytes): {why}", path.display()))
+        })?;
+        Self::open_with_layout(path, regions)
+    }
+
     /// Maps a PC (`pc` or `q35`) guest's RAM file: RAM below `low_limit`
     /// is at GPA == file offset; the rest is at 4 GiB. QEMU's `low_limit`
     /// is 3.5 GiB (pc, or 3 GiB if RAM >= 3.5 GiB) and 2 GiB for q35 with
@@ -253,6 +273,107 @@ impl<A: GuestAccess, M: PhysAccess> GuestAccess for WithRam<A, M> {
     }
 }
 
+/// Checks a RAM layout against the size of the file behind it: each
+/// region non-empty and inside the file, no two overlapping in the file or
+/// in guest-physical space, and the one furthest into the file ending at
+/// its end.
+pub fn check_layout(regions: &[RamRegion], file_size: u64) -> Result<(), String> {
+    if regions.is_empty() {
+        return Err("no RAM regions".into());
+    }
+    let mut by_offset: Vec<&RamRegion> = regions.iter().collect();
+    by_offset.sort_by_key(|r| r.file_offset);
+    for (i, r) in by_offset.iter().enumerate() {
+        let end = r.file_offset.checked_add(r.len).filter(|_| r.len > 0);
+        if end.is_none_or(|e| e > file_size) {
+            return Err(format!("region {r:?} is empty or past the end of the file"));
+        }
+        if let Some(next) = by_offset.get(i + 1) {
+            if r.file_offset + r.len > next.file_offset {
+                return Err(format!("regions {r:?} and {next:?} overlap in the file"));
+            }
+        }
+    }
+    let last = by_offset[by_offset.len() - 1];
+    if last.file_offset + last.len != file_size {
+        return Err(format!("the last region {last:?} ends before the file does"));
+    }
+    let mut by_gpa: Vec<&RamRegion> = regions.iter().collect();
+    by_gpa.sort_by_key(|r| r.gpa.0);
+    for w in by_gpa.windows(2) {
+        if w[0].gpa.0.checked_add(w[0].len).is_none_or(|e| e > w[1].gpa.0) {
+            return Err(format!("regions {:?} and {:?} overlap in guest-physical space", w[0], w[1]));
+        }
+    }
+    Ok(())
+}
+
+/// Guest RAM's layout from QEMU's own map: the text of HMP `info mtree -f`
+/// (QEMU 7.2 to 10.0). In the flat view of the `memory` address space (the
+/// CPUs' view of guest-physical memory), the RAM block is the one mapped
+/// at GPA 0 (`ram0` for `-machine memory-backend=ram0`, `pc.ram`
+/// without); every stretch of it, read-write (`ram`) or made read-only by
+/// the chipset (`rom`, the BIOS shadow below 1 MiB), is a region, at the
+/// offset into the block QEMU prints after `@` (0 when absent). Adjacent
+/// stretches contiguous in both spaces are merged. Lines look like
+/// `0000000100000000-00000001bfffffff (prio 0, ram): ram0 @00000000c0000000`.
+pub fn parse_mtree_ram(text: &str) -> Result<Vec<RamRegion>, String> {
+    struct Line<'a> {
+        start: u64,
+        end: u64,
+        kind: &'a str,
+        name: &'a str,
+        offset: u64,
+    }
+    fn line(l: &str) -> Option<Line<'_>> {
+        let (range, rest) = l.trim().split_once(' ')?;
+        let (start, end) = range.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        let rest = rest.trim_start().strip_prefix('(')?;
+        let (attrs, rest) = rest.split_once("):")?;
+        let kind = attrs.rsplit(',').next()?.trim();
+        let rest = rest.trim();
+        let (name, offset) = match rest.rsplit_once(" @") {
+            Some((n, o)) if o.len() == 16 => (n.trim(), u64::from_str_radix(o, 16).ok()?),
+            _ => (rest, 0),
+        };
+        (end >= start).then_some(Line { start, end, kind, name, offset })
+    }
+
+    // The flat view whose address-space list names "memory".
+    let mut lines = text.lines();
+    let mut found = false;
+    for l in lines.by_ref() {
+        if l.trim_start().starts_with("AS \"memory\"") {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        return Err("no flat view of address space \"memory\" (is this `info mtree -f`?)".into());
+    }
+    let entries: Vec<Line> = lines
+        .take_while(|l| !l.starts_with("FlatView") && !l.trim().is_empty())
+        .filter_map(line)
+        .filter(|e| e.kind == "ram" || e.kind == "rom")
+        .collect();
+    let block = entries
+        .iter()
+        .find(|e| e.start == 0 && e.kind == "ram")
+        .map(|e| e.name)
+        .ok_or("no RAM at guest-physical address 0")?;
+    let mut out: Vec<RamRegion> = Vec::new();
+    for e in entries.iter().filter(|e| e.name == block) {
+        let len = e.end - e.start + 1;
+        match out.last_mut() {
+            Some(r) if r.gpa.0 + r.len == e.start && r.file_offset + r.len == e.offset => r.len += len,
+            _ => out.push(RamRegion { gpa: Gpa(e.start), file_offset: e.offset, len }),
+        }
+    }
+    Ok(out)
+}
+
 /// Where QEMU's `pc` machine ends low RAM for a guest of `ram_size` bytes.
 pub fn pc_low_limit(ram_size: u64) -> u64 {
     const LOWMEM: u64 = 0xe000_0000;
@@ -269,6 +390,92 @@ mod tests {
         assert_eq!(pc_low_limit(0xdfff_ffff), 0xe000_0000);
         assert_eq!(pc_low_limit(0xe000_0000), 0xc000_0000);
         assert_eq!(pc_low_limit(6 << 30), 0xc000_0000);
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    fn region(gpa: u64, file_offset: u64, len: u64) -> RamRegion {
+        RamRegion { gpa: Gpa(gpa), file_offset, len }
+    }
+
+    /// `info mtree -f` captured from QEMU 7.2 and 10.0 after SeaBIOS ran
+    /// (`-machine memory-backend=ram0`): the BIOS shadow below 1 MiB is
+    /// partly read-only (`rom`) but still the RAM block, merged in.
+    #[test]
+    fn parses_qemus_own_ram_map() {
+        let cases: [(&str, &str, Vec<RamRegion>); 7] = [
+            ("7.2 pc 512M", include_str!("testdata/mtree-7.2-pc-512M.txt"), vec![region(0, 0, GIB / 2)]),
+            (
+                "7.2 pc 6G",
+                include_str!("testdata/mtree-7.2-pc-6G.txt"),
+                vec![region(0, 0, 3 * GIB), region(4 * GIB, 3 * GIB, 3 * GIB)],
+            ),
+            (
+                "7.2 q35 6G",
+                include_str!("testdata/mtree-7.2-q35-6G.txt"),
+                vec![region(0, 0, 2 * GIB), region(4 * GIB, 2 * GIB, 4 * GIB)],
+            ),
+            (
+                "10.0 pc 20G",
+                include_str!("testdata/mtree-10.0-pc-20G.txt"),
+                vec![region(0, 0, 3 * GIB), region(4 * GIB, 3 * GIB, 17 * GIB)],
+            ),
+            (
+                "10.0 q35 20G",
+                include_str!("testdata/mtree-10.0-q35-20G.txt"),
+                vec![region(0, 0, 2 * GIB), region(4 * GIB, 2 * GIB, 18 * GIB)],
+            ),
+            ("10.0 q35 512M", include_str!("testdata/mtree-10.0-q35-512M.txt"), vec![region(0, 0, GIB / 2)]),
+            // Before the BIOS ran (`-S`): 768 KiB..1 MiB is QEMU's option
+            // ROM and BIOS, not RAM.
+            (
+                "10.0 q35 6G -S",
+                include_str!("testdata/mtree-10.0-q35-6G-before-bios.txt"),
+                vec![region(0, 0, 0xc0000), region(0x100000, 0x100000, 2 * GIB - 0x100000), region(4 * GIB, 2 * GIB, 4 * GIB)],
+            ),
+        ];
+        for (what, text, want) in cases {
+            let got = parse_mtree_ram(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(got, want, "{what}");
+            let size = want.iter().map(|r| r.file_offset + r.len).max().unwrap();
+            check_layout(&got, size).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+
+    #[test]
+    fn mtree_parser_picks_the_block_at_zero_and_needs_the_memory_view() {
+        let t = "FlatView #0\n AS \"I/O\", root: io\n Root memory region: io\n  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan\n\n\
+                 FlatView #1\n AS \"memory\", root: system\n AS \"cpu-memory-0\", root: system\n Root memory region: system\n\
+                 \x20 0000000000000000-000000001fffffff (prio 0, ram): pc.ram\n\
+                 \x20 00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram\n\
+                 \x20 00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios\n\
+                 \x20 0000000100000000-000000013fffffff (prio 0, ram): pc.ram @0000000020000000\n";
+        assert_eq!(parse_mtree_ram(t).unwrap(), vec![region(0, 0, GIB / 2), region(4 * GIB, GIB / 2, GIB)]);
+        assert!(parse_mtree_ram("FlatView #0\n AS \"I/O\", root: io\n").is_err());
+        assert!(parse_mtree_ram("").is_err());
+    }
+
+    #[test]
+    fn layout_is_checked_against_the_file() {
+        let ok = [region(0, 0, 3 * GIB), region(4 * GIB, 3 * GIB, 3 * GIB)];
+        check_layout(&ok, 6 * GIB).unwrap();
+        // A bigger file: the layout is not all of it (wrong file, or RAM we would not map).
+        assert!(check_layout(&ok, 7 * GIB).unwrap_err().contains("ends before"));
+        // A smaller file.
+        assert!(check_layout(&ok, 5 * GIB).unwrap_err().contains("past the end"));
+        let overlap = [region(0, 0, 3 * GIB), region(4 * GIB, 2 * GIB, 4 * GIB)];
+        assert!(check_layout(&overlap, 6 * GIB).unwrap_err().contains("overlap in the file"));
+        let gpa_overlap = [region(0, 0, 3 * GIB), region(2 * GIB, 3 * GIB, 3 * GIB)];
+        assert!(check_layout(&gpa_overlap, 6 * GIB).unwrap_err().contains("guest-physical"));
+        assert!(check_layout(&[], 0).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ram");
+        std::fs::write(&p, vec![0u8; 0x3000]).unwrap();
+        let f = RamFile::open_checked(&p, vec![region(0, 0, 0x1000), region(1 << 32, 0x1000, 0x2000)]).unwrap();
+        assert_eq!(f.ram_end(), (1 << 32) + 0x2000);
+        let err = RamFile::open_checked(&p, vec![region(0, 0, 0x1000)]).unwrap_err();
+        assert!(err.to_string().contains("does not fit the RAM file"), "{err}");
     }
 
     #[test]
