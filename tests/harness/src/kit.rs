@@ -86,4 +86,10 @@ impl Kit {
     pub fn initramfs(&self) -> Result<PathBuf> {
         self.file("initramfs.cpio.gz")
     }
+
+    /// The Debian 13 systemd root filesystem of `scripts/kit-distro`, booted
+    /// as an initramfs ([`crate::GuestConfig::distro`]).
+    pub fn distro_initramfs(&self) -> Result<PathBuf> {
+        self.file("distro/rootfs.cpio.gz")
+    }
 }
