@@ -9,8 +9,11 @@
 //! contract pages, and the page tables as the mappings need them.
 //!
 //! The address space built:
-//! - PML4 slot 0: guest RAM identity-mapped, `[0, min(ram_end rounded up to
-//!   2 MiB, 4 GiB))`, 2 MiB pages, supervisor, writable;
+//! - PML4 slot 0: guest RAM identity-mapped, every RAM range (see
+//!   [`RamMap`]; by default all of `[0, ram_end)`) rounded out to 2 MiB,
+//!   up to [`IDENTITY_LIMIT`] (512 GiB, the slot's reach): 1 GiB pages
+//!   where the CPU has them (CPUID `pdpe1gb`) and a whole GiB is RAM, else
+//!   2 MiB pages (4 KiB of tables per GiB); supervisor, writable;
 //! - the repair kernel's window at its link base (PML4 slot 1): each segment
 //!   page with 4 KiB pages (writable only for `PF_W` segments), then one
 //!   unmapped guard page, then the contract page(s), writable.
@@ -27,8 +30,56 @@ use crate::image::{RepairImage, PAGE_SIZE, PF_W};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const MIB2: u64 = 2 << 20;
-/// The identity map stops here (the loader's tables map no more).
-pub const IDENTITY_LIMIT: u64 = 4 << 30;
+const GIB: u64 = 1 << 30;
+/// The identity map stops here: PML4 slot 0 ends at 512 GiB, and the
+/// repair kernel's window is in slot 1. The repair kernel reads no RAM
+/// above it (its `IdentityMem` has the same bound).
+pub const IDENTITY_LIMIT: u64 = 1 << 39;
+
+/// Guest RAM as the identity map should cover it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RamMap {
+    /// Guest-physical RAM ranges `[start, end)`, in any order (QEMU's
+    /// `pc`: below 3 GiB and from 4 GiB on; `q35`: below 2 GiB and from
+    /// 4 GiB). Mapped rounded out to 2 MiB.
+    pub ranges: Vec<(u64, u64)>,
+    /// The CPU has 1 GiB pages (CPUID `pdpe1gb`; QEMU's default `qemu64`
+    /// model under TCG has not, `-cpu max` has).
+    pub gib_pages: bool,
+}
+
+impl RamMap {
+    /// All of `[0, ram_end)`, holes included, with 2 MiB pages: what is
+    /// known when only the end of RAM is.
+    pub fn up_to(ram_end: u64) -> Self {
+        Self { ranges: vec![(0, ram_end)], gib_pages: false }
+    }
+
+    /// The end of RAM: the highest end of a range.
+    pub fn end(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).max().unwrap_or(0)
+    }
+
+    /// The ranges rounded out to 2 MiB, clipped to [`IDENTITY_LIMIT`],
+    /// sorted and merged.
+    fn rounded(&self) -> Vec<(u64, u64)> {
+        let mut r: Vec<(u64, u64)> = self
+            .ranges
+            .iter()
+            .map(|&(s, e)| (s / MIB2 * MIB2, e.next_multiple_of(MIB2).min(IDENTITY_LIMIT)))
+            .filter(|(s, e)| s < e)
+            .collect();
+        r.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in r {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+}
 
 /// Page-table entry bits.
 pub const PTE_P: u64 = 1 << 0;
@@ -114,7 +165,9 @@ pub struct StagePlan {
     /// addresses), pristine pages gva (4 KiB each, same order), pristine
     /// count. All of it mapped read-only in the window.
     pub integrity_gva: u64,
-    /// Guest RAM `[0, identity_end)` is identity-mapped.
+    /// The identity map ends here: the end of guest RAM rounded up to
+    /// 2 MiB, at most [`IDENTITY_LIMIT`] (holes between RAM ranges of a
+    /// [`RamMap`] are not mapped).
     pub identity_end: u64,
     /// Bytes of the borrowed range used, from its base.
     pub used: u64,
@@ -153,7 +206,8 @@ impl Tables {
         Self { root, levels, pages }
     }
 
-    /// Maps one page of `size` (4 KiB at level 1, 2 MiB at level 2).
+    /// Maps one page of `size` (4 KiB at level 1, 2 MiB at level 2, 1 GiB
+    /// at level 3).
     fn map(&mut self, alloc: &mut Alloc, gva: u64, gpa: u64, leaf_level: u32, writable: bool) {
         let mut table = self.root;
         for level in (leaf_level + 1..=self.levels).rev() {
@@ -173,7 +227,7 @@ impl Tables {
         if writable {
             leaf |= PTE_RW;
         }
-        if leaf_level == 2 {
+        if leaf_level > 1 {
             leaf |= PTE_PS;
         }
         self.pages.get_mut(&table).expect("table exists")[idx] = leaf;
@@ -198,7 +252,8 @@ impl StagePlan {
         Self::with_options(image, base_gpa, size, ram_end, &StageOptions { paging, integrity: false })
     }
 
-    /// A plan with the given options.
+    /// A plan with the given options; the identity map covers all of
+    /// `[0, ram_end)` with 2 MiB pages ([`RamMap::up_to`]).
     pub fn with_options(
         image: &RepairImage,
         base_gpa: u64,
@@ -206,6 +261,20 @@ impl StagePlan {
         ram_end: u64,
         opts: &StageOptions,
     ) -> Result<StagePlan, StageError> {
+        Self::with_ram(image, base_gpa, size, &RamMap::up_to(ram_end), opts)
+    }
+
+    /// A plan whose identity map covers exactly the RAM ranges of `ram`
+    /// (rounded out to 2 MiB), with 1 GiB pages if it says the CPU has
+    /// them; `ram_end` is [`RamMap::end`].
+    pub fn with_ram(
+        image: &RepairImage,
+        base_gpa: u64,
+        size: u64,
+        ram: &RamMap,
+        opts: &StageOptions,
+    ) -> Result<StagePlan, StageError> {
+        let ram_end = ram.end();
         let paging = opts.paging;
         if !base_gpa.is_multiple_of(PAGE) {
             return Err(StageError::Unaligned(base_gpa));
@@ -296,10 +365,23 @@ impl StagePlan {
             }
         }
 
-        // Guest RAM, identity-mapped with 2 MiB pages.
-        let identity_end = ram_end.next_multiple_of(MIB2).min(IDENTITY_LIMIT);
-        for gpa in (0..identity_end).step_by(MIB2 as usize) {
-            tables.map(&mut alloc, gpa, gpa, 2, true);
+        // Guest RAM, identity-mapped: a 1 GiB page where the CPU has them
+        // and the whole GiB is in one (rounded) range, else 2 MiB pages.
+        // Ranges are disjoint after rounding, so no 2 MiB page falls under
+        // a 1 GiB one.
+        let ranges = ram.rounded();
+        let identity_end = ranges.last().map_or(0, |r| r.1);
+        for (start, end) in ranges {
+            let mut gpa = start;
+            while gpa < end {
+                if ram.gib_pages && gpa.is_multiple_of(GIB) && gpa + GIB <= end {
+                    tables.map(&mut alloc, gpa, gpa, 3, true);
+                    gpa += GIB;
+                } else {
+                    tables.map(&mut alloc, gpa, gpa, 2, true);
+                    gpa += MIB2;
+                }
+            }
         }
 
         if alloc.next > size {

@@ -1,7 +1,7 @@
 //! The staging plan's page tables map exactly what they should.
 
 use builder::image::{RepairImage, PF_W};
-use builder::stage::{Paging, StageError, StagePlan, IDENTITY_LIMIT};
+use builder::stage::{Paging, RamMap, StageError, StageOptions, StagePlan, IDENTITY_LIMIT};
 use builder::builtin_unikernel;
 use repair_kernel::contract::Contract;
 
@@ -20,7 +20,7 @@ fn check(plan: &StagePlan, image: &RepairImage, base: u64, size: u64, ram_end: u
     for (gpa, bytes) in &plan.writes {
         assert!(*gpa >= base && gpa + bytes.len() as u64 <= base + size, "{gpa:#x}");
     }
-    // Identity map: every 2 MiB of RAM below min(ram_end, 4 GiB), writable.
+    // Identity map: every 2 MiB of RAM below ram_end (rounded up), writable.
     let end = ram_end.next_multiple_of(2 << 20).min(IDENTITY_LIMIT);
     assert_eq!(plan.identity_end, end);
     for gpa in (0..end).step_by(1 << 20).chain([0x1234, end - 1]) {
@@ -83,6 +83,60 @@ fn plan_maps_what_it_should() {
     check(&plan, &image, 0x10000, 0x80000, 1 << 30);
 }
 
+const GIB: u64 = 1 << 30;
+
+/// Every RAM range of a large guest is identity-mapped, holes are not,
+/// with 1 GiB pages where asked (fewer tables) and 2 MiB pages elsewhere.
+#[test]
+fn identity_map_covers_every_ram_range() {
+    let image = image();
+    let probe = |plan: &StagePlan, ranges: &[(u64, u64)]| {
+        for &(s, e) in ranges {
+            for gpa in (s..e).step_by(256 << 20).chain([s, s + 0x1234, e - 1, (s + e) / 2]) {
+                assert_eq!(plan.translate(gpa), Some((gpa, true)), "{gpa:#x}");
+            }
+        }
+    };
+    // QEMU's pc (RAM split at 3 GiB) and q35 (at 2 GiB), 20 GiB guests.
+    for ranges in [vec![(0, 3 * GIB), (4 * GIB, 21 * GIB)], vec![(0, 2 * GIB), (4 * GIB, 22 * GIB)]] {
+        let mut used = Vec::new();
+        for gib_pages in [false, true] {
+            let ram = RamMap { ranges: ranges.clone(), gib_pages };
+            let plan = StagePlan::with_ram(&image, 0x10000, 0x80000, &ram, &StageOptions::default()).unwrap();
+            probe(&plan, &ranges);
+            let low_end = ranges[0].1;
+            for hole in [low_end, low_end + 0x1000, 3 * GIB + (GIB / 2), 4 * GIB - 1] {
+                assert_eq!(plan.translate(hole), None, "hole {hole:#x}");
+            }
+            assert_eq!(plan.identity_end, ram.end());
+            assert_eq!(plan.translate(ram.end()), None);
+            used.push(plan.used);
+        }
+        // 2 MiB pages: one page directory per GiB; 1 GiB pages: none.
+        let gibs = ranges.iter().map(|r| (r.1 - r.0) / GIB).sum::<u64>();
+        assert_eq!(used[0] - used[1], gibs * 4096, "{ranges:x?}");
+    }
+    // RAM ending off a GiB (and off 2 MiB): the last part in 2 MiB pages,
+    // rounded up; a 1 GiB page only over a whole GiB of RAM.
+    let ranges = [(0, 3 * GIB + 0x12_3000)];
+    let plan =
+        StagePlan::with_ram(&image, 0x10000, 0x80000, &RamMap { ranges: ranges.to_vec(), gib_pages: true }, &StageOptions::default())
+            .unwrap();
+    probe(&plan, &ranges);
+    assert_eq!(plan.identity_end, 3 * GIB + (2 << 20));
+    assert_eq!(plan.translate(3 * GIB + (2 << 20)), None);
+    // The old 4 GiB bound is gone; slot 0's 512 GiB is the limit.
+    let plan = StagePlan::new(&image, 0x10000, 0x80000, 40 * GIB).unwrap();
+    assert_eq!(plan.translate(40 * GIB - 8), Some((40 * GIB - 8, true)));
+    let huge = RamMap { ranges: vec![(0, 2 * GIB), (4 * GIB, 1 << 40)], gib_pages: true };
+    let plan = StagePlan::with_ram(&image, 0x10000, 0x80000, &huge, &StageOptions::default()).unwrap();
+    assert_eq!(plan.identity_end, IDENTITY_LIMIT);
+    assert_eq!(plan.translate(IDENTITY_LIMIT - 8), Some((IDENTITY_LIMIT - 8, true)));
+    // 512 GiB in 2 MiB pages needs 2 MiB of tables: the range says so.
+    let err = StagePlan::new(&image, 0x10000, 0x80000, 1 << 40).unwrap_err();
+    assert!(matches!(err, StageError::TooSmall { .. }), "{err}");
+}
+
 #[test]
 fn plan_walked_by_the_repair_kernels_own_walker() {
     use repair_kernel::arch::x86_64::pgtable::{translate, Paging as RkPaging};
@@ -105,13 +159,29 @@ fn plan_walked_by_the_repair_kernels_own_walker() {
         }
     }
     let image = image();
-    let plan = StagePlan::new(&image, 0x10000, 0x80000, 1 << 30).unwrap();
-    let mem = Writes(&plan);
-    let paging = RkPaging { root: Gpa(plan.cr3), la57: false };
-    for gva in [plan.entry_rip, plan.done_rip, plan.stack_top - 8, plan.contract_gva, 0x9f000, (1 << 30) - 1] {
-        let t = translate(&mem, paging, Gva(gva)).unwrap_or_else(|e| panic!("{gva:#x}: {e:?}"));
-        assert_eq!(Some((t.gpa.0, t.writable)), plan.translate(gva), "{gva:#x}");
-        assert!(!t.user && !t.nx);
+    let big = [(0, 3 * GIB), (4 * GIB, 21 * GIB)];
+    for (plan, high) in [
+        (StagePlan::new(&image, 0x10000, 0x80000, 1 << 30).unwrap(), vec![]),
+        (
+            StagePlan::with_ram(&image, 0x10000, 0x80000, &RamMap { ranges: big.to_vec(), gib_pages: false }, &StageOptions::default())
+                .unwrap(),
+            vec![5 * GIB + 0x1238, 21 * GIB - 8],
+        ),
+        (
+            StagePlan::with_ram(&image, 0x10000, 0x80000, &RamMap { ranges: big.to_vec(), gib_pages: true }, &StageOptions::default())
+                .unwrap(),
+            vec![5 * GIB + 0x1238, 21 * GIB - 8],
+        ),
+    ] {
+        let mem = Writes(&plan);
+        let paging = RkPaging { root: Gpa(plan.cr3), la57: false };
+        let fixed = [plan.entry_rip, plan.done_rip, plan.stack_top - 8, plan.contract_gva, 0x9f000, (1 << 30) - 1];
+        for gva in fixed.into_iter().chain(high) {
+            let t = translate(&mem, paging, Gva(gva)).unwrap_or_else(|e| panic!("{gva:#x}: {e:?}"));
+            assert_eq!(Some((t.gpa.0, t.writable)), plan.translate(gva), "{gva:#x}");
+            assert_eq!(t.gpa.0 & 0xfff, gva & 0xfff);
+            assert!(!t.user && !t.nx);
+        }
     }
 }
 
@@ -127,7 +197,7 @@ fn refuses_what_does_not_fit() {
 
 #[test]
 fn integrity_data_is_staged_read_only() {
-    use builder::stage::{StageOptions, INTEGRITY_MAGIC};
+    use builder::stage::INTEGRITY_MAGIC;
     use repair_kernel::integrity::SkipSite;
     let mut image = image();
     image.skips = vec![SkipSite { addr: 0xffff_ffff_8100_0010, len: 5, kind: 1 }];

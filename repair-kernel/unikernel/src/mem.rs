@@ -4,8 +4,9 @@
 use repair_kernel::contract::ContractIn;
 use repair_kernel::mem::{Error, Gpa, PhysMem};
 
-/// The loader identity-maps guest RAM below this bound only.
-pub const IDENTITY_LIMIT: u64 = 4 << 30;
+/// The loader identity-maps guest RAM below this bound only (PML4 slot 0,
+/// 512 GiB: `builder::stage::IDENTITY_LIMIT`).
+pub const IDENTITY_LIMIT: u64 = 1 << 39;
 
 /// [`PhysMem`] over the identity map, bounds-checked: reads stop at the end
 /// of RAM (and of the identity map); writes also refuse the range the repair
