@@ -59,6 +59,13 @@ pub struct FlowConfig {
     /// them) so the repair kernel checks kernel text and restores what is
     /// corrupted. Needs `reserved`.
     pub integrity: bool,
+    /// Where to journal each repair before touching the guest (see
+    /// [`crate::journal`]), so a watcher killed mid-repair can be undone.
+    pub journal: Option<std::path::PathBuf>,
+    /// Called once the repair kernel is staged, before it runs: a fault
+    /// injection point for tests of the journal (the CLI's
+    /// `REPAIR_GUEST_TEST_ABORT_ONCE`); `None` in use.
+    pub after_stage: Option<fn()>,
 }
 
 impl Default for FlowConfig {
@@ -71,6 +78,8 @@ impl Default for FlowConfig {
             max_tasks: 32768,
             reserved: false,
             integrity: false,
+            journal: None,
+            after_stage: None,
         }
     }
 }
@@ -404,6 +413,15 @@ impl Session {
             guest.read_phys(access::Gpa(self.cfg.borrowed_base), &mut saved)?;
         }
         t.save = ms(step);
+        if let Some(path) = &self.cfg.journal {
+            let j = crate::journal::Journal { vcpu, regs: crashed, base: access::Gpa(self.cfg.borrowed_base), saved };
+            // Without a journal a repair still beats letting the crash take
+            // the guest: go on, and say so.
+            if let Err(e) = j.write(path) {
+                tracing::warn!("{e}; repairing without a journal");
+            }
+            saved = j.saved;
+        }
 
         let result = self.stage_and_run(guest, vcpu, &crashed, mode, &mut t);
 
@@ -420,6 +438,7 @@ impl Session {
             Err(e) => {
                 guest.set_regs(vcpu, &crashed)?;
                 restore_mem?;
+                self.clear_journal();
                 return Err(e);
             }
         };
@@ -430,6 +449,7 @@ impl Session {
         let applied = if kill {
             if let Err(e) = self.check_resume(&crashed, &out.resume) {
                 guest.set_regs(vcpu, &crashed)?;
+                self.clear_journal();
                 return Err(e);
             }
             guest.set_regs(vcpu, &out.resume)?;
@@ -438,9 +458,16 @@ impl Session {
             guest.set_regs(vcpu, &crashed)?;
             false
         };
+        self.clear_journal();
         t.restore = ms(step);
         t.total = ms(start);
         Ok(Outcome { out, crashed, vcpu, applied, timings: t })
+    }
+
+    fn clear_journal(&self) {
+        if let Some(path) = &self.cfg.journal {
+            crate::journal::clear(path);
+        }
     }
 
     fn stage_and_run<G: GuestAccess + ?Sized>(
@@ -459,6 +486,9 @@ impl Session {
         guest.write_phys_data(access::Gpa(self.plan.contract_gpa), contract.as_bytes())?;
         guest.set_regs(vcpu, &self.run_regs(crashed))?;
         t.stage = ms(step);
+        if let Some(hook) = self.cfg.after_stage {
+            hook();
+        }
 
         let step = Instant::now();
         let outcome = guest.run_vcpu_until(vcpu, access::Gva(self.plan.done_rip), self.cfg.run_timeout)?;

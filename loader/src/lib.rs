@@ -17,6 +17,8 @@
 //! - [`watch`]: the one watch loop: crashes, hangs, someone else's pauses,
 //!   resets; [`supervise`]: the parent that restarts a dead watcher or
 //!   removes its trap.
+//! - [`journal`]: each repair written down before it touches the guest, so a
+//!   watcher killed mid-repair is undone by the next one.
 //! - [`hang`]: hang detection from outside, without stopping the guest.
 //! - [`report`]: the read-only diagnosis of a stopped guest;
 //!   [`symbolize`]: names for backtrace frames from a vmlinux.
@@ -53,6 +55,7 @@ pub mod backend;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;
+pub mod journal;
 pub mod kaslr;
 pub mod replay;
 pub mod report;

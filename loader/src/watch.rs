@@ -2,7 +2,7 @@
 //! as one JSON line.
 
 use crate::access::{AccessError, CpuState, GuestAccess, StopEvent, StopReason, VcpuId};
-use crate::flow::{crash_kind_name, FlowError, Mode, Outcome, Session, Timings};
+use crate::flow::{crash_kind_name, reason_name, FlowError, Mode, Outcome, Session, Timings};
 use crate::hang::{self, Hang, HangKind, HangRepair, Sampler, SamplerMsg};
 use crate::kaslr::KaslrError;
 use crate::ram::RamFile;
@@ -68,6 +68,13 @@ pub struct Event {
     /// where its message and the lines before it are kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<Vec<String>>,
+    /// For a program that drives the watch (not written): the verdict's
+    /// reason code (`repaired`, `declined`), and the sampler's report
+    /// behind a `hang` (and a hang's `declined`), with its instants.
+    #[serde(skip)]
+    pub reason_code: Option<String>,
+    #[serde(skip)]
+    pub hang: Option<Hang>,
 }
 
 impl Event {
@@ -100,6 +107,7 @@ impl Event {
                 Action::None => "none".into(),
             }),
             reason: Some(o.reason().to_string()),
+            reason_code: Some(reason_name(o.out.reason_code)),
             pages_restored: (o.out.pages_restored > 0).then_some(o.out.pages_restored),
             timings_ms: Some(timings),
             ..Event::crash(o)
@@ -126,6 +134,7 @@ impl Event {
             comm: Some(h.comm.clone()),
             certain: Some(h.certain),
             reason: Some(h.why.clone()),
+            hang: Some(h.clone()),
             ..Default::default()
         }
     }
@@ -143,6 +152,8 @@ pub struct HangWatch {
     /// Makes the sampler for the session's current slide; `regs` are a
     /// stopped vCPU's (any kernel page tables will do to find the kernel's).
     pub make: MakeSampler,
+    /// Act on certain hangs; false: only report them.
+    pub act: bool,
 }
 
 /// See [`HangWatch::make`].
@@ -722,7 +733,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                 continue;
             }
             self.events.emit(&Event::hang(&h));
-            if !h.certain {
+            if !h.certain || !self.cfg.hangs.as_ref().is_some_and(|w| w.act) {
                 continue;
             }
             self.cfg.record.set_held(true);
@@ -751,6 +762,20 @@ fn crash_context<G: GuestAccess + ?Sized>(
         }
     }
 }
+/// Why a hang is not for a repair whatever its certainty (a blocked task,
+/// a kernel thread), or None: a user task spinning in the kernel.
+pub fn hang_declined_reason(h: &Hang) -> Option<String> {
+    match h.kind {
+        HangKind::BlockedTask => Some(format!(
+            "pid {} ({}) sleeps in TASK_UNINTERRUPTIBLE, not running: SIGKILL cannot wake it and forcing it \
+             into do_exit from outside would abandon whatever it waits on",
+            h.pid, h.comm
+        )),
+        HangKind::StuckCpu { .. } if h.kthread => Some(format!("the spinning task {} (pid {}) is a kernel thread", h.comm, h.pid)),
+        HangKind::StuckCpu { .. } => None,
+    }
+}
+
 /// Acts on one hang the sampler reported: a kernel-mode spin of a user
 /// task is repaired as a crash at that instruction would be (the repair
 /// kernel's usual verdict); anything else is declined with the reason.
@@ -762,24 +787,11 @@ fn act_on_hang<G: GuestAccess + ?Sized>(
     h: &Hang,
     paused: &AtomicBool,
 ) -> Result<bool, FlowError> {
-    let cpu = match h.kind {
-        HangKind::BlockedTask => {
-            events.emit(&Event::hang_declined(
-                h,
-                format!(
-                    "pid {} ({}) sleeps in TASK_UNINTERRUPTIBLE, not running: SIGKILL cannot wake it and forcing it \
-                     into do_exit from outside would abandon whatever it waits on",
-                    h.pid, h.comm
-                ),
-            ));
-            return Ok(false);
-        }
-        HangKind::StuckCpu { .. } if h.kthread => {
-            events.emit(&Event::hang_declined(h, format!("the spinning task {} (pid {}) is a kernel thread", h.comm, h.pid)));
-            return Ok(false);
-        }
-        HangKind::StuckCpu { cpu, .. } => cpu,
-    };
+    if let Some(why) = hang_declined_reason(h) {
+        events.emit(&Event::hang_declined(h, why));
+        return Ok(false);
+    }
+    let HangKind::StuckCpu { cpu, .. } = h.kind else { return Ok(false) };
     paused.store(true, Ordering::Relaxed);
     let r = hang::repair_hang(guest, session, cpu);
     paused.store(false, Ordering::Relaxed);

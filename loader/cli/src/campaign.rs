@@ -10,18 +10,19 @@
 //!
 //! The output is a Markdown table and JSON (`docs/crash-catalogue.{md,json}`).
 
-use loader::access::{AccessError, Endpoint, GuestAccess, StopReason};
-use loader::flow::{FlowConfig, FlowError, Mode, Outcome, Session};
+use crate::hangs;
+use loader::access::Endpoint;
+use loader::flow::{FlowConfig, Session};
 use loader::gdb::GdbGuest;
-use loader::hang::{self, Hang, HangConfig, HangKind, HangLayout, HangPolicy, Sampler, SamplerMsg};
+use loader::hang::{Hang, HangConfig, HangKind, HangLayout, HangPolicy};
 use loader::ram::{RamFile, WithRam};
-use loader::flow::{crash_kind_name, reason_name};
+use loader::watch::{hang_declined_reason, watch, Event, EventSink, WatchConfig};
 use anyhow::{Context, Result};
 use harness::{Guest, GuestConfig, Kernel};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -227,15 +228,16 @@ impl TypeRecord {
         }
     }
 
-    fn take_outcome(&mut self, o: &Outcome, resume_ms: f64) {
-        self.crash_kind = Some(crash_kind_name(o.out.crash_kind));
-        self.panic_message = Some(o.message().to_string());
-        self.reason_code = Some(reason_name(o.out.reason_code));
-        self.reason = Some(o.reason().to_string());
-        self.offender_pid = Some(o.out.pid);
-        self.offender_comm = Some(o.comm().to_string());
-        self.action = Some(if o.applied { "kill" } else { "decline" }.into());
-        self.repair_ms = Some(o.timings.total + resume_ms);
+    /// The verdict's fields (a `repaired` or `declined` event).
+    fn take_verdict(&mut self, e: &Event) {
+        self.crash_kind = e.kind.clone();
+        self.panic_message = e.message.clone();
+        self.reason_code = e.reason_code.clone();
+        self.reason = e.reason.clone();
+        self.offender_pid = e.pid;
+        self.offender_comm = e.comm.clone();
+        self.action = Some(if e.event == "repaired" { "kill" } else { "decline" }.into());
+        self.repair_ms = e.timings_ms.as_ref().map(|t| t.total);
     }
 }
 
@@ -258,52 +260,28 @@ pub struct Report {
     pub types: Vec<TypeRecord>,
 }
 
-/// What the watcher thread tells the campaign.
-#[derive(Debug)]
-enum Msg {
-    Repair { outcome: Box<Outcome>, resume_ms: f64, hang: bool },
-    FlowError(String),
-    Gone(String),
-    Hang(Hang),
-    /// A hang repair found nothing to act on (why).
-    HangSkipped(String),
-    /// The sampler failed (caught and restarted), or QMP did.
-    SamplerError(String),
-}
+/// What the campaign's watch thread adds to the watch's events: the watch
+/// itself ended with an error (the message), so the guest is unwatched.
+const WATCH_ENDED: &str = "watch ended";
 
-/// What the QMP thread is asked.
-#[derive(Debug)]
-enum QmpReq {
-    /// Pause the guest (QMP `stop`) this long, then `cont`.
-    Pause(Duration),
-}
-
-/// What the campaign asks the watcher thread.
-#[derive(Debug)]
-enum Req {
-    RepairHang { cpu: u32 },
-}
-
-type Backend = WithRam<GdbGuest, RamFile>;
-
-/// A guest under watch: QEMU, the watcher thread (gdbstub), the sampler
-/// thread (RAM file).
+/// A guest under watch: QEMU, and [`loader::watch::watch`] on its own
+/// thread (trap at `panic` through the gdbstub, QMP, the hang sampler over
+/// the RAM file), its events arriving on `rx`.
 struct Live {
     guest: Guest,
     boot: u32,
-    rx: Receiver<Msg>,
-    req: Sender<Req>,
-    qmp_req: Option<Sender<QmpReq>>,
+    rx: Receiver<Event>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    watch: Option<JoinHandle<()>>,
     /// The kill-after in force, and how the vCPU threads were found.
     kill_after: String,
     vcpu_threads: String,
 }
 
 impl Live {
-    fn boot(n: u32, cfg: &CampaignConfig, image: &builder::RepairImage, layout: &HangLayout) -> Result<Live> {
-        let mut gc = GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file();
+    /// Boots a guest and starts the watch; `act`: repair certain hangs.
+    fn boot(n: u32, cfg: &CampaignConfig, image: &builder::RepairImage, layout: &HangLayout, act: bool) -> Result<Live> {
+        let mut gc = GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file().with_second_qmp();
         for w in &cfg.append {
             gc = gc.append(w);
         }
@@ -315,71 +293,68 @@ impl Live {
         let fc = FlowConfig { ram_end: Some(loader::access::PhysAccess::ram_end(&ram)), ..FlowConfig::default() };
         let mut g = WithRam::new(gdb, ram);
         let mut session = Session::attach(&mut g, image.clone(), fc).context("attach")?;
-        let regs = g.get_regs(loader::access::VcpuId(0))?;
-        let nr_cpus = session.nr_vcpus;
-        let slide = session.slide;
-        session.arm(&mut g)?;
-        g.resume()?;
-
-        let (tx, rx) = channel();
-        let (req_tx, req_rx) = channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        // The sampler's pause flag: set by the watcher around its own stops
-        // and by the QMP thread while the run state is not `running`.
-        let paused = Arc::new(AtomicBool::new(false));
-        // A pause by someone else (the QMP thread's `stop`) is in progress:
-        // the watcher must not resume the guest when the gdbstub reports it.
-        let foreign = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-
-        // QEMU's vCPU threads from QMP (`query-cpus-fast`), so no-progress
-        // time is counted in CPU time each vCPU really got.
         let mut qmp = loader::qmp::Qmp::connect(&guest.qmp_addr().parse::<Endpoint>()?).context("QMP")?;
-        let (vcpu_threads, how) = match hang::vcpu_threads_from_qmp(&mut qmp, guest.qemu_pid()) {
-            Ok(t) => {
-                let how = format!("query-cpus-fast: {} vCPU threads", t.len());
-                (Some(t), how)
-            }
-            Err(e) => match hang::qemu_vcpu_threads(guest.qemu_pid(), nr_cpus) {
-                Some(t) => (Some(t), format!("thread names (QMP: {e})")),
-                None => (None, format!("unknown ({e}): wall time")),
-            },
+        let (vcpu_threads, how) = hangs::vcpu_threads(&mut qmp, Some(guest.qemu_pid()), session.nr_vcpus);
+        let kill_after = Arc::new(Mutex::new(String::new()));
+        let spec = hangs::SamplerSpec {
+            ram_file: ram_path,
+            nr_vcpus: session.nr_vcpus,
+            cfg: cfg.hang,
+            vcpu_threads,
+            layout: Some(layout.clone()),
         };
-        let (qmp_tx, qmp_rx) = channel();
-        {
-            let (tx, stop, paused, foreign) = (tx.clone(), stop.clone(), paused.clone(), foreign.clone());
-            threads.push(std::thread::spawn(move || qmp_thread(qmp, tx, qmp_rx, stop, paused, foreign)));
-        }
-        {
-            let (tx, stop, paused, foreign) = (tx.clone(), stop.clone(), paused.clone(), foreign.clone());
-            threads.push(std::thread::spawn(move || watcher(g, session, tx, req_rx, stop, paused, foreign)));
-        }
-        let sampler_mem = RamFile::open_pc_file(&ram_path)?;
-        let mut sampler = Sampler::new(sampler_mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, cfg.hang);
-        sampler.vcpu_threads = vcpu_threads;
-        let kill_after = sampler.kill_after_source.clone();
-        let (srx, shandle) = hang::spawn_sampler_msgs(sampler, paused, stop.clone());
-        threads.push(std::thread::spawn(move || {
-            for m in srx {
-                let m = match m {
-                    SamplerMsg::Hang(h) => Msg::Hang(h),
-                    SamplerMsg::Error(e) => Msg::SamplerError(e),
-                };
-                if tx.send(m).is_err() {
-                    break;
+        let hang_watch = hangs::hang_watch(spec, act, Some(kill_after.clone()));
+        let (tx, rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watch = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sink = EventSink::channel(tx.clone());
+                let wc = WatchConfig { qmp: Some(qmp), hangs: Some(hang_watch), crash_context: false, ..WatchConfig::default() };
+                if let Err(e) = watch(&mut g, &mut session, &mut sink, stop, wc) {
+                    let _ = tx.send(Event { event: WATCH_ENDED, message: Some(e.to_string()), ..Event::default() });
                 }
+            })
+        };
+        let mut l = Live { guest, boot: n, rx, stop, watch: Some(watch), kill_after: String::new(), vcpu_threads: how };
+        // The trap is armed and the sampler made before any trigger.
+        let until = Instant::now() + Duration::from_secs(60);
+        let why = match l.rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(e) if e.event == "attached" => None,
+            Ok(e) => Some(format!("{}: {}", e.event, e.message.unwrap_or_default())),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            l.shutdown();
+            anyhow::bail!("the watch did not start: {why}");
+        }
+        while Instant::now() < until {
+            let k = kill_after.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if !k.is_empty() {
+                l.kill_after = k;
+                return Ok(l);
             }
-            let _ = shandle.join();
-        }));
-        Ok(Live { guest, boot: n, rx, req: req_tx, qmp_req: Some(qmp_tx), stop, threads, kill_after, vcpu_threads: how })
+            if let Ok(e) = l.rx.recv_timeout(Duration::from_millis(10)) {
+                let why = format!("{}: {}", e.event, e.message.unwrap_or_default());
+                l.shutdown();
+                anyhow::bail!("the hang watch did not start: {why}");
+            }
+        }
+        l.shutdown();
+        anyhow::bail!("the hang sampler was not made within 60 s")
+    }
+
+    /// The watch still runs (it ends when the guest goes or on an error).
+    fn watching(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| !w.is_finished())
     }
 
     fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Kill QEMU first: the watcher may be blocked on the gdbstub.
+        // Kill QEMU first: the watch may be blocked on the gdbstub.
         let _ = self.guest.run_detached_kill();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        if let Some(w) = self.watch.take() {
+            let _ = w.join();
         }
     }
 }
@@ -395,135 +370,6 @@ impl KillGuest for Guest {
         // reaped (the harness reaps it when the Guest drops).
         let r = unsafe { libc::kill(self.qemu_pid() as i32, libc::SIGKILL) };
         if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-    }
-}
-
-/// The watcher thread: repairs every trap at `panic`, and hangs on request.
-fn watcher(
-    mut g: Backend,
-    mut session: Session,
-    tx: Sender<Msg>,
-    req: Receiver<Req>,
-    stop: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
-    foreign: Arc<AtomicBool>,
-) {
-    let Ok(panic_addr) = session.panic_addr() else { return };
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok(Req::RepairHang { cpu }) = req.try_recv() {
-            paused.store(true, Ordering::Relaxed);
-            match hang::repair_hang(&mut g, &mut session, cpu) {
-                Ok(hang::HangRepair::Repaired(o, resume_ms)) | Ok(hang::HangRepair::Declined(o, resume_ms)) => {
-                    let _ = tx.send(Msg::Repair { outcome: o, resume_ms, hang: true });
-                }
-                Ok(hang::HangRepair::Skipped(why)) => {
-                    let _ = tx.send(Msg::HangSkipped(why));
-                }
-                Err(e) => {
-                    let _ = tx.send(Msg::FlowError(format!("hang repair: {e}")));
-                }
-            }
-            paused.store(false, Ordering::Relaxed);
-            continue;
-        }
-        let ev = match g.wait_stop(Some(Duration::from_millis(50))) {
-            Ok(None) => continue,
-            Ok(Some(ev)) => ev,
-            Err(e) => {
-                let _ = tx.send(Msg::Gone(e.to_string()));
-                return;
-            }
-        };
-        paused.store(true, Ordering::Relaxed);
-        if ev.reason != StopReason::Trap && foreign.load(Ordering::Relaxed) {
-            // Someone else's pause (QMP `stop`, which QEMU 7.2 reports to
-            // the gdb client): leave the VM to them and go back to
-            // listening, sending nothing (any byte would stop the VM once
-            // they resume it). The QMP thread clears the pause flag on
-            // RESUME.
-            g.release_stop();
-            paused.store(foreign.load(Ordering::Relaxed), Ordering::Relaxed);
-            continue;
-        }
-        if ev.reason != StopReason::Trap || ev.rip.0 != panic_addr {
-            let _ = g.resume();
-            paused.store(false, Ordering::Relaxed);
-            continue;
-        }
-        match session.repair(&mut g, ev.vcpu, Mode::Repair) {
-            Ok(outcome) => {
-                let t = Instant::now();
-                if let Err(e) = g.resume() {
-                    let _ = tx.send(Msg::Gone(e.to_string()));
-                    return;
-                }
-                let resume_ms = t.elapsed().as_secs_f64() * 1e3;
-                let _ = tx.send(Msg::Repair { outcome: Box::new(outcome), resume_ms, hang: false });
-            }
-            Err(FlowError::Access(AccessError::GuestGone(why))) => {
-                let _ = tx.send(Msg::Gone(why));
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Msg::FlowError(e.to_string()));
-                let _ = g.resume();
-            }
-        }
-        paused.store(false, Ordering::Relaxed);
-    }
-}
-
-/// The QMP thread: the run state from QMP `STOP`/`RESUME` events drives
-/// the sampler's pause flag (a paused guest is never hung), and pauses on
-/// request (QMP `stop`, then `cont`), as someone else would.
-fn qmp_thread(
-    mut q: loader::qmp::Qmp,
-    tx: Sender<Msg>,
-    req: Receiver<QmpReq>,
-    stop: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
-    foreign: Arc<AtomicBool>,
-) {
-    let on_events = |q: &mut loader::qmp::Qmp, events: Vec<loader::qmp::QmpEvent>| -> Result<(), AccessError> {
-        for e in events {
-            match e.name.as_str() {
-                // Our own stops are `debug`; any state but running is a pause.
-                "STOP" if q.query_status()? != "running" => paused.store(true, Ordering::Relaxed),
-                "RESUME" => paused.store(false, Ordering::Relaxed),
-                _ => {}
-            }
-        }
-        Ok(())
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let r = (|| -> Result<(), AccessError> {
-            if let Ok(QmpReq::Pause(d)) = req.try_recv() {
-                foreign.store(true, Ordering::Relaxed);
-                q.stop()?;
-                let ev = q.take_events();
-                on_events(&mut q, ev)?;
-                let until = Instant::now() + d;
-                while Instant::now() < until {
-                    if let Some(e) = q.next_event(Some(until.saturating_duration_since(Instant::now())))? {
-                        on_events(&mut q, vec![e])?;
-                    }
-                }
-                q.cont()?;
-                foreign.store(false, Ordering::Relaxed);
-            }
-            if let Some(e) = q.next_event(Some(Duration::from_millis(50)))? {
-                on_events(&mut q, vec![e])?;
-            }
-            let ev = q.take_events();
-            on_events(&mut q, ev)
-        })();
-        if let Err(e) = r {
-            foreign.store(false, Ordering::Relaxed);
-            if !stop.load(Ordering::Relaxed) {
-                let _ = tx.send(Msg::SamplerError(format!("QMP: {e}")));
-            }
-            return;
-        }
     }
 }
 
@@ -567,7 +413,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     for (i, name) in cfg.types.iter().enumerate() {
         if live.is_none() {
             report.boots += 1;
-            match Live::boot(report.boots, cfg, &image, &layout) {
+            match Live::boot(report.boots, cfg, &image, &layout, cfg.repair_hangs) {
                 Ok(l) => {
                     if report.vcpu_threads.is_empty() {
                         report.hang_kill_after = l.kill_after.clone();
@@ -597,6 +443,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             );
         }
         let keep = !cfg.fresh_each
+            && l.watching()
             && matches!(rec.class, Class::Recovered | Class::NotCrashing | Class::HangSelfResolved)
             && rec.alive == Some(true)
             && rec.source != "heap";
@@ -639,6 +486,88 @@ fn lkdtm_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// A verdict on a crash or a hang (not a hang declined without a repair
+/// kernel run, which has no timings).
+fn is_verdict(e: &Event) -> bool {
+    matches!(e.event, "repaired" | "declined") && e.timings_ms.is_some()
+}
+
+/// The watch's events of one type, as the campaign reads them.
+#[derive(Default)]
+struct Seen {
+    /// The first verdict, and whether it was on a hang (no `crash` event
+    /// before it: the watch reports a trap's crash, then its verdict).
+    outcome: Option<(Event, bool)>,
+    /// `crash` events still without their verdict.
+    open_crashes: u32,
+    extra_traps: u32,
+    hang: Option<Hang>,
+    certain: Option<Hang>,
+    gone: Option<String>,
+    flow_err: Option<String>,
+}
+
+impl Seen {
+    /// Takes one event of the watch; `r` gets the notes and the hang's
+    /// evidence and timing.
+    fn take(&mut self, e: Event, r: &mut TypeRecord, child: u32, t0: Instant) {
+        match e.event {
+            "crash" => self.open_crashes += 1,
+            _ if is_verdict(&e) => {
+                let on_hang = self.open_crashes == 0;
+                self.open_crashes = self.open_crashes.saturating_sub(1);
+                if self.outcome.is_none() {
+                    self.outcome = Some((e, on_hang));
+                } else {
+                    self.extra_traps += 1;
+                }
+            }
+            // A hang's repair found nothing to act on (a blocked task or a
+            // kernel thread the campaign already declined at detection).
+            "declined" if e.hang.as_ref().is_some_and(|h| hang_declined_reason(h).is_none()) => {
+                r.notes.push(format!("hang repair skipped: {}", e.reason.unwrap_or_default()));
+            }
+            "error" if e.cpu.is_some() => self.flow_err = e.message,
+            "error" => r.notes.push(format!("sampler: {}", e.message.unwrap_or_default())),
+            WATCH_ENDED => self.flow_err = Some(format!("watch: {}", e.message.unwrap_or_default())),
+            "detached" | "reset" => {
+                let m = e.message.unwrap_or_default();
+                self.gone = Some(m.strip_prefix("the guest went away: ").unwrap_or(&m).to_string());
+            }
+            "paused" | "resumed" => r.notes.push(format!("{}: {}", e.event, e.message.unwrap_or_default())),
+            "hang" => {
+                let Some(h) = e.hang else { return };
+                // The hang to act on: a task spinning on a CPU, or the
+                // child itself. A kernel thread blocked behind a stuck CPU
+                // is a consequence, noted, not the cause. The episode is
+                // reported on detection and again, at most once, when it
+                // becomes certain (IRQs found off by then, for one).
+                let primary = matches!(h.kind, HangKind::StuckCpu { .. }) || h.pid as u32 == child;
+                let same = self.hang.as_ref().is_some_and(|x| {
+                    x.pid == h.pid
+                        && match (&x.kind, &h.kind) {
+                            (HangKind::StuckCpu { cpu: a, .. }, HangKind::StuckCpu { cpu: b, .. }) => a == b,
+                            (a, b) => a == b,
+                        }
+                });
+                if primary && (self.hang.is_none() || same) {
+                    r.hang_why = Some(h.why.clone());
+                    if h.certain && self.certain.is_none() {
+                        r.hang_certain_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
+                        self.certain = Some(h.clone());
+                    }
+                    if self.hang.is_none() {
+                        self.hang = Some(h);
+                    }
+                } else {
+                    r.notes.push(format!("also: {:?} pid {} ({}){}", h.kind, h.pid, h.comm, if h.certain { ", certain" } else { "" }));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Triggers one type on a live guest and classifies what happened.
 fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     let mut r = TypeRecord::new(name, l.boot);
@@ -664,92 +593,47 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     };
     r.child_pid = Some(crash.pid);
     let mut deadline = t0 + cfg.type_timeout;
-    let mut outcome: Option<(Box<Outcome>, f64, bool)> = None;
-    let mut extra_traps = 0u32;
-    let mut hang: Option<Hang> = None;
-    let mut certain: Option<Hang> = None;
+    let mut seen = Seen::default();
     let mut waiting_for_certainty = false;
-    let mut hang_requested = false;
-    let mut gone: Option<String> = None;
-    let mut flow_err: Option<String> = None;
+    let mut hang_acted = false;
     loop {
-        loop {
-            match l.rx.try_recv() {
-                Ok(Msg::Repair { outcome: o, resume_ms, hang: h }) => {
-                    if outcome.is_none() {
-                        outcome = Some((o, resume_ms, h));
-                    } else {
-                        extra_traps += 1;
-                    }
-                }
-                Ok(Msg::FlowError(e)) => flow_err = Some(e),
-                Ok(Msg::Gone(e)) => gone = Some(e),
-                Ok(Msg::Hang(h)) => {
-                    // The hang to act on: a task spinning on a CPU, or the
-                    // child itself. A kernel thread blocked behind a stuck
-                    // CPU is a consequence, noted, not the cause. The
-                    // episode is reported on detection and again, at most
-                    // once, when it becomes certain.
-                    let primary = matches!(h.kind, HangKind::StuckCpu { .. }) || h.pid as u32 == crash.pid;
-                    let same = hang.as_ref().is_some_and(|x| x.pid == h.pid && x.kind == h.kind);
-                    if primary && (hang.is_none() || same) {
-                        r.hang_why = Some(h.why.clone());
-                        if h.certain && certain.is_none() {
-                            r.hang_certain_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
-                            certain = Some(h.clone());
-                        }
-                        if hang.is_none() {
-                            hang = Some(h);
-                        }
-                    } else {
-                        r.notes.push(format!("also: {:?} pid {} ({}){}", h.kind, h.pid, h.comm, if h.certain { ", certain" } else { "" }));
-                    }
-                }
-                Ok(Msg::HangSkipped(why)) => r.notes.push(format!("hang repair skipped: {why}")),
-                Ok(Msg::SamplerError(e)) => r.notes.push(format!("sampler: {e}")),
-                Err(_) => break,
-            }
+        while let Ok(e) = l.rx.try_recv() {
+            seen.take(e, &mut r, crash.pid, t0);
         }
-        if r.child_status.is_some() || gone.is_some() || flow_err.is_some() {
+        if r.child_status.is_some() || seen.gone.is_some() || seen.flow_err.is_some() {
             break;
         }
-        if let Some((o, _, _)) = &outcome {
-            if !o.applied {
+        if let Some((e, _)) = &seen.outcome {
+            if e.event == "declined" {
                 // Declined: the panic completes; nothing more to see.
                 std::thread::sleep(Duration::from_millis(300));
                 break;
             }
         }
-        if let (Some(h), None) = (&hang, &certain) {
-            if !waiting_for_certainty && outcome.is_none() && matches!(h.kind, HangKind::StuckCpu { .. }) && !h.kthread {
-                // Detected, not certain: act on nothing yet; wait for the
-                // certain report or for the task to finish by itself.
+        if let (Some(h), None) = (&seen.hang, &seen.certain) {
+            if !waiting_for_certainty && seen.outcome.is_none() && hang_declined_reason(h).is_none() {
+                // Detected, not certain: the watch acts on nothing yet;
+                // wait for the certain report or for the task to finish by
+                // itself.
                 waiting_for_certainty = true;
                 deadline = deadline.max(Instant::now() + cfg.hang_wait);
             }
         }
-        let to_act = certain.as_ref().or(hang.as_ref().filter(|h| !matches!(h.kind, HangKind::StuckCpu { .. }) || h.kthread));
+        // A blocked task or a kernel thread is declined at detection (the
+        // watch would only decline it once certain: 120 s for a blocked
+        // task); a user task's spin once the watch found it certain.
+        let to_act = seen.certain.as_ref().or(seen.hang.as_ref().filter(|h| hang_declined_reason(h).is_some()));
         if let Some(h) = to_act {
-            if !hang_requested && outcome.is_none() {
-                hang_requested = true;
-                match h.kind {
-                    HangKind::StuckCpu { cpu, .. } if cfg.repair_hangs && !h.kthread => {
-                        let _ = l.req.send(Req::RepairHang { cpu });
-                        deadline = Instant::now() + Duration::from_secs(15);
-                    }
-                    HangKind::StuckCpu { .. } if h.kthread => {
-                        r.notes.push(format!("hang declined: the spinning task {} (pid {}) is a kernel thread", h.comm, h.pid));
+            if !hang_acted && seen.outcome.is_none() {
+                hang_acted = true;
+                match hang_declined_reason(h) {
+                    Some(why) => {
+                        r.notes.push(format!("hang declined: {why}"));
                         break;
                     }
-                    HangKind::StuckCpu { .. } => break,
-                    HangKind::BlockedTask => {
-                        r.notes.push(format!(
-                            "hang declined: pid {} ({}) sleeps in TASK_UNINTERRUPTIBLE, not running: SIGKILL cannot wake it and \
-                             forcing it into do_exit from outside would abandon whatever it waits on",
-                            h.pid, h.comm
-                        ));
-                        break;
-                    }
+                    // The watch repairs it: wait for the verdict.
+                    None if cfg.repair_hangs => deadline = Instant::now() + Duration::from_secs(15),
+                    None => break,
                 }
             }
         }
@@ -762,16 +646,16 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
                 r.trigger_to_exit_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
             }
             Err(harness::Error::Timeout { .. }) => {}
-            Err(e) => gone = Some(e.to_string()),
+            Err(e) => seen.gone = Some(e.to_string()),
         }
     }
     // Let the console catch up before reading it.
     std::thread::sleep(Duration::from_millis(100));
     r.console = lkdtm_lines(l.guest.console().get(con0..).unwrap_or(""));
 
-    if let Some(h) = &hang {
+    if let Some(h) = &seen.hang {
         r.crashed = true;
-        r.detected = Some(match h.kind {
+        r.detected = Some(match seen.certain.as_ref().unwrap_or(h).kind {
             HangKind::StuckCpu { cpu, no_ticks } => {
                 format!("hang: stuck CPU {cpu}{}", if no_ticks { " (no ticks: IRQs off)" } else { "" })
             }
@@ -783,29 +667,30 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
             r.notes.push(format!("the hung task is pid {} ({}), the child is {}", h.pid, h.comm, crash.pid));
         }
     }
-    if let Some((o, resume_ms, was_hang)) = &outcome {
+    let applied = |e: &Event| e.event == "repaired";
+    if let Some((e, was_hang)) = &seen.outcome {
         r.crashed = true;
         if !was_hang {
             r.detected = Some("panic trap".into());
         }
-        r.take_outcome(o, *resume_ms);
+        r.take_verdict(e);
         if *was_hang {
             r.crash_kind = Some("hang (watcher-injected panic entry)".into());
         }
     }
-    if let Some(e) = &flow_err {
+    if let Some(e) = &seen.flow_err {
         r.crashed = true;
         r.detected.get_or_insert_with(|| "panic trap".into());
         r.notes.push(format!("flow error: {e}"));
     }
-    if let Some(e) = &gone {
+    if let Some(e) = &seen.gone {
         r.notes.push(format!("guest gone: {}", e.lines().next().unwrap_or("")));
     }
 
     // Liveness, when the guest should be alive.
-    let declined = outcome.as_ref().is_some_and(|(o, _, _)| !o.applied);
+    let declined = seen.outcome.as_ref().is_some_and(|(e, _)| !applied(e));
     let mut late: Vec<String> = Vec::new();
-    if gone.is_none() && flow_err.is_none() && !declined {
+    if seen.gone.is_none() && seen.flow_err.is_none() && !declined {
         // A child still running (a blocked or spinning task) may keep a CPU:
         // a shorter wait then.
         let wait = if r.child_status.is_some() { 15 } else { 5 };
@@ -822,29 +707,30 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
         }
         // A late crash (heap corruption found by a later allocation) shows here.
         std::thread::sleep(Duration::from_millis(200));
-        while let Ok(m) = l.rx.try_recv() {
-            if let Msg::Repair { outcome: o, .. } = m {
-                late.push(format!("pid {} ({}) {}", o.out.pid, o.comm(), if o.applied { "killed" } else { "declined" }));
+        while let Ok(e) = l.rx.try_recv() {
+            if is_verdict(&e) {
+                let what = if applied(&e) { "killed" } else { "declined" };
+                late.push(format!("pid {} ({}) {what}", e.pid.unwrap_or(0), e.comm.unwrap_or_default()));
             }
         }
     } else {
         r.alive = Some(false);
     }
 
-    if extra_traps > 0 || !late.is_empty() {
-        r.notes.push(format!("{} later trap(s) in other processes: {}", extra_traps as usize + late.len(), late.join(", ")));
+    if seen.extra_traps > 0 || !late.is_empty() {
+        r.notes.push(format!("{} later trap(s) in other processes: {}", seen.extra_traps as usize + late.len(), late.join(", ")));
     }
     let healthy = r.alive == Some(true) && r.bystander_ok == Some(true) && r.spawn_ok == Some(true) && late.is_empty();
-    r.class = match (&outcome, &hang) {
-        (Some((o, _, true)), _) if o.applied => {
+    r.class = match (&seen.outcome, &seen.hang) {
+        (Some((e, true)), _) if applied(e) => {
             if healthy && r.child_status == Some(137) { Class::HangRecovered } else { Class::RepairFailed }
         }
-        (Some((_, _, true)), _) => Class::HangDeclined,
-        (Some((o, _, false)), _) if o.applied => {
+        (Some((_, true)), _) => Class::HangDeclined,
+        (Some((e, false)), _) if applied(e) => {
             if healthy && r.child_status == Some(137) { Class::Recovered } else { Class::RepairFailed }
         }
         (Some(_), _) => Class::Declined,
-        (None, Some(h)) if matches!(h.kind, HangKind::StuckCpu { .. }) && !h.kthread && certain.is_none() => {
+        (None, Some(h)) if hang_declined_reason(h).is_none() && seen.certain.is_none() => {
             if r.child_status.is_some() && healthy {
                 Class::HangSelfResolved
             } else if r.child_status.is_some() {
@@ -854,14 +740,14 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
             }
         }
         (None, Some(_)) => Class::HangDeclined,
-        (None, None) if flow_err.is_some() => Class::Declined,
-        (None, None) if gone.is_some() => Class::GuestLost,
+        (None, None) if seen.flow_err.is_some() => Class::Declined,
+        (None, None) if seen.gone.is_some() => Class::GuestLost,
         (None, None) if r.child_status.is_some() && !late.is_empty() => Class::Collateral,
         (None, None) if r.child_status.is_some() => Class::NotCrashing,
         (None, None) => Class::NoOutcome,
     };
     if r.class == Class::Declined && r.reason.is_none() {
-        r.reason = flow_err.clone();
+        r.reason = seen.flow_err.clone();
     }
     if r.class == Class::HangDeclined && r.reason.is_none() {
         r.reason = r.notes.iter().find(|n| n.starts_with("hang")).cloned();
@@ -1050,16 +936,9 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     }
     cfg.append = a.append.clone();
     cfg.type_timeout = Duration::from_secs_f64(a.timeout);
-    cfg.hang.cpu_threshold = Duration::from_millis(a.hang_ms);
-    cfg.hang.blocked_threshold = Duration::from_millis(a.hang_ms);
+    cfg.hang = hangs::hang_config(Duration::from_millis(a.hang_ms), a.kill_after_ms.map(Duration::from_millis), a.act_at_detection);
     cfg.hang.period = Duration::from_millis(a.period_ms);
     cfg.repair_hangs = !a.no_repair_hangs;
-    if let Some(ms) = a.kill_after_ms {
-        cfg.hang = cfg.hang.with_kill_after(Duration::from_millis(ms));
-    }
-    if a.act_at_detection {
-        cfg.hang.policy = HangPolicy::AtDetection;
-    }
     cfg.hang_wait = Duration::from_secs_f64(a.hang_wait);
     cfg.fresh_each = a.fresh_each;
     cfg.cpu = a.cpu.clone();
@@ -1148,20 +1027,35 @@ pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyRepor
 pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opts: &WorkloadOptions) -> Result<BusyReport> {
     let image = crate::kit::kit_image(Kernel::Lkdtm)?;
     let layout = hang_layout(&image)?;
-    let mut l = Live::boot(1, cfg, &image, &layout)?;
-    // The messages are handled on another thread while the command runs.
+    let mut l = Live::boot(1, cfg, &image, &layout, opts.act)?;
+    // The events are taken on another thread while the command runs.
     let (_keep, dummy) = channel();
     let rx = std::mem::replace(&mut l.rx, dummy);
-    let req = l.req.clone();
     let done = Arc::new(AtomicBool::new(false));
     let act = opts.act;
+    #[derive(Default)]
+    struct Seen {
+        hangs: Vec<String>,
+        certain: Vec<String>,
+        acted: u32,
+        traps: u32,
+        errors: Vec<String>,
+        paused: bool,
+        resumed: bool,
+    }
     let collector = {
         let done = done.clone();
         std::thread::spawn(move || {
-            let mut out = (Vec::new(), Vec::new(), 0u32, 0u32, Vec::new());
+            let mut out = Seen::default();
             loop {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(Msg::Hang(h)) => {
+                let e = match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(e) => e,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !done.load(Ordering::Relaxed) => continue,
+                    Err(_) => return out,
+                };
+                let msg = e.message.clone().unwrap_or_default();
+                match (e.event, &e.hang) {
+                    ("hang", Some(h)) => {
                         let line = format!(
                             "{:?} pid {} ({}) after {:.0} ms without progress{}: {}",
                             h.kind,
@@ -1172,43 +1066,58 @@ pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opt
                             h.why
                         );
                         if h.certain {
-                            out.1.push(line.clone());
-                            if let (true, HangKind::StuckCpu { cpu, .. }, false) = (act, &h.kind, h.kthread) {
-                                out.2 += 1;
-                                let _ = req.send(Req::RepairHang { cpu: *cpu });
+                            out.certain.push(line.clone());
+                            // The watch repairs it.
+                            if act && hang_declined_reason(h).is_none() {
+                                out.acted += 1;
                             }
                         }
-                        out.0.push(line);
+                        out.hangs.push(line);
                     }
-                    Ok(Msg::Repair { .. }) | Ok(Msg::FlowError(_)) => out.3 += 1,
-                    Ok(Msg::SamplerError(e)) | Ok(Msg::Gone(e)) | Ok(Msg::HangSkipped(e)) => out.4.push(e),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if done.load(Ordering::Relaxed) {
-                            return out;
-                        }
+                    _ if is_verdict(&e) => out.traps += 1,
+                    ("error", _) if e.cpu.is_some() => out.traps += 1,
+                    // A repair of a certain hang that found nothing to act on.
+                    ("declined", Some(h)) if hang_declined_reason(h).is_none() => {
+                        out.errors.push(format!("hang repair skipped: {}", e.reason.unwrap_or_default()))
                     }
-                    Err(_) => return out,
+                    ("error", _) | ("detached", _) | ("reset", _) | (WATCH_ENDED, _) => out.errors.push(format!("{}: {msg}", e.event)),
+                    ("paused", _) => out.paused = true,
+                    ("resumed", _) => out.resumed = true,
+                    _ => {}
                 }
             }
         })
     };
-    let pauser = opts.pause.and_then(|(after, d)| {
-        let q = l.qmp_req.clone()?;
-        Some(std::thread::spawn(move || {
-            std::thread::sleep(after);
-            let _ = q.send(QmpReq::Pause(d));
-        }))
-    });
+    // Someone else's pause, through the second QMP monitor (the watch
+    // holds the first).
+    let pauser = match (opts.pause, l.guest.qmp2_addr()) {
+        (Some((after, d)), Some(addr)) => {
+            let mut q = loader::qmp::Qmp::connect(&addr.parse::<Endpoint>()?).context("the second QMP monitor")?;
+            Some(std::thread::spawn(move || -> Result<(), loader::access::AccessError> {
+                std::thread::sleep(after);
+                q.stop()?;
+                std::thread::sleep(d);
+                q.cont()
+            }))
+        }
+        _ => None,
+    };
     let t = Instant::now();
     let res = l.guest.run(workload, timeout);
     let elapsed = t.elapsed().as_secs_f64();
-    if let Some(p) = pauser {
-        let _ = p.join();
-    }
+    let pause_err = match pauser.map(|p| p.join()) {
+        Some(Ok(Err(e))) => Some(format!("QMP pause: {e}")),
+        Some(Err(_)) => Some("the QMP pause thread panicked".to_string()),
+        _ => None,
+    };
     // Reports raised at the very end still count.
     std::thread::sleep(cfg.hang.cpu_threshold + Duration::from_millis(200));
     done.store(true, Ordering::Relaxed);
-    let (hangs, certain, acted, traps, errors) = collector.join().map_err(|_| anyhow::anyhow!("the collector panicked"))?;
+    let mut seen = collector.join().map_err(|_| anyhow::anyhow!("the collector panicked"))?;
+    seen.errors.extend(pause_err);
+    if opts.pause.is_some() && !(seen.paused && seen.resumed) {
+        seen.errors.push(format!("the watch saw the QMP pause: {}, the resume: {}", seen.paused, seen.resumed));
+    }
     let output = res.as_ref().map(|r| r.output.clone()).unwrap_or_else(|e| vec![format!("run failed: {e}")]);
     let rep = BusyReport {
         secs: elapsed,
@@ -1220,12 +1129,12 @@ pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opt
         workload: workload.to_string(),
         completed: output.iter().any(|o| o == "busy-done"),
         output,
-        hangs,
-        certain,
-        acted,
-        traps,
+        hangs: seen.hangs,
+        certain: seen.certain,
+        acted: seen.acted,
+        traps: seen.traps,
         pause_ms: opts.pause.map(|(a, d)| (a.as_secs_f64() * 1e3, d.as_secs_f64() * 1e3)),
-        errors,
+        errors: seen.errors,
     };
     l.shutdown();
     Ok(rep)

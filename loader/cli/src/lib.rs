@@ -4,11 +4,13 @@
 //! - [`kit`]: repair images of the guest kit's kernels, built once and cached.
 //! - [`demo`]: the main job, a kit guest crashed and repaired live.
 //! - [`campaign`]: the crash catalogue over every LKDTM type.
+//! - [`hangs`]: the hang watch (sampler and policy) of `watch --hangs` and the campaign.
 //! - [`replay`]: `repair-guest replay`, and a crash captured at the trap.
 //! - [`render`]: `diagnose`'s report as text.
 
 pub mod campaign;
 pub mod demo;
+pub mod hangs;
 pub mod kit;
 pub mod render;
 pub mod replay;

@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 use loader::access::{Endpoint, GuestAccess};
 use loader::attach::{Attached, QemuGuest};
 use loader::flow::{FlowConfig, Mode, Session};
-use loader::ram::RamFile;
 use loader::supervise::{Supervisor, SupervisorNote, TrapRecorder};
 use loader::watch::{watch, Event, EventSink, WatchConfig, WatchEnd};
 use std::path::{Path, PathBuf};
@@ -493,37 +492,25 @@ struct HangPolicyArgs {
 /// the image at the session's slide, and QEMU's vCPU threads (from QMP
 /// `query-cpus-fast`) to count only time the vCPUs really ran.
 fn hang_watch(a: &Attach, session: &Session, attached: &mut Attached, p: HangPolicyArgs) -> Result<loader::watch::HangWatch> {
-    use loader::hang::{self, HangConfig, HangLayout, Sampler};
+    use repair_guest::hangs;
     let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
     let qmp = attached.qmp.as_mut().context("--hangs needs --qmp")?;
-    let nr_vcpus = session.nr_vcpus;
-    let vcpu_threads = qmp.peer_pid().and_then(|pid| match hang::vcpu_threads_from_qmp(qmp, pid) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!("vCPU threads from query-cpus-fast: {e}; trying thread names");
-            hang::qemu_vcpu_threads(pid, nr_vcpus)
-        }
-    });
+    let pid = qmp.peer_pid();
+    let (vcpu_threads, _) = hangs::vcpu_threads(qmp, pid, session.nr_vcpus);
     if vcpu_threads.is_none() {
         eprintln!(
             "repair-guest: QEMU's vCPU threads are unknown (QMP over TCP, another host, or single-threaded TCG): \
              a host that starves QEMU may look like a hang"
         );
     }
-    let make = move |session: &Session, regs: &loader::access::CpuState| -> std::result::Result<Sampler<RamFile>, String> {
-        let ram = RamFile::open_pc_file(&path).map_err(|e| format!("mapping {}: {e}", path.display()))?;
-        let layout = HangLayout::from_image(&session.image, session.slide).map_err(|e| e.to_string())?;
-        let mut cfg = if p.at_detection { HangConfig::at_detection() } else { HangConfig::default() };
-        if let Some(k) = p.kill_after {
-            cfg = cfg.with_kill_after(k);
-        }
-        cfg.cpu_threshold = p.threshold;
-        cfg.blocked_threshold = p.threshold;
-        let mut s = Sampler::new(ram, regs.cr3, regs.cr4, layout, nr_vcpus, cfg);
-        s.vcpu_threads = vcpu_threads.clone();
-        Ok(s)
+    let spec = hangs::SamplerSpec {
+        ram_file: path,
+        nr_vcpus: session.nr_vcpus,
+        cfg: hangs::hang_config(p.threshold, p.kill_after, p.at_detection),
+        vcpu_threads,
+        layout: None,
     };
-    Ok(loader::watch::HangWatch { make: Box::new(make) })
+    Ok(hangs::hang_watch(spec, true, None))
 }
 
 /// Arms the trap, lets the guest run and waits for it to stop at `panic`;

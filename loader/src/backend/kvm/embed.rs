@@ -91,6 +91,9 @@ impl Repairer {
             // The staging slot is outside guest RAM and ours alone.
             reserved: true,
             integrity: false,
+            // In-process: the VMM and the repair die together.
+            journal: None,
+            after_stage: None,
         };
         let session = Session::attach(&mut guest, image, flow)?;
         Ok(Repairer { guest, session })
