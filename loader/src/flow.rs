@@ -148,6 +148,9 @@ pub struct Session {
     staging: Staging,
     /// In a reserved range: everything but the per-run pages is in place.
     prestaged: bool,
+    /// A repair a killed watcher left half done, undone at attach from the
+    /// journal: the vCPU it was on (taken by whoever reports it).
+    pub undone_repair: Option<VcpuId>,
 }
 
 /// A staging plan's writes, split by what they hold: the repair kernel's
@@ -218,6 +221,28 @@ fn plan_staging(
     Ok((plan, staging))
 }
 
+/// Undoes the repair journalled at `path`, if one was left; returns its vCPU.
+fn undo_journal<G: GuestAccess + ?Sized>(guest: &mut G, path: &std::path::Path) -> Result<Option<VcpuId>, FlowError> {
+    use crate::journal::{self, Journal, JournalError};
+    let undone = match Journal::read(path) {
+        Ok(None) => return Ok(None),
+        Ok(Some(j)) => match j.undo(guest) {
+            Ok(()) => Some(j.vcpu),
+            Err(JournalError::Guest(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("{e}; ignored");
+            None
+        }
+    };
+    journal::clear(path);
+    Ok(undone)
+}
+
 /// Wall time since `t` in ms.
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
@@ -232,6 +257,13 @@ impl Session {
         cfg: FlowConfig,
     ) -> Result<Session, FlowError> {
         guest.pause()?;
+        // First of all: a watcher killed mid-repair left the repair kernel
+        // staged and a vCPU pointed at it; put the guest back as it was at
+        // the trap before reading anything from it.
+        let undone_repair = match &cfg.journal {
+            Some(path) => undo_journal(guest, path)?,
+            None => None,
+        };
         let vcpus = guest.vcpus()?;
         let first = *vcpus.first().ok_or_else(|| AccessError::Other("the guest has no vCPUs".into()))?;
         let regs = guest.get_regs(first)?;
@@ -260,6 +292,7 @@ impl Session {
             armed: false,
             staging,
             prestaged: false,
+            undone_repair,
         })
     }
 

@@ -348,6 +348,7 @@ struct Watcher<'a, G: ?Sized> {
 
 impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
     fn run(&mut self) -> Result<WatchEnd, FlowError> {
+        self.undo_interrupted_repair()?;
         let panic_addr = self.arm()?;
         self.events.emit(&Event {
             event: "attached",
@@ -397,6 +398,18 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                 r => r?,
             }
         }
+    }
+
+    /// Says so when the attach undid a repair a killed watcher had left
+    /// half done (see [`crate::journal`]).
+    fn undo_interrupted_repair(&mut self) -> Result<(), FlowError> {
+        if let Some(vcpu) = self.session.undone_repair.take() {
+            self.events.emit(&Event {
+                cpu: Some(vcpu.0),
+                ..Event::simple("error", "the last watcher died during a repair; the guest was put back as it was at the trap")
+            });
+        }
+        Ok(())
     }
 
     fn gone(&mut self, why: &str) -> WatchEnd {

@@ -261,3 +261,38 @@ fn a_crash_on_vcpu_1_while_vcpu_0_is_busy_in_the_kernel_is_repaired() {
     kill(watcher.id(), libc::SIGTERM);
     assert!(wait_exit(&mut watcher, 60).success());
 }
+
+#[test]
+fn a_watcher_killed_mid_repair_is_undone_and_the_crash_repaired_by_the_next() {
+    let mut guest = Guest::boot(&debian()).unwrap();
+    let events = guest.dir().join("events.jsonl");
+    // The first worker aborts right after staging the repair kernel in the
+    // guest (borrowed memory overwritten, the vCPU pointed at it).
+    let flag = guest.dir().join("abort-once");
+    std::fs::write(&flag, b"").unwrap();
+    let image = image_file(Kernel::Debian, guest.dir());
+    let mut watcher = bin()
+        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .arg("--image")
+        .arg(&image)
+        .arg("--events")
+        .arg(&events)
+        .env("REPAIR_GUEST_TEST_ABORT_ONCE", &flag)
+        .stderr(std::fs::File::create(events.with_extension("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_event(&events, "\"attached\"", 1, Duration::from_secs(60), Some(&mut watcher));
+    let crash = guest.crash("sysrq-c").unwrap();
+    assert_eq!(guest.wait_crash_exit(&crash, Duration::from_secs(120)).unwrap(), 137);
+    let text = wait_event(&events, "\"repaired\"", 1, Duration::from_secs(30), Some(&mut watcher));
+    assert!(!flag.exists(), "the fault was never injected");
+    assert!(text.contains("restarting it"), "{text}");
+    assert!(text.contains("put back as it was at the trap"), "{text}");
+    // The guest is whole: the bystander's data verifies and new work runs.
+    assert!(guest.verify_bystander().unwrap().ok);
+    assert_eq!(guest.run("echo alive", Duration::from_secs(60)).unwrap().output, ["alive"]);
+    kill(watcher.id(), libc::SIGTERM);
+    assert!(wait_exit(&mut watcher, 60).success());
+}
