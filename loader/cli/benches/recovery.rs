@@ -1,7 +1,9 @@
 //! Recovery latency: from the trap at `panic` to the guest running again,
 //! broken down by step, over N sysrq-c crashes of the kit's Debian guest
 //! (QEMU TCG, 2 vCPUs), printed beside the reboot time of the same guest
-//! to its init, measured in the same run, and the peers' published figures.
+//! to its init, measured in the same run, and the peers' published figures;
+//! then the same crashes in the kit's Debian 13 systemd guest
+//! (`GuestConfig::distro`, `scripts/kit-distro`; `BENCH_DISTRO=0` skips it).
 //!
 //! `cargo bench -p loader --bench recovery` (N: `BENCH_CRASHES`, default 20).
 
@@ -28,6 +30,54 @@ impl Stats {
     fn row(&self, name: &str) {
         println!("| {name:<32} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} |", self.mean(), self.pct(0.5), self.pct(0.95), self.pct(1.0));
     }
+}
+
+/// The same crashes in the kit's Debian 13 systemd guest
+/// (`GuestConfig::distro`, `scripts/kit-distro`): every step's times, and
+/// the number of tasks the guest ran. `None` when the kit has no distro
+/// rootfs.
+/// Every step's times, and the guest's task count.
+type DistroSteps = (Vec<Stats>, usize);
+
+fn distro_steps(n: usize) -> Result<Option<DistroSteps>, Box<dyn std::error::Error>> {
+    let cfg = GuestConfig::distro().with_ram_file();
+    if harness::Kit::locate()?.distro_initramfs().is_err() {
+        return Ok(None);
+    }
+    let mut guest = Guest::boot(&cfg)?;
+    guest.run("systemctl is-system-running --wait", Duration::from_secs(180))?;
+    // /proc/loadavg's fourth field: runnable/total tasks (threads included).
+    let la = guest.run("cat /proc/loadavg", Duration::from_secs(60))?;
+    let tasks = la.output.first().and_then(|l| l.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok()).unwrap_or(0);
+    let image = repair_guest::kit::kit_image(Kernel::Debian)?;
+    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default())?;
+    session.arm(&mut g)?;
+    g.resume()?;
+    let mut cols: Vec<Stats> = (0..7).map(|_| Stats(Vec::new())).collect();
+    for i in 0..n {
+        let crash = guest.crash("sysrq-c")?;
+        let stop = g.wait_stop(Some(Duration::from_secs(90)))?.ok_or("no trap")?;
+        let t0 = Instant::now();
+        let o = session.repair(&mut g, stop.vcpu, Mode::Repair)?;
+        let t_resume = Instant::now();
+        g.resume()?;
+        let resume = t_resume.elapsed().as_secs_f64() * 1e3;
+        let total = t0.elapsed().as_secs_f64() * 1e3;
+        if !o.applied {
+            return Err(format!("distro crash {i} not repaired: {}", o.reason()).into());
+        }
+        if guest.wait_crash_exit(&crash, Duration::from_secs(60))? != 137 {
+            return Err(format!("distro crash {i}: the child was not killed").into());
+        }
+        let t = &o.timings;
+        for (c, v) in cols.iter_mut().zip([t.save, t.stage, t.run, t.verdict, t.restore, resume, total]) {
+            c.0.push(v);
+        }
+    }
+    if !guest.verify_bystander()?.ok {
+        return Err("distro guest: bystander data damaged".into());
+    }
+    Ok(Some((cols, tasks)))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -79,6 +129,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|{:-<34}|{:-<10}|{:-<10}|{:-<10}|{:-<10}|", "", "", "", "", "");
     for (c, name) in cols.iter().zip(names) {
         c.row(name);
+    }
+    // The same crashes in a Debian 13 systemd guest (hundreds of tasks
+    // rather than a busybox init's few dozen): `BENCH_DISTRO=0` skips it.
+    let distro = if std::env::var("BENCH_DISTRO").as_deref() == Ok("0") { None } else { distro_steps(n)? };
+    match &distro {
+        Some((dcols, tasks)) => {
+            println!("\nthe same {n} crashes in the Debian 13 systemd guest ({tasks} tasks), same kernel (ms)\n");
+            println!("| {:<32} | {:>8} | {:>8} | {:>8} | {:>8} |", "step", "mean", "p50", "p95", "max");
+            println!("|{:-<34}|{:-<10}|{:-<10}|{:-<10}|{:-<10}|", "", "", "", "", "");
+            for (c, name) in dcols.iter().zip(names) {
+                c.row(name);
+            }
+        }
+        None => println!("\n(no Debian 13 systemd guest row: scripts/kit-distro builds its rootfs)"),
     }
     println!("\n| peer                                               | figure (ms) |");
     println!("|----------------------------------------------------|-------------|");
