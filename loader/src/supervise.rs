@@ -17,6 +17,14 @@
 //!   stop was ours ([`rescue`]);
 //! - the worker gets SIGTERM if the supervisor dies (`PR_SET_PDEATHSIG`),
 //!   and then detaches cleanly.
+//!
+//! Without `--gdb`, the worker opens QEMU's gdbstub through QMP on a private
+//! socket ([`crate::attach::QmpGdbstub`]) and closes it when it leaves; a
+//! restarted worker takes over the one its predecessor left open. When the
+//! supervisor gives up, or its last worker is gone and left it open, the
+//! supervisor removes the trap through it and closes it
+//! ([`rescue_via_qmp`]). If both are killed at once (SIGKILL), the next
+//! watcher run with `--qmp` alone takes it over, and closes it when it goes.
 
 use crate::access::{AccessError, Endpoint};
 use crate::gdb::GdbGuest;
@@ -66,7 +74,9 @@ pub struct Supervisor {
     pub worker: Command,
     /// Deaths tolerated within a minute before giving up; 0: never restart.
     pub restarts: u32,
-    pub gdb: Endpoint,
+    /// The gdbstub; `None`: the worker opens one through QMP (`qmp` is then
+    /// required), and the supervisor closes it when the watch ends.
+    pub gdb: Option<Endpoint>,
     pub qmp: Option<Endpoint>,
     /// The worker's trap record.
     pub trap_file: PathBuf,
@@ -79,6 +89,9 @@ pub enum SupervisorNote {
     Restarted { pid: u32, how: String },
     /// The worker died for good; the guest was left as [`rescue`] says.
     GaveUp { pid: u32, how: String, rescue: Result<String, AccessError> },
+    /// The last worker ended and left the gdbstub it opened through QMP
+    /// open; the supervisor cleaned up as [`rescue_via_qmp`] says.
+    ClosedGdbstub { pid: u32, what: Result<String, AccessError> },
 }
 
 /// Exit codes a worker ends with that mean "done, do not restart": success,
@@ -128,6 +141,11 @@ impl Supervisor {
             };
             let code = status.code();
             if let Some(c) = code.filter(|&c| final_code(c)) {
+                if let (None, Some(q)) = (&self.gdb, &self.qmp) {
+                    if let Some(what) = close_left_gdbstub(q, &self.trap_file) {
+                        note(SupervisorNote::ClosedGdbstub { pid, what });
+                    }
+                }
                 return Ok(c);
             }
             let how = describe(status);
@@ -139,7 +157,11 @@ impl Supervisor {
                 continue;
             }
             let record = TrapRecord::read(&self.trap_file);
-            let rescue = rescue(&self.gdb, self.qmp.as_ref(), record);
+            let rescue = match (&self.gdb, &self.qmp) {
+                (Some(gdb), qmp) => rescue(gdb, qmp.as_ref(), record),
+                (None, Some(qmp)) => rescue_via_qmp(qmp, record),
+                (None, None) => Err(AccessError::Other("neither a gdbstub nor QMP to reach the guest".into())),
+            };
             note(SupervisorNote::GaveUp { pid, how, rescue });
             return Ok(code.unwrap_or(5).max(1));
         }
@@ -168,6 +190,37 @@ pub fn rescue(gdb: &Endpoint, qmp: Option<&Endpoint>, record: TrapRecord) -> Res
         (false, Some(s)) => format!("{trap}; the guest stays {s}, as someone else left it"),
         (false, None) => format!("{trap}; the guest stays stopped"),
     })
+}
+
+/// [`rescue`] for a watch without `--gdb`: through the gdbstub QEMU has
+/// open (found with QMP); one a watcher opened is then closed (`gdbserver
+/// none`), the user's is left open. Returns what was done.
+pub fn rescue_via_qmp(qmp: &Endpoint, record: TrapRecord) -> Result<String, AccessError> {
+    let found = crate::attach::current_gdbstub(&mut Qmp::connect(qmp)?)?;
+    let Some(f) = found else {
+        return Ok("QEMU has no gdbstub open: no trap can be left".into());
+    };
+    // The QMP connection above is closed: `rescue` makes its own.
+    let what = rescue(&f.endpoint, Some(qmp), record)?;
+    if !f.by_watcher {
+        return Ok(what);
+    }
+    crate::attach::close_watcher_gdbstub(&mut Qmp::connect(qmp)?)?;
+    Ok(format!("{what}; the gdbstub the watcher opened ({}) is closed", f.endpoint))
+}
+
+/// After the last worker ended by itself: if it left the gdbstub it opened
+/// through QMP open (it closes it when it leaves cleanly), remove any trap
+/// and close it. `None` when there was nothing to do (or QEMU is gone).
+fn close_left_gdbstub(qmp: &Endpoint, trap_file: &Path) -> Option<Result<String, AccessError>> {
+    let mut q = Qmp::connect(qmp).ok()?;
+    let found = crate::attach::current_gdbstub(&mut q).ok()??;
+    if !found.by_watcher {
+        return None;
+    }
+    drop(q);
+    let record = TrapRecord::read(trap_file);
+    Some(rescue_via_qmp(qmp, record))
 }
 
 /// The worker's side: keeps the [`TrapRecord`] file (named by

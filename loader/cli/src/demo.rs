@@ -23,7 +23,7 @@ pub fn run(crashes: u32) -> Result<()> {
     println!("   {} (build-id {})", image.kernel.release, image.kernel.build_id_hex());
 
     println!("== attaching: gdbstub {}, RAM file", guest.gdb_addr());
-    let spec = QemuGuest { gdb: guest.gdb_addr().parse()?, qmp: None, ram_file: guest.ram_file() };
+    let spec = QemuGuest { gdb: Some(guest.gdb_addr().parse()?), qmp: None, ram_file: guest.ram_file() };
     let mut attached = spec.connect()?;
     let mut session = attached.session(image, FlowConfig::default())?;
     let mut backend = attached.backend;

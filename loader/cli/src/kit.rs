@@ -35,11 +35,11 @@ pub fn attach(
 ) -> Result<(loader::ram::WithRam<loader::gdb::GdbGuest, loader::ram::RamFile>, loader::flow::Session)> {
     use loader::attach::{QemuBackend, QemuGuest};
     let ram_file = guest.ram_file().context("the guest was not booted with_ram_file")?;
-    let spec = QemuGuest { gdb: guest.gdb_addr().parse()?, qmp: None, ram_file: Some(ram_file) };
+    let spec = QemuGuest { gdb: Some(guest.gdb_addr().parse()?), qmp: None, ram_file: Some(ram_file) };
     let mut attached = spec.connect().context("connecting to the kit guest")?;
     let session = attached.session(image, cfg).context("attaching the repair flow")?;
     match attached.backend {
         QemuBackend::GdbRam(g) => Ok((g, session)),
-        QemuBackend::Gdb(_) => anyhow::bail!("no RAM file path"),
+        _ => anyhow::bail!("no RAM file path"),
     }
 }

@@ -48,14 +48,19 @@ struct Cli {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("reach").args(["gdb", "qmp"]).required(true).multiple(true)))]
 struct Attach {
-    /// The guest's gdbstub: unix:PATH or tcp:HOST:PORT.
+    /// The guest's gdbstub: unix:PATH or tcp:HOST:PORT. Without it, --qmp is
+    /// needed: the gdbstub is then opened through QMP on a private socket and
+    /// closed when we leave, and guest RAM is read in QEMU's process
+    /// (/proc/PID/mem) unless --ram-file is given.
     #[arg(long, value_name = "ADDR")]
-    gdb: String,
+    gdb: Option<String>,
     /// The repair image built for the guest's kernel (build-repair-image).
     #[arg(long, value_name = "IMAGE")]
     image: PathBuf,
-    /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT), to learn the RAM size.
+    /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT): run states, events, the
+    /// RAM size; alone (no --gdb), also the way to the gdbstub and to RAM.
     #[arg(long, value_name = "ADDR")]
     qmp: Option<String>,
     /// The file backing guest RAM (QEMU `-object memory-backend-file,mem-path=FILE,share=on`):
@@ -201,6 +206,17 @@ fn parse_hex(s: &str) -> Result<u64> {
 }
 
 /// The flow's configuration from the attach options.
+impl Attach {
+    /// The guest's address for messages: the gdbstub's, else QMP's.
+    fn addr(&self) -> &str {
+        self.gdb.as_deref().or(self.qmp.as_deref()).unwrap_or("?")
+    }
+
+    fn gdb_endpoint(&self) -> Result<Option<Endpoint>> {
+        self.gdb.as_deref().map(str::parse).transpose().with_context(|| format!("--gdb {:?}", self.gdb))
+    }
+}
+
 fn flow_config(a: &Attach) -> Result<FlowConfig> {
     let mut cfg = FlowConfig { integrity: a.integrity, ..FlowConfig::default() };
     let (flag, range) = match &a.reserve {
@@ -225,14 +241,17 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
     let image = load_image(&a.image)?;
     let cfg = flow_config(a)?;
     let spec = QemuGuest {
-        gdb: a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?,
+        gdb: a.gdb_endpoint()?,
         qmp: a.qmp.as_deref().map(str::parse).transpose().with_context(|| format!("--qmp {:?}", a.qmp))?,
         ram_file: a.ram_file.clone(),
     };
-    let mut attached = spec.connect().with_context(|| format!("connecting to the guest at {}", a.gdb))?;
+    let mut attached = spec.connect().with_context(|| format!("connecting to the guest at {}", a.addr()))?;
+    if a.ram_file.is_none() {
+        eprintln!("repair-guest: guest memory through {}", attached.backend.memory_path());
+    }
     let mut session = attached
         .session(image, cfg)
-        .with_context(|| format!("attaching to the guest at {} with image {}", a.gdb, a.image.display()))?;
+        .with_context(|| format!("attaching to the guest at {} with image {}", a.addr(), a.image.display()))?;
     if a.integrity {
         let g = attached.guest();
         let bar = indicatif::ProgressBar::new(0).with_message("healthy snapshot of kernel text and rodata");
@@ -335,9 +354,9 @@ fn event_sink(events: &str, name: Option<String>) -> Result<EventSink> {
 /// `watch` without `--supervised`: run the watch in a worker process and
 /// supervise it (see `loader::supervise`).
 fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Result<i32> {
-    let gdb: Endpoint = a.gdb.parse().with_context(|| format!("--gdb {}", a.gdb))?;
+    let gdb = a.gdb_endpoint()?;
     let qmp: Option<Endpoint> = a.qmp.as_deref().map(str::parse).transpose().context("--qmp")?;
-    let mut sink = event_sink(events, Some(a.name.clone().unwrap_or_else(|| a.gdb.clone())))?;
+    let mut sink = event_sink(events, Some(a.name.clone().unwrap_or_else(|| a.addr().to_string())))?;
     let exe = std::env::current_exe().context("finding our own executable to start the worker")?;
     let mut worker = std::process::Command::new(exe);
     worker.args(std::env::args_os().skip(1)).arg("--supervised");
@@ -347,6 +366,14 @@ fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Resu
         SupervisorNote::Restarted { pid, how } => sink.emit(&Event {
             event: "error",
             message: Some(format!("the watcher (pid {pid}) died ({how}); restarting it")),
+            ..Default::default()
+        }),
+        SupervisorNote::ClosedGdbstub { pid, what } => sink.emit(&Event {
+            event: "detached",
+            message: Some(match what {
+                Ok(what) => format!("the watcher (pid {pid}) ended and left its gdbstub open: {what}"),
+                Err(e) => format!("the watcher (pid {pid}) ended and left its gdbstub open; closing it failed: {e}"),
+            }),
             ..Default::default()
         }),
         SupervisorNote::GaveUp { pid, how, rescue } => sink.emit(&Event {
@@ -396,7 +423,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 found_paused: !attached.stop_is_ours(),
                 qmp: attached.qmp.take(),
                 hangs,
-                crash_context: a.ram_file.is_some(),
+                crash_context: attached.fast_memory(),
                 record: TrapRecorder::from_env(),
             };
             let end = watch(attached.guest(), &mut session, &mut sink, stop, cfg)?;

@@ -29,7 +29,7 @@ pub fn capture_at_trap(cfg: &harness::GuestConfig, crash: &str, dump: &Path) -> 
     let cfg = cfg.clone().with_ram_file();
     let mut guest = harness::Guest::boot(&cfg).context("booting the kit guest under QEMU")?;
     let image = crate::kit::kit_image(cfg.kernel)?;
-    let spec = QemuGuest { gdb: guest.gdb_addr().parse()?, qmp: None, ram_file: guest.ram_file() };
+    let spec = QemuGuest { gdb: Some(guest.gdb_addr().parse()?), qmp: None, ram_file: guest.ram_file() };
     let mut attached = spec.connect()?;
     let mut session = attached.session(image, FlowConfig::default())?;
     let g = attached.guest();

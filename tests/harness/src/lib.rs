@@ -101,6 +101,9 @@ pub struct GuestConfig {
     /// The gdbstub on TCP (127.0.0.1, a free port) instead of a Unix
     /// socket; [`Guest::gdb_addr`] says where.
     pub gdb_tcp: bool,
+    /// No gdbstub at all (no `-gdb`): for a watcher that opens one through
+    /// QMP. [`GuestConfig::without_gdb`].
+    pub no_gdb: bool,
     /// Boot the kit's Debian 13 systemd root filesystem
     /// (`$kit/distro/rootfs.cpio.gz`, `scripts/kit-distro`) as the initramfs
     /// with `rdinit=/sbin/init` instead of the busybox one.
@@ -126,6 +129,7 @@ impl GuestConfig {
             image: None,
             no_kernel: false,
             gdb_tcp: false,
+            no_gdb: false,
             distro: false,
         }
     }
@@ -148,6 +152,12 @@ impl GuestConfig {
     /// Starts QEMU stopped (`-S`) with no kernel: [`GuestConfig::no_kernel`].
     pub fn without_kernel(mut self) -> Self {
         self.no_kernel = true;
+        self
+    }
+
+    /// Starts QEMU without a gdbstub: [`GuestConfig::no_gdb`].
+    pub fn without_gdb(mut self) -> Self {
+        self.no_gdb = true;
         self
     }
 
@@ -329,8 +339,7 @@ impl Guest {
                 &format!("socket,id=cmd0,path={},server=on,wait=off", cmd_sock.display()),
             ])
             .args(["-serial", "chardev:cmd0"])
-            .args(["-chardev", &gdb_chardev])
-            .args(["-gdb", "chardev:gdb0"])
+            .args(if cfg.no_gdb { vec![] } else { vec!["-chardev", &gdb_chardev, "-gdb", "chardev:gdb0"] })
             .args([
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", dir.path().join("qmp.sock").display()),
