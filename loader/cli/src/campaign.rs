@@ -181,6 +181,11 @@ pub struct TypeRecord {
     /// trigger to the verdict, ms.
     pub hang_detect_ms: Option<f64>,
     pub hang_after_trigger_ms: Option<f64>,
+    /// Hang: vCPU time the stuck CPU's thread got without progress when
+    /// it was reported, and when it was made certain, ms (the load-proof
+    /// measure: wall time grows when the host starves QEMU).
+    pub hang_detect_vcpu_ms: Option<f64>,
+    pub hang_certain_vcpu_ms: Option<f64>,
     /// Hang: from the trigger to the report that made it certain, ms, and
     /// the evidence of the last report.
     pub hang_certain_after_trigger_ms: Option<f64>,
@@ -220,6 +225,8 @@ impl TypeRecord {
             hang_detect_ms: None,
             hang_after_trigger_ms: None,
             hang_certain_after_trigger_ms: None,
+            hang_detect_vcpu_ms: None,
+            hang_certain_vcpu_ms: None,
             hang_why: None,
             trigger_to_exit_ms: None,
             boot,
@@ -554,6 +561,7 @@ impl Seen {
                     r.hang_why = Some(h.why.clone());
                     if h.certain && self.certain.is_none() {
                         r.hang_certain_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
+                        r.hang_certain_vcpu_ms = h.vcpu_ms;
                         self.certain = Some(h.clone());
                     }
                     if self.hang.is_none() {
@@ -663,6 +671,7 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
         });
         r.hang_detect_ms = Some(h.detected.duration_since(h.since).as_secs_f64() * 1e3);
         r.hang_after_trigger_ms = Some(h.detected.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        r.hang_detect_vcpu_ms = h.vcpu_ms;
         if h.pid as u32 != crash.pid {
             r.notes.push(format!("the hung task is pid {} ({}), the child is {}", h.pid, h.comm, crash.pid));
         }
