@@ -218,7 +218,7 @@ fn time_per_call(n: u32, mut f: impl FnMut()) -> Duration {
 fn ram_file_backend_sees_the_same_ram_and_is_faster() {
     let q = Qemu::start(Opts { ram_file: true, ..Default::default() });
     let gdb = GdbGuest::connect(q.gdb.clone()).unwrap();
-    let ram = RamFile::open_pc(q.ram_file.as_ref().unwrap(), 0xe000_0000).unwrap();
+    let ram = RamFile::open_pc_file(q.ram_file.as_ref().unwrap()).unwrap();
     let mut g = WithRam::new(gdb, ram);
 
     // Written through the gdbstub, read from the file, and back.

@@ -12,10 +12,8 @@
 
 use crate::hangs;
 use loader::access::Endpoint;
-use loader::flow::{FlowConfig, Session};
-use loader::gdb::GdbGuest;
+use loader::flow::FlowConfig;
 use loader::hang::{Hang, HangConfig, HangKind, HangLayout, HangPolicy};
-use loader::ram::{RamFile, WithRam};
 use loader::watch::{hang_declined_reason, watch, Event, EventSink, WatchConfig};
 use anyhow::{Context, Result};
 use harness::{Guest, GuestConfig, Kernel};
@@ -294,12 +292,8 @@ impl Live {
         }
         gc.qemu_args.extend(["-cpu".to_string(), cfg.cpu.clone()]);
         let guest = Guest::boot(&gc).context("booting the LKDTM guest")?;
-        let gdb = GdbGuest::connect(guest.gdb_addr().parse::<Endpoint>()?).context("gdbstub")?;
         let ram_path = guest.ram_file().context("RAM file")?;
-        let ram = RamFile::open_pc_file(&ram_path)?;
-        let fc = FlowConfig { ram_end: Some(loader::access::PhysAccess::ram_end(&ram)), ..FlowConfig::default() };
-        let mut g = WithRam::new(gdb, ram);
-        let mut session = Session::attach(&mut g, image.clone(), fc).context("attach")?;
+        let (mut g, mut session) = crate::kit::attach(&guest, image.clone(), FlowConfig::default())?;
         let mut qmp = loader::qmp::Qmp::connect(&guest.qmp_addr().parse::<Endpoint>()?).context("QMP")?;
         let (vcpu_threads, how) = hangs::vcpu_threads(&mut qmp, Some(guest.qemu_pid()), session.nr_vcpus);
         let kill_after = Arc::new(Mutex::new(String::new()));
