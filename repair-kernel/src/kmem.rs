@@ -45,16 +45,16 @@ impl<'m, M: PhysMem + ?Sized> Kernel<'m, M> {
 
     /// Translates a kernel virtual address.
     pub fn translate(&self, va: Gva) -> Result<Translation, Error> {
-        let vpage = va.0 & pgtable::PAGE_MASK;
         if let Some((p, t)) = self.tlb.get() {
-            if p == vpage {
-                let off = va.0 & (PAGE_SIZE - 1);
+            if va.0 & !(t.page_size - 1) == p {
+                let off = va.0 & (t.page_size - 1);
                 return Ok(Translation { gpa: Gpa(t.gpa.0 + off), ..t });
             }
         }
         let t = pgtable::translate(&*self.mem, self.paging, va)?;
-        let first = Translation { gpa: Gpa(t.gpa.0 & pgtable::PAGE_MASK), ..t };
-        self.tlb.set(Some((vpage, first)));
+        let mask = !(t.page_size - 1);
+        let first = Translation { gpa: Gpa(t.gpa.0 & mask), ..t };
+        self.tlb.set(Some((va.0 & mask, first)));
         Ok(t)
     }
 
