@@ -105,9 +105,9 @@ fn qmp_alone_repairs_and_leaves_no_gdbstub(cfg: GuestConfig) {
     let mut w = start(&guest, &image, &events, &[]);
     assert_eq!(socket_of(&gdbstub(&mut q).unwrap()), socket_of(&left), "the leftover gdbstub was not reused");
     crash_is_repaired(&mut guest);
+    let n = std::fs::read_to_string(&events).unwrap().lines().filter(|l| l.contains("\"attached\"")).count();
     kill(worker_of(&w), libc::SIGKILL);
     wait_event(&events, "restarting it", 1, Duration::from_secs(30), Some(&mut w));
-    let n = std::fs::read_to_string(&events).unwrap().lines().filter(|l| l.contains("\"attached\"")).count();
     wait_event(&events, "\"attached\"", n + 1, Duration::from_secs(90), Some(&mut w));
     crash_is_repaired(&mut guest);
     kill(w.id(), libc::SIGTERM);

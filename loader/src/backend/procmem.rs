@@ -8,9 +8,10 @@
 //!
 //! [`open_qemu_ram`] finds the block from QMP alone: QEMU's pid from the QMP
 //! socket's peer ([`Qmp::peer_pid`]), the block from HMP `info ramblock`
-//! (name, offset, used length; its host address too from QEMU 8.1 on, not on
+//! (name, offset, used length; its host address too on QEMU 10, not on
 //! 7.2), the mapping from `/proc/PID/maps` (matched with the block's length
-//! when QEMU does not print the address), checked against HMP `xp`.
+//! when QEMU does not print the address), the guest-physical map from HMP
+//! `info mtree -f` ([`Qmp::ram_layout`]), checked against HMP `xp`.
 //!
 //! Caveat, as for [`RamFile`]: under TCG QEMU does not see writes made
 //! here, and keeps code it translated from the old bytes; write guest code
@@ -36,7 +37,7 @@ pub struct RamBlock {
     pub offset: u64,
     /// Bytes in use.
     pub used: u64,
-    /// Host virtual address in QEMU (the `HVA` column, QEMU 8.1 and later).
+    /// Host virtual address in QEMU (the `HVA` column: QEMU 10, not 7.2).
     pub host: Option<u64>,
 }
 
@@ -253,8 +254,8 @@ fn other(msg: String) -> AccessError {
 
 /// Finds guest RAM in the QEMU process behind `qmp` (a Unix socket) and
 /// opens the fastest path to it: the shared file when the block is shared,
-/// else `/proc/PID/mem`. Only the PC machine's RAM layout is known (one
-/// block, split at [`pc_low_limit`]).
+/// else `/proc/PID/mem`. Guest RAM must be one block; its guest-physical
+/// map is QEMU's ([`Qmp::ram_layout`]).
 pub fn open_qemu_ram(qmp: &mut Qmp) -> Result<QemuRam, AccessError> {
     let pid = qmp.peer_pid().ok_or_else(|| {
         other("QEMU's process is unknown (QMP over TCP?): give QMP as a unix: socket, or --ram-file".into())
@@ -293,7 +294,15 @@ pub fn open_qemu_ram(qmp: &mut Qmp) -> Result<QemuRam, AccessError> {
             block.host.map(|h| format!(" at {h:#x}")).unwrap_or_default()
         )));
     }
-    let regions = pc_regions(block.used);
+    // QEMU's own map of the block (any machine); the `pc` split if it
+    // cannot be read.
+    let regions = match qmp.ram_layout() {
+        Ok(r) if r.iter().all(|r| r.file_offset + r.len <= block.used) => r,
+        other => {
+            tracing::warn!("QEMU's RAM map ({other:?}) is unusable; assuming the pc machine's");
+            pc_regions(block.used)
+        }
+    };
     let mut tried = Vec::new();
     for (host, m) in &candidates {
         let mut ram = open_at(pid, *host, m, regions.clone())?;
@@ -328,14 +337,14 @@ fn fd_of(pid: u32, m: &MapsEntry) -> Option<PathBuf> {
     dir.flatten().map(|e| e.path()).find(|p| std::fs::metadata(p).is_ok_and(|md| md.ino() == m.inode))
 }
 
-/// Checks `ram` against QEMU's own view (HMP `xp`) at a few places in low
-/// RAM: of the samples not zero on either side, most must agree (the guest
+/// Checks `ram` against QEMU's own view (HMP `xp`) at a few places in the
+/// largest RAM region: of the samples not zero on either side, most must agree (the guest
 /// runs meanwhile); all-zero samples tell nothing.
 fn verify(qmp: &mut Qmp, ram: &mut QemuRam, regions: &[RamRegion]) -> Result<(), String> {
-    let low = regions.first().map_or(0, |r| r.len);
+    let Some(big) = regions.iter().max_by_key(|r| r.len) else { return Err("no RAM regions".into()) };
     let (mut nonzero, mut agree) = (0, 0);
     for i in 1..=16u64 {
-        let gpa = (low / 17 * i) & !0xfff;
+        let gpa = (big.gpa.0 + big.len / 17 * i) & !0xfff;
         if gpa < 0x10_0000 {
             continue; // below 1 MiB: ROM shadows and holes, not plain RAM
         }
