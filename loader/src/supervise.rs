@@ -38,6 +38,12 @@ use std::time::{Duration, Instant};
 /// The environment variable that names the worker's [`TrapRecord`] file.
 pub const TRAP_FILE_ENV: &str = "REPAIR_GUEST_TRAP_FILE";
 
+/// The repair journal of a supervised worker (see [`crate::journal`]):
+/// beside its trap record. `None` outside a supervisor.
+pub fn journal_path() -> Option<PathBuf> {
+    std::env::var_os(TRAP_FILE_ENV).map(|p| PathBuf::from(p).with_file_name("journal"))
+}
+
 /// What a worker leaves for its supervisor: the trap's address, and whether
 /// the guest is held stopped by us right now. One line, `TRAP HELD`, both in
 /// hex / 0-1, rewritten whole on each change.
@@ -157,9 +163,10 @@ impl Supervisor {
                 continue;
             }
             let record = TrapRecord::read(&self.trap_file);
+            let journal = self.trap_file.with_file_name("journal");
             let rescue = match (&self.gdb, &self.qmp) {
-                (Some(gdb), qmp) => rescue(gdb, qmp.as_ref(), record),
-                (None, Some(qmp)) => rescue_via_qmp(qmp, record),
+                (Some(gdb), qmp) => rescue(gdb, qmp.as_ref(), record, Some(&journal)),
+                (None, Some(qmp)) => rescue_via_qmp(qmp, record, Some(&journal)),
                 (None, None) => Err(AccessError::Other("neither a gdbstub nor QMP to reach the guest".into())),
             };
             note(SupervisorNote::GaveUp { pid, how, rescue });
@@ -172,7 +179,9 @@ impl Supervisor {
 /// resumes the guest when the stop is ours (the worker held it, or it sits in
 /// `debug` at our trap, or it was running before our connection stopped it);
 /// a guest paused by someone else stays paused. Returns what was done.
-pub fn rescue(gdb: &Endpoint, qmp: Option<&Endpoint>, record: TrapRecord) -> Result<String, AccessError> {
+/// `journal`: where the worker journalled its repairs (see
+/// [`crate::journal`]); a repair it left half done is undone first.
+pub fn rescue(gdb: &Endpoint, qmp: Option<&Endpoint>, record: TrapRecord, journal: Option<&Path>) -> Result<String, AccessError> {
     let before = match qmp {
         Some(ep) => Some(Qmp::connect(ep)?.query_status()?),
         None => None,
@@ -181,6 +190,12 @@ pub fn rescue(gdb: &Endpoint, qmp: Option<&Endpoint>, record: TrapRecord) -> Res
     // when it goes), the dead watcher's trap included: see
     // `GdbGuest::connect`.
     let mut g = GdbGuest::connect(gdb.clone())?;
+    // A worker killed mid-repair: put the guest back as it was at the trap
+    // first, so that resuming it lets its panic proceed as without us.
+    if let Some(Ok(Some(j))) = journal.map(crate::journal::Journal::read) {
+        j.undo(&mut g).map_err(|e| AccessError::Other(e.to_string()))?;
+        journal.map(crate::journal::clear);
+    }
     let resume = record.held || matches!(before.as_deref(), None | Some("running") | Some("debug"));
     g.resume_on_drop = resume;
     g.leave(resume)?;
@@ -194,14 +209,14 @@ pub fn rescue(gdb: &Endpoint, qmp: Option<&Endpoint>, record: TrapRecord) -> Res
 
 /// [`rescue`] for a watch without `--gdb`: through the gdbstub QEMU has
 /// open (found with QMP); one a watcher opened is then closed (`gdbserver
-/// none`), the user's is left open. Returns what was done.
-pub fn rescue_via_qmp(qmp: &Endpoint, record: TrapRecord) -> Result<String, AccessError> {
+/// none`), the user's is left open. `journal` as for [`rescue`]. Returns what was done.
+pub fn rescue_via_qmp(qmp: &Endpoint, record: TrapRecord, journal: Option<&Path>) -> Result<String, AccessError> {
     let found = crate::attach::current_gdbstub(&mut Qmp::connect(qmp)?)?;
     let Some(f) = found else {
         return Ok("QEMU has no gdbstub open: no trap can be left".into());
     };
     // The QMP connection above is closed: `rescue` makes its own.
-    let what = rescue(&f.endpoint, Some(qmp), record)?;
+    let what = rescue(&f.endpoint, Some(qmp), record, journal)?;
     if !f.by_watcher {
         return Ok(what);
     }
@@ -220,7 +235,7 @@ fn close_left_gdbstub(qmp: &Endpoint, trap_file: &Path) -> Option<Result<String,
     }
     drop(q);
     let record = TrapRecord::read(trap_file);
-    Some(rescue_via_qmp(qmp, record))
+    Some(rescue_via_qmp(qmp, record, Some(&trap_file.with_file_name("journal"))))
 }
 
 /// The worker's side: keeps the [`TrapRecord`] file (named by

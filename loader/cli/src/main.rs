@@ -227,7 +227,26 @@ fn flow_config(a: &Attach) -> Result<FlowConfig> {
     cfg.borrowed_base = parse_hex(base)?;
     cfg.borrowed_size = parse_hex(size)?;
     cfg.reserved = a.reserve.is_some();
+    // Under a supervisor, each repair is journalled so that a worker killed
+    // mid-repair is undone by the next one (or by the supervisor).
+    cfg.journal = loader::supervise::journal_path();
+    if std::env::var_os(ABORT_ONCE_ENV).is_some() {
+        cfg.after_stage = Some(abort_once);
+    }
     Ok(cfg)
+}
+
+/// Fault injection for the tests of the repair journal: when this names an
+/// existing file, the process removes it and aborts right after staging the
+/// repair kernel, as a watcher killed mid-repair would stop.
+const ABORT_ONCE_ENV: &str = "REPAIR_GUEST_TEST_ABORT_ONCE";
+
+fn abort_once() {
+    if let Some(flag) = std::env::var_os(ABORT_ONCE_ENV) {
+        if std::fs::remove_file(flag).is_ok() {
+            std::process::abort();
+        }
+    }
 }
 
 fn load_image(path: &Path) -> Result<builder::RepairImage> {

@@ -294,8 +294,10 @@ impl Guest {
                     Some(dir) => Kit { dir: dir.clone() },
                     None => Kit::locate()?,
                 };
+                // The kernel first: a missing kit names it before the rest.
+                let kernel = kit.kernel(cfg.kernel)?.0;
                 let initrd = if cfg.distro { kit.distro_initramfs()? } else { kit.initramfs()? };
-                (Some(kit.kernel(cfg.kernel)?.0), Some(initrd))
+                (Some(kernel), Some(initrd))
             }
         };
         let dir = tempfile::Builder::new().prefix("guest-").tempdir()?;
