@@ -116,7 +116,7 @@ impl Vmm {
         let panic = self.repairer.session().panic_addr()?;
         let n = self.repairer.session().nr_vcpus;
         for i in 0..n {
-            if self.repairer.guest().vcpu(VcpuId(i))?.regs()?.rip == panic {
+            if self.repairer.guest().vcpu(VcpuId(i))?.regs()?.rip == panic.0 {
                 return Ok(VcpuId(i));
             }
         }
@@ -140,7 +140,7 @@ impl Vmm {
                     bail!("no trap at panic within 60 s");
                 }
                 let trapped = match v.fd.run().context("KVM_RUN")? {
-                    VcpuExit::Debug(d) if d.pc == panic => Some(d.pc),
+                    VcpuExit::Debug(d) if d.pc == panic.0 => Some(d.pc),
                     VcpuExit::Debug(d) => bail!("debug exit at {:#x}, not our trap", d.pc),
                     VcpuExit::IoIn(_, data) => {
                         data.fill(0xff);

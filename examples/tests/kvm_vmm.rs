@@ -35,11 +35,11 @@ fn the_example_vmm_repairs_through_the_embedding_api() {
     let r = vmm.run(vcpu, Mode::Repair, Duration::from_secs(2)).expect("VMM run");
     eprintln!("{:?}", r.after);
     let o = &r.outcome;
-    assert_eq!(r.trap_rip, vmm.repairer().session().panic_addr().unwrap());
+    assert_eq!(r.trap_rip, vmm.repairer().session().panic_addr().unwrap().0);
     assert!(o.applied, "{}", o.reason());
     assert_eq!(o.out.pid as u32, c.crashed_pid);
     assert_eq!(o.comm(), "sh");
-    assert_eq!(r.resumed_at, rewind, "the vCPU resumes at rewind_stack_and_make_dead");
+    assert_eq!(r.resumed_at, rewind.0, "the vCPU resumes at rewind_stack_and_make_dead");
     // The verdict is the QEMU backend's (its diagnose run on the held guest).
     let v = Verdict::of(o);
     assert_eq!(v.status, "done");

@@ -3,7 +3,7 @@
 //! trap: save, stage, run the repair kernel on the crashed vCPU, read its
 //! verdict, restore, apply, resume. Every step is timed.
 
-use crate::access::{self, AccessError, BpKind, GuestAccess, RunOutcome, VcpuId};
+use crate::access::{self, AccessError, BpKind, GuestAccess, Gpa, Gva, RunOutcome, VcpuId};
 use crate::guestmem::{probe_ram_end, GuestPhys};
 use crate::kaslr::{self, KaslrError};
 use builder::{RepairImage, StageError, StageOptions, StagePlan};
@@ -44,7 +44,7 @@ pub struct FlowConfig {
     /// Guest-physical range borrowed for the repair kernel, saved and
     /// restored byte for byte around each run. Default: 0x10000..0x90000,
     /// in the first MiB that Linux reserves and does not use at run time.
-    pub borrowed_base: u64,
+    pub borrowed_base: Gpa,
     pub borrowed_size: u64,
     /// End of guest RAM; `None` probes it.
     pub ram_end: Option<u64>,
@@ -71,7 +71,7 @@ pub struct FlowConfig {
 impl Default for FlowConfig {
     fn default() -> Self {
         Self {
-            borrowed_base: 0x10000,
+            borrowed_base: Gpa(0x10000),
             borrowed_size: 0x80000,
             ram_end: None,
             run_timeout: Duration::from_secs(10),
@@ -137,8 +137,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Session {
     pub image: RepairImage,
-    pub slide: u64,
-    pub slide_from_page_tables: bool,
+    /// The KASLR slide of the running kernel, and how it was found.
+    pub slide: kaslr::Slide,
     pub ram_end: u64,
     pub plan: StagePlan,
     pub cfg: FlowConfig,
@@ -212,7 +212,7 @@ fn plan_staging(
 ) -> Result<(StagePlan, Staging), FlowError> {
     let plan = StagePlan::with_options(
         image,
-        cfg.borrowed_base,
+        cfg.borrowed_base.0,
         cfg.borrowed_size,
         ram_end,
         &StageOptions { paging, integrity: cfg.integrity },
@@ -283,8 +283,7 @@ impl Session {
         let (plan, staging) = plan_staging(&image, &cfg, ram_end, paging)?;
         Ok(Session {
             image,
-            slide: slide.slide,
-            slide_from_page_tables: slide.from_page_tables,
+            slide,
             ram_end,
             plan,
             cfg,
@@ -310,8 +309,7 @@ impl Session {
             let mem = GuestPhys::read_only(guest, self.ram_end);
             kaslr::find_slide(&mem, paging, &self.image.layout, &self.image.kernel.banner)?
         };
-        self.slide = slide.slide;
-        self.slide_from_page_tables = slide.from_page_tables;
+        self.slide = slide;
         self.armed = false;
         self.prestaged = false;
         Ok(())
@@ -363,12 +361,12 @@ impl Session {
     }
 
     /// Run-time address of a layout symbol.
-    pub fn symbol(&self, item: Item) -> Result<u64, FlowError> {
-        self.image.layout.get(item).map(|a| a.wrapping_add(self.slide)).ok_or(FlowError::Layout(item))
+    pub fn symbol(&self, item: Item) -> Result<Gva, FlowError> {
+        self.image.layout.get(item).map(|a| self.slide.run_addr(a)).ok_or(FlowError::Layout(item))
     }
 
     /// Where the trap goes: the entry of `panic`.
-    pub fn panic_addr(&self) -> Result<u64, FlowError> {
+    pub fn panic_addr(&self) -> Result<Gva, FlowError> {
         self.symbol(Item::SymPanic)
     }
 
@@ -377,7 +375,7 @@ impl Session {
     pub fn arm<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
         self.prestage(guest)?;
         if !self.armed {
-            guest.set_breakpoint(access::Gva(self.panic_addr()?), BpKind::Hardware)?;
+            guest.set_breakpoint(self.panic_addr()?, BpKind::Hardware)?;
             self.armed = true;
         }
         Ok(())
@@ -385,7 +383,7 @@ impl Session {
 
     pub fn disarm<G: GuestAccess + ?Sized>(&mut self, guest: &mut G) -> Result<(), FlowError> {
         if self.armed {
-            guest.clear_breakpoint(access::Gva(self.panic_addr()?), BpKind::Hardware)?;
+            guest.clear_breakpoint(self.panic_addr()?, BpKind::Hardware)?;
             self.armed = false;
         }
         Ok(())
@@ -397,9 +395,9 @@ impl Session {
             crashed: *crashed,
             cpu: vcpu.0,
             nr_vcpus: self.nr_vcpus,
-            kaslr_slide: self.slide,
+            kaslr_slide: self.slide.slide,
             ram_end: self.ram_end,
-            borrowed_base: self.cfg.borrowed_base,
+            borrowed_base: self.cfg.borrowed_base.0,
             borrowed_size: self.cfg.borrowed_size,
             max_tasks: self.cfg.max_tasks,
             read_only: (mode == Mode::Diagnose) as u32,
@@ -443,11 +441,11 @@ impl Session {
         let mut saved = Vec::new();
         if !self.cfg.reserved {
             saved = vec![0u8; self.plan.used as usize];
-            guest.read_phys(access::Gpa(self.cfg.borrowed_base), &mut saved)?;
+            guest.read_phys(self.cfg.borrowed_base, &mut saved)?;
         }
         t.save = ms(step);
         if let Some(path) = &self.cfg.journal {
-            let j = crate::journal::Journal { vcpu, regs: crashed, base: access::Gpa(self.cfg.borrowed_base), saved };
+            let j = crate::journal::Journal { vcpu, regs: crashed, base: self.cfg.borrowed_base, saved };
             // Without a journal a repair still beats letting the crash take
             // the guest: go on, and say so.
             if let Err(e) = j.write(path) {
@@ -464,7 +462,7 @@ impl Session {
         let restore_mem = if self.cfg.reserved {
             Ok(())
         } else {
-            guest.write_phys_data(access::Gpa(self.cfg.borrowed_base), &saved)
+            guest.write_phys_data(self.cfg.borrowed_base, &saved)
         };
         let out = match result {
             Ok(out) => out,
@@ -558,9 +556,9 @@ impl Session {
     /// crashed context's address space and CPU modes.
     fn check_resume(&self, crashed: &CpuState, resume: &CpuState) -> Result<(), FlowError> {
         let rewind = self.symbol(Item::SymRewindStackAndMakeDead)?;
-        if resume.rip != rewind {
+        if resume.rip != rewind.0 {
             return Err(FlowError::UnsoundResume(format!(
-                "rip {:#x} is not rewind_stack_and_make_dead ({rewind:#x})",
+                "rip {:#x} is not rewind_stack_and_make_dead ({rewind})",
                 resume.rip
             )));
         }

@@ -39,7 +39,7 @@
 //! exiting while we walk the list) costs one sample, never a false verdict,
 //! because a verdict needs the same facts over many samples.
 
-use crate::access::{translate, AccessError, Gpa, Gva, PhysAccess};
+use crate::access::{translate, AccessError, CpuState, Gpa, Gva, PhysAccess};
 use repair_kernel::layout::{Item, KernelLayout};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -430,9 +430,11 @@ pub struct Sampler<M> {
 }
 
 impl<M: PhysAccess> Sampler<M> {
-    /// `cr3`/`cr4`: any kernel page tables of the guest (the kernel half is
-    /// shared by every address space), read once while the guest was stopped.
-    pub fn new(mem: M, cr3: u64, cr4: u64, layout: HangLayout, nr_cpus: u32, cfg: HangConfig) -> Self {
+    /// `regs`: a vCPU's registers, read once while the guest was stopped;
+    /// its page tables (CR3, CR4) lead to the kernel's (the kernel half is
+    /// shared by every address space).
+    pub fn new(mem: M, regs: &CpuState, layout: HangLayout, nr_cpus: u32, cfg: HangConfig) -> Self {
+        let (cr3, cr4) = (regs.cr3, regs.cr4);
         let mut s = Self {
             mem,
             cr3,
@@ -877,7 +879,7 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
         g.write_virt(vcpu, Gva(new_rsp), &frame)?;
         let mut fake = orig;
         fake.rsp = new_rsp;
-        fake.rip = panic;
+        fake.rip = panic.0;
         fake.rdi = msg_at;
         g.set_regs(vcpu, &fake)?;
         let put_back = |g: &mut G| -> Result<(), crate::flow::FlowError> {
@@ -1120,7 +1122,7 @@ mod tests {
     }
 
     fn sampler(ram: &Ram, cfg: HangConfig) -> Sampler<Ram> {
-        Sampler::new(ram.clone(), PML4, 0, layout(), 2, cfg)
+        Sampler::new(ram.clone(), &CpuState { cr3: PML4, ..CpuState::default() }, layout(), 2, cfg)
     }
 
     #[test]

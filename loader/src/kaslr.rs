@@ -39,6 +39,24 @@ pub struct Slide {
     pub from_page_tables: bool,
 }
 
+impl Slide {
+    /// The run-time address of a link-time (vmlinux) address.
+    pub fn run_addr(&self, link: u64) -> Gva {
+        Gva(link.wrapping_add(self.slide))
+    }
+
+    /// The link-time (vmlinux) address of a run-time one, for `addr2line`.
+    pub fn link_addr(&self, run: Gva) -> u64 {
+        run.0.wrapping_sub(self.slide)
+    }
+}
+
+impl std::fmt::LowerHex for Slide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.slide, f)
+    }
+}
+
 /// Reads up to `buf.len()` bytes of kernel virtual memory; stops at the first
 /// unmapped byte. Returns how many bytes were read.
 fn read_virt<M: PhysMem + ?Sized>(mem: &M, paging: Paging, va: u64, buf: &mut [u8]) -> usize {

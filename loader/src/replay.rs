@@ -470,13 +470,13 @@ pub fn replay(dump: &CoreDump, image: builder::RepairImage, opts: &ReplayOptions
     let cfg = EmbedConfig { staging: Some(staging), run_timeout: opts.run_timeout, ..EmbedConfig::default() };
     let mut r = Repairer::new(guest, image, cfg)?;
     let panic = r.session().panic_addr()?;
-    let vcpu = dump.cpus.iter().position(|c| c.rip == panic).ok_or_else(|| ReplayError::NotAtTrap {
-        panic,
+    let vcpu = dump.cpus.iter().position(|c| c.rip == panic.0).ok_or_else(|| ReplayError::NotAtTrap {
+        panic: panic.0,
         rips: dump.cpus.iter().map(|c| format!("{:#x}", c.rip)).collect::<Vec<_>>().join(", "),
     })?;
     let outcome = r.on_trap(VcpuId(vcpu as u32), Mode::Diagnose)?;
     Ok(Replay {
-        slide: r.session().slide,
+        slide: r.session().slide.slide,
         nr_vcpus: dump.cpus.len(),
         outcome,
         caps,

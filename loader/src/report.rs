@@ -69,10 +69,10 @@ pub struct Integrity {
 }
 
 /// Picks the vCPU to report on: the one stopped at `panic`, else vCPU 0.
-pub fn crashed_vcpu<G: GuestAccess + ?Sized>(guest: &mut G, panic_addr: u64) -> Result<VcpuId, crate::access::AccessError> {
+pub fn crashed_vcpu<G: GuestAccess + ?Sized>(guest: &mut G, panic_addr: Gva) -> Result<VcpuId, crate::access::AccessError> {
     let vcpus = guest.vcpus()?;
     for v in &vcpus {
-        if guest.get_regs(*v)?.rip == panic_addr {
+        if guest.get_regs(*v)?.rip == panic_addr.0 {
             return Ok(*v);
         }
     }
@@ -98,7 +98,7 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
     let k = repair_kernel::kernel_view(&mut mem, &input);
     let mut addrs = [Gva(0); 256];
     let n = repair_kernel::backtrace(&k, &input, &mut addrs);
-    let backtrace = build_backtrace(&k, regs.rip, &addrs[..n], session.slide, symbolizer);
+    let backtrace = build_backtrace(&k, regs.rip, &addrs[..n], session.slide.slide, symbolizer);
 
     let mut log = vec![0u8; 64 * 1024];
     let log_len = repair_kernel::printk::log_tail(&k, log_lines, &mut log).unwrap_or(0);
@@ -120,7 +120,7 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         kaslr_slide: format!("{:#x}", session.slide),
         cpu: vcpu.0,
         rip: format!("{:#x}", regs.rip),
-        at_panic: regs.rip == session.panic_addr()?,
+        at_panic: regs.rip == session.panic_addr()?.0,
         kind: crash_kind_name(out.crash_kind),
         message: field_str(&out.message).to_string(),
         pid: out.pid,
@@ -156,7 +156,7 @@ fn check_integrity<M: PhysMem + ?Sized>(
     let rep = check_pages(&mut k, &IntegrityInput { hashes: &hashes, skips: &image.skips, pristine: None }, false, |m| {
         if pages.len() < 64 {
             let name = sym
-                .map(|s| s.frame(m.gva.0, session.slide, false).display())
+                .map(|s| s.frame(m.gva.0, session.slide.slide, false).display())
                 .unwrap_or_else(|| format!("{:#x}", m.gva.0));
             pages.push(format!("{:#x}{} {name}", m.page.0, if m.unreadable { " (unreadable)" } else { "" }));
         }

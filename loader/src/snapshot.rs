@@ -38,7 +38,7 @@ pub fn take_live_snapshot<G: GuestAccess + ?Sized>(
     let get = |i: Item| layout.get(i).ok_or(FlowError::Layout(i));
     let ranges = [(get(Item::SymStext)?, get(Item::SymEtext)?), (get(Item::SymStartRodata)?, get(Item::SymEndRodata)?)];
     let total: usize = ranges.iter().map(|(s, e)| (e.saturating_sub(*s) / PAGE + 1) as usize).sum();
-    let slide = session.slide;
+    let slide = session.slide.slide;
     let mem = GuestPhys::read_only(guest, session.ram_end);
     let mut pages = Vec::with_capacity(total);
     let mut unmapped = 0;

@@ -26,7 +26,7 @@
 //! ([`rescue_via_qmp`]). If both are killed at once (SIGKILL), the next
 //! watcher run with `--qmp` alone takes it over, and closes it when it goes.
 
-use crate::access::{AccessError, Endpoint};
+use crate::access::{AccessError, Endpoint, Gva};
 use crate::gdb::GdbGuest;
 use crate::qmp::Qmp;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -49,13 +49,13 @@ pub fn journal_path() -> Option<PathBuf> {
 /// hex / 0-1, rewritten whole on each change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrapRecord {
-    pub trap: Option<u64>,
+    pub trap: Option<Gva>,
     pub held: bool,
 }
 
 impl TrapRecord {
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let line = format!("{:#x} {}\n", self.trap.unwrap_or(0), u8::from(self.held));
+        let line = format!("{:#x} {}\n", self.trap.map_or(0, |a| a.0), u8::from(self.held));
         // Written in place: a torn read is a short line, read as "no trap";
         // the supervisor only reads it once the writer is dead.
         std::fs::write(path, line)
@@ -67,7 +67,8 @@ impl TrapRecord {
         let trap = words
             .next()
             .and_then(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
-            .filter(|&a| a != 0);
+            .filter(|&a| a != 0)
+            .map(Gva);
         let held = words.next() == Some("1");
         TrapRecord { trap, held }
     }
@@ -250,7 +251,7 @@ impl TrapRecorder {
     pub fn from_env() -> Self {
         Self { path: std::env::var_os(TRAP_FILE_ENV).map(PathBuf::from), record: TrapRecord::default() }
     }
-    pub fn set_trap(&mut self, trap: Option<u64>) {
+    pub fn set_trap(&mut self, trap: Option<Gva>) {
         self.record.trap = trap;
         self.flush();
     }
@@ -278,11 +279,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("trap");
         assert_eq!(TrapRecord::read(&p), TrapRecord::default());
-        let r = TrapRecord { trap: Some(0xffff_ffff_8100_0000), held: true };
+        let r = TrapRecord { trap: Some(Gva(0xffff_ffff_8100_0000)), held: true };
         r.write(&p).unwrap();
         assert_eq!(TrapRecord::read(&p), r);
         std::fs::write(&p, "0xffff").unwrap();
-        assert_eq!(TrapRecord::read(&p), TrapRecord { trap: Some(0xffff), held: false });
+        assert_eq!(TrapRecord::read(&p), TrapRecord { trap: Some(Gva(0xffff)), held: false });
         std::fs::write(&p, "zz 1").unwrap();
         assert_eq!(TrapRecord::read(&p), TrapRecord { trap: None, held: true });
     }

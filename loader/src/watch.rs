@@ -1,7 +1,7 @@
 //! `repair-guest watch`: stay attached, repair each crash, report each event
 //! as one JSON line.
 
-use crate::access::{AccessError, CpuState, GuestAccess, StopEvent, StopReason, VcpuId};
+use crate::access::{AccessError, CpuState, GuestAccess, Gva, StopEvent, StopReason, VcpuId};
 use crate::flow::{crash_kind_name, reason_name, FlowError, Mode, Outcome, Session, Timings};
 use crate::hang::{self, Hang, HangKind, HangRepair, Sampler, SamplerMsg};
 use crate::kaslr::KaslrError;
@@ -417,7 +417,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
         WatchEnd::GuestGone
     }
 
-    fn arm(&mut self) -> Result<u64, FlowError> {
+    fn arm(&mut self) -> Result<Gva, FlowError> {
         self.session.arm(self.guest)?;
         let addr = self.session.panic_addr()?;
         self.cfg.record.set_trap(Some(addr));
@@ -430,7 +430,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
         let panic = self.session.panic_addr()?;
         let mut at = Vec::new();
         for v in self.guest.vcpus()? {
-            if self.guest.get_regs(v)?.rip == panic {
+            if self.guest.get_regs(v)?.rip == panic.0 {
                 at.push(v);
             }
         }
@@ -439,7 +439,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
 
     fn on_stop(&mut self, ev: StopEvent) -> Result<(), FlowError> {
         let panic = self.session.panic_addr()?;
-        if ev.reason == StopReason::Trap && ev.rip.0 == panic && self.rearm_at.is_none() {
+        if ev.reason == StopReason::Trap && ev.rip == panic && self.rearm_at.is_none() {
             return self.handle_traps(Some(ev.vcpu));
         }
         // Not at our trap. QMP tells a debug stop (ours: a second vCPU's

@@ -114,7 +114,7 @@ fn measure_run_times_tcg_vs_kvm() {
         let st = loader::kvm::StagingSlot::above_ram(kg.memory(), 8);
         kg.add_staging(st).unwrap();
         let kcfg = FlowConfig {
-            borrowed_base: st.gpa,
+            borrowed_base: loader::access::Gpa(st.gpa),
             borrowed_size: st.size,
             ram_end: Some(st.gpa + st.size),
             run_timeout: std::time::Duration::from_secs(60),

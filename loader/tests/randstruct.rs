@@ -33,7 +33,7 @@ fn crash_and_repair(guest: &mut Guest, g: &mut Backend, session: &Session, kind:
     let before = guest.ping(Duration::from_secs(60)).unwrap();
     let crash = guest.crash(kind).unwrap();
     let stop = g.wait_stop(Some(Duration::from_secs(120))).unwrap().expect("a trap at panic");
-    assert_eq!(stop.rip.0, session.panic_addr().unwrap(), "{kind}: stopped elsewhere: {stop:?}");
+    assert_eq!(stop.rip, session.panic_addr().unwrap(), "{kind}: stopped elsewhere: {stop:?}");
     let o = session.repair(g, stop.vcpu, Mode::Repair).unwrap();
     eprintln!("{kind}: {:?} pid {} comm {} cpu {}: {} / {}", o.action(), o.out.pid, o.comm(), o.out.cpu, o.message(), o.reason());
     assert_eq!(o.action(), Action::Kill, "{kind}: {}", o.reason());
@@ -139,7 +139,7 @@ fn hang_sampler_sees_each_cpus_running_task_as_the_guest_does_on_a_randstruct_pr
     };
     assert_eq!(nr_cpus, 2);
     let mem = RamFile::open_pc_file(&guest.ram_file().unwrap()).unwrap();
-    let mut sampler = Sampler::new(mem, regs.cr3, regs.cr4, layout.slid(slide), nr_cpus, HangConfig::default());
+    let mut sampler = Sampler::new(mem, &regs, layout.slid(slide.slide), nr_cpus, HangConfig::default());
 
     // ~20 samples of each CPU over 2 s, the guest running.
     const SAMPLES: usize = 20;

@@ -30,7 +30,7 @@ fn attach(guest: &Guest) -> (Backend, Session) {
 /// Waits for the trap at `panic` and runs the repair kernel.
 fn trap_and_repair(g: &mut Backend, session: &Session, mode: Mode) -> Outcome {
     let stop = g.wait_stop(Some(Duration::from_secs(90))).unwrap().expect("a trap at panic");
-    assert_eq!(stop.rip.0, session.panic_addr().unwrap(), "stopped elsewhere: {stop:?}");
+    assert_eq!(stop.rip, session.panic_addr().unwrap(), "stopped elsewhere: {stop:?}");
     session.repair(g, stop.vcpu, mode).unwrap()
 }
 
@@ -47,12 +47,12 @@ fn differing_pages(a: &[u8], b: &[u8]) -> Vec<u64> {
 fn sysrq_c_child_is_killed_and_the_guest_carries_on() {
     let mut guest = boot(GuestConfig::new(Kernel::Debian));
     let (mut g, session) = attach(&guest);
-    assert!(session.slide_from_page_tables, "slide {:#x}", session.slide);
+    assert!(session.slide.from_page_tables, "slide {:#x}", session.slide);
 
     let before = guest.ping(Duration::from_secs(30)).unwrap();
     let crash = guest.crash("sysrq-c").unwrap();
     let stop = g.wait_stop(Some(Duration::from_secs(90))).unwrap().expect("trap at panic");
-    assert_eq!(stop.rip.0, session.panic_addr().unwrap());
+    assert_eq!(stop.rip, session.panic_addr().unwrap());
     let at_trap = ram_snapshot(&guest);
     let outcome = session.repair(&mut g, stop.vcpu, Mode::Repair).unwrap();
     // Just before resume, RAM is as it was at the trap: the kill changes
@@ -193,7 +193,7 @@ fn a_live_snapshot_matches_and_corrupted_text_is_reported() {
     // Corrupt one kernel function's text from outside (through the
     // gdbstub, so QEMU drops its translations of it).
     let link = sym.address_of("sysrq_handle_crash").unwrap();
-    let gva = loader::access::Gva(link.wrapping_add(session.slide) + 2);
+    let gva = loader::access::Gva(session.slide.run_addr(link).0 + 2);
     g.write_virt(vcpu, gva, &[0x0f, 0x0b, 0x0f, 0x0b]).unwrap();
     let hurt = loader::report::diagnose(&mut g, &session, vcpu, Some(&sym), 10).unwrap();
     assert_eq!(hurt.integrity.mismatched, 1, "{:?}", hurt.integrity.pages);

@@ -67,10 +67,10 @@ pub fn hang_watch(spec: SamplerSpec, act: bool, kill_after: Option<Arc<Mutex<Str
         let path = &spec.ram_file;
         let ram = RamFile::open_pc_file(path).map_err(|e| format!("mapping {}: {e}", path.display()))?;
         let layout = match &spec.layout {
-            Some(l) => l.slid(session.slide),
-            None => HangLayout::from_image(&session.image, session.slide).map_err(|e| e.to_string())?,
+            Some(l) => l.slid(session.slide.slide),
+            None => HangLayout::from_image(&session.image, session.slide.slide).map_err(|e| e.to_string())?,
         };
-        let mut s = Sampler::new(ram, regs.cr3, regs.cr4, layout, spec.nr_vcpus, spec.cfg);
+        let mut s = Sampler::new(ram, regs, layout, spec.nr_vcpus, spec.cfg);
         s.vcpu_threads = spec.vcpu_threads.clone();
         if let Some(k) = &kill_after {
             *k.lock().unwrap_or_else(|e| e.into_inner()) = s.kill_after_source.clone();

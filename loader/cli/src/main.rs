@@ -224,7 +224,7 @@ fn flow_config(a: &Attach) -> Result<FlowConfig> {
         None => ("--borrow", &a.borrow),
     };
     let (base, size) = range.split_once(':').with_context(|| format!("{flag} {range:?}: expected BASE:SIZE"))?;
-    cfg.borrowed_base = parse_hex(base)?;
+    cfg.borrowed_base = loader::access::Gpa(parse_hex(base)?);
     cfg.borrowed_size = parse_hex(size)?;
     cfg.reserved = a.reserve.is_some();
     // Under a supervisor, each repair is journalled so that a worker killed
@@ -576,7 +576,7 @@ fn wait_for_crash(g: &mut dyn GuestAccess, session: &mut Session, secs: u64, sto
             bail!("stopped by a signal before any crash; the guest runs on, untouched");
         }
         match g.wait_stop(Some(left.min(std::time::Duration::from_millis(200))))? {
-            Some(ev) if ev.rip.0 == panic => return Ok(ev.vcpu),
+            Some(ev) if ev.rip == panic => return Ok(ev.vcpu),
             Some(_) => g.resume()?,
             None if !left.is_zero() => {}
             None => {

@@ -37,7 +37,7 @@ pub fn capture_at_trap(cfg: &harness::GuestConfig, crash: &str, dump: &Path) -> 
     g.resume()?;
     let handle = guest.crash(crash)?;
     let stop = g.wait_stop(Some(Duration::from_secs(120)))?.context("no trap at panic within 120 s")?;
-    ensure!(stop.rip.0 == session.panic_addr()?, "stopped at {} instead of panic", stop.rip);
+    ensure!(stop.rip == session.panic_addr()?, "stopped at {} instead of panic", stop.rip);
     let _ = std::fs::remove_file(dump);
     let mut qmp = loader::qmp::Qmp::connect_timeout(&guest.qmp_addr().parse()?, Duration::from_secs(300))?;
     qmp.execute(

@@ -115,7 +115,7 @@ fn crash_repaired(machine: &str, mem_mib: u32, qemu10: bool) {
     let stop = attached.guest().wait_stop(Some(Duration::from_secs(120))).unwrap().expect("a stop at panic");
     let vcpu = stop.vcpu;
     let regs = attached.guest().get_regs(vcpu).unwrap();
-    assert_eq!(regs.rip, session.panic_addr().unwrap(), "{tag}: stopped at panic");
+    assert_eq!(regs.rip, session.panic_addr().unwrap().0, "{tag}: stopped at panic");
 
     // The oracle: the crashing CPU's current task is the child, and where
     // its task_struct is in guest-physical memory.

@@ -67,7 +67,7 @@ fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
     .unwrap();
     let image = repair_guest::kit::kit_image(Kernel::Lkdtm).unwrap();
     let cfg = FlowConfig {
-        borrowed_base: STAGE_BASE,
+        borrowed_base: loader::access::Gpa(STAGE_BASE),
         borrowed_size: STAGE_SIZE,
         reserved: true,
         integrity: true,
@@ -88,7 +88,7 @@ fn boot() -> (Guest, Backend, Session, HashMap<u64, [u8; 4096]>) {
 /// Waits for the trap, repairs, resumes; returns the outcome.
 fn repair_next(g: &mut Backend, session: &Session) -> loader::flow::Outcome {
     let stop = g.wait_stop(Some(Duration::from_secs(60))).unwrap().expect("trap at panic");
-    assert_eq!(stop.rip.0, session.panic_addr().unwrap());
+    assert_eq!(stop.rip, session.panic_addr().unwrap());
     let o = session.repair(g, stop.vcpu, Mode::Repair).expect("repair");
     eprintln!("verdict: {:?} {} / {} / restored {} / {:?}", o.action(), o.message(), o.reason(), o.out.pages_restored, o.timings);
     g.resume().unwrap();
@@ -98,7 +98,7 @@ fn repair_next(g: &mut Backend, session: &Session) -> loader::flow::Outcome {
 #[test]
 fn corrupted_text_is_restored_and_the_next_caller_works() {
     let (mut guest, mut g, session, pages) = boot();
-    let slide = session.slide;
+    let slide = session.slide.slide;
 
     // 1. ud2 over lkdtm_WARNING's first instruction, from outside.
     let warning = system_map_symbol("lkdtm_WARNING");
@@ -125,7 +125,7 @@ fn corrupted_text_is_restored_and_the_next_caller_works() {
     let w = guest.crash("WRITE_KERN").unwrap();
     let regs = match g.wait_stop(Some(Duration::from_secs(20))).unwrap() {
         Some(stop) => {
-            assert_eq!(stop.rip.0, session.panic_addr().unwrap());
+            assert_eq!(stop.rip, session.panic_addr().unwrap());
             let regs = g.get_regs(VcpuId(0)).unwrap();
             let o = session.repair(&mut g, stop.vcpu, Mode::Repair).expect("repair");
             eprintln!("WRITE_KERN: {:?} {} / {} / restored {}", o.action(), o.message(), o.reason(), o.out.pages_restored);

@@ -83,7 +83,7 @@ impl Repairer {
             }
         };
         let flow = FlowConfig {
-            borrowed_base: st.gpa,
+            borrowed_base: crate::access::Gpa(st.gpa),
             borrowed_size: st.size,
             ram_end: Some(st.gpa + st.size),
             run_timeout: cfg.run_timeout,
@@ -129,7 +129,7 @@ impl Repairer {
         let (Ok(start), Ok(end)) = (self.session.symbol(Item::SymStext), self.session.symbol(Item::SymEtext)) else {
             return Ok(None);
         };
-        Ok((lstar != 0).then_some((start..end).contains(&lstar)))
+        Ok((lstar != 0).then_some((start.0..end.0).contains(&lstar)))
     }
 
     /// Sets the hardware breakpoint at `panic` on every vCPU
@@ -144,7 +144,7 @@ impl Repairer {
 
     /// True when a `KVM_EXIT_DEBUG` is our trap at the entry of `panic`.
     pub fn is_trap(&self, d: &kvm_debug_exit_arch) -> bool {
-        self.session.panic_addr().is_ok_and(|p| p == d.pc)
+        self.session.panic_addr().is_ok_and(|p| p.0 == d.pc)
     }
 
     /// Runs the repair kernel on `vcpu`, stopped at the trap (every other
