@@ -5,7 +5,7 @@
 //! then the same crashes in the kit's Debian 13 systemd guest
 //! (`GuestConfig::distro`, `scripts/kit-distro`; `BENCH_DISTRO=0` skips it).
 //!
-//! `cargo bench -p loader --bench recovery` (N: `BENCH_CRASHES`, default 20).
+//! `cargo bench -p repair-guest --bench recovery` (N: `BENCH_CRASHES`, default 20).
 
 use harness::{Guest, GuestConfig, Kernel};
 use loader::access::GuestAccess;
@@ -36,16 +36,19 @@ impl Stats {
 /// (`GuestConfig::distro`, `scripts/kit-distro`): every step's times, and
 /// the number of tasks the guest ran. `None` when the kit has no distro
 /// rootfs.
-/// Every step's times, and the guest's task count.
-type DistroSteps = (Vec<Stats>, usize);
+/// Every step's times, the guest's task count, and its boot to
+/// multi-user (ms): the reboot a repair spares.
+type DistroSteps = (Vec<Stats>, usize, f64);
 
 fn distro_steps(n: usize) -> Result<Option<DistroSteps>, Box<dyn std::error::Error>> {
     let cfg = GuestConfig::distro().with_ram_file();
     if harness::Kit::locate()?.distro_initramfs().is_err() {
         return Ok(None);
     }
+    let t = Instant::now();
     let mut guest = Guest::boot(&cfg)?;
     guest.run("systemctl is-system-running --wait", Duration::from_secs(180))?;
+    let boot_ms = t.elapsed().as_secs_f64() * 1e3;
     // /proc/loadavg's fourth field: runnable/total tasks (threads included).
     let la = guest.run("cat /proc/loadavg", Duration::from_secs(60))?;
     let tasks = la.output.first().and_then(|l| l.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok()).unwrap_or(0);
@@ -77,7 +80,7 @@ fn distro_steps(n: usize) -> Result<Option<DistroSteps>, Box<dyn std::error::Err
     if !guest.verify_bystander()?.ok {
         return Err("distro guest: bystander data damaged".into());
     }
-    Ok(Some((cols, tasks)))
+    Ok(Some((cols, tasks, boot_ms)))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -134,7 +137,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // rather than a busybox init's few dozen): `BENCH_DISTRO=0` skips it.
     let distro = if std::env::var("BENCH_DISTRO").as_deref() == Ok("0") { None } else { distro_steps(n)? };
     match &distro {
-        Some((dcols, tasks)) => {
+        Some((dcols, tasks, _)) => {
             println!("\nthe same {n} crashes in the Debian 13 systemd guest ({tasks} tasks), same kernel (ms)\n");
             println!("| {:<32} | {:>8} | {:>8} | {:>8} | {:>8} |", "step", "mean", "p50", "p95", "max");
             println!("|{:-<34}|{:-<10}|{:-<10}|{:-<10}|{:-<10}|", "", "", "", "", "");
@@ -147,6 +150,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\n| peer                                               | figure (ms) |");
     println!("|----------------------------------------------------|-------------|");
     println!("| reboot of the same guest to init (this run, mean of 3) | {:>7.0} |", reboot.mean());
+    if let Some((_, _, boot_ms)) = &distro {
+        println!("| boot of the Debian 13 systemd guest to multi-user (this run) | {boot_ms:>7.0} |");
+    }
     println!("| Jann et al. 2012, OS repair image (published)      | < 3000      |");
     println!("| ReHype hypervisor microreboot (published)          | < 750       |");
     println!("| Firecracker snapshot restore (published)           | 5-8         |");
