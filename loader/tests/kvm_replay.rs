@@ -66,7 +66,7 @@ fn lkdtm_bug_replays_the_same_verdict() {
 /// default (a measurement, not a check): `cargo test -p loader --test
 /// kvm_replay -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
 fn measure_run_times_tcg_vs_kvm() {
     use loader::access::GuestAccess;
     use loader::flow::{FlowConfig, Mode, Session};

@@ -52,8 +52,19 @@ fn distro_steps(n: usize) -> Result<Option<DistroSteps>, Box<dyn std::error::Err
     // /proc/loadavg's fourth field: runnable/total tasks (threads included).
     let la = guest.run("cat /proc/loadavg", Duration::from_secs(60))?;
     let tasks = la.output.first().and_then(|l| l.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok()).unwrap_or(0);
+    let cols = crash_steps(&mut guest, n, "distro ")?;
+    if !guest.verify_bystander()?.ok {
+        return Err("distro guest: bystander data damaged".into());
+    }
+    Ok(Some((cols, tasks, boot_ms)))
+}
+
+/// `n` sysrq-c crashes from children of `guest` (a kit Debian-kernel guest
+/// with a RAM file), each repaired: the times of save, stage, run, verdict,
+/// restore, resume, and trap to running. `what` names the guest in errors.
+fn crash_steps(guest: &mut Guest, n: usize, what: &str) -> Result<Vec<Stats>, Box<dyn std::error::Error>> {
     let image = repair_guest::kit::kit_image(Kernel::Debian)?;
-    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default())?;
+    let (mut g, mut session) = repair_guest::kit::attach(guest, image, FlowConfig::default())?;
     session.arm(&mut g)?;
     g.resume()?;
     let mut cols: Vec<Stats> = (0..7).map(|_| Stats(Vec::new())).collect();
@@ -67,20 +78,18 @@ fn distro_steps(n: usize) -> Result<Option<DistroSteps>, Box<dyn std::error::Err
         let resume = t_resume.elapsed().as_secs_f64() * 1e3;
         let total = t0.elapsed().as_secs_f64() * 1e3;
         if !o.applied {
-            return Err(format!("distro crash {i} not repaired: {}", o.reason()).into());
+            return Err(format!("{what}crash {i} not repaired: {}", o.reason()).into());
         }
-        if guest.wait_crash_exit(&crash, Duration::from_secs(60))? != 137 {
-            return Err(format!("distro crash {i}: the child was not killed").into());
+        let status = guest.wait_crash_exit(&crash, Duration::from_secs(60))?;
+        if status != 137 {
+            return Err(format!("{what}crash {i}: child exit {status}").into());
         }
         let t = &o.timings;
         for (c, v) in cols.iter_mut().zip([t.save, t.stage, t.run, t.verdict, t.restore, resume, total]) {
             c.0.push(v);
         }
     }
-    if !guest.verify_bystander()?.ok {
-        return Err("distro guest: bystander data damaged".into());
-    }
-    Ok(Some((cols, tasks, boot_ms)))
+    Ok(cols)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -97,34 +106,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut guest = Guest::boot(&GuestConfig::new(Kernel::Debian).with_ram_file())?;
-    let image = repair_guest::kit::kit_image(Kernel::Debian)?;
-    let (mut g, mut session) = repair_guest::kit::attach(&guest, image, FlowConfig::default())?;
-    session.arm(&mut g)?;
-    g.resume()?;
-
     let names = ["save", "stage", "run (repair kernel in the guest)", "verdict", "restore", "resume", "trap to running (total)"];
-    let mut cols: Vec<Stats> = names.iter().map(|_| Stats(Vec::new())).collect();
-    for i in 0..n {
-        let crash = guest.crash("sysrq-c")?;
-        let stop = g.wait_stop(Some(Duration::from_secs(90)))?.ok_or("no trap")?;
-        let t0 = Instant::now();
-        let o = session.repair(&mut g, stop.vcpu, Mode::Repair)?;
-        let t_resume = Instant::now();
-        g.resume()?;
-        let resume = t_resume.elapsed().as_secs_f64() * 1e3;
-        let total = t0.elapsed().as_secs_f64() * 1e3;
-        if !o.applied {
-            return Err(format!("crash {i} not repaired: {}", o.reason()).into());
-        }
-        let status = guest.wait_crash_exit(&crash, Duration::from_secs(60))?;
-        if status != 137 {
-            return Err(format!("crash {i}: child exit {status}").into());
-        }
-        let t = &o.timings;
-        for (c, v) in cols.iter_mut().zip([t.save, t.stage, t.run, t.verdict, t.restore, resume, total]) {
-            c.0.push(v);
-        }
-    }
+    let cols = crash_steps(&mut guest, n, "")?;
     let alive = guest.verify_bystander()?;
 
     println!("\nrecovery latency over {n} sysrq-c crashes, Debian 6.1 cloud kernel, QEMU TCG, 2 vCPUs (ms)\n");

@@ -68,14 +68,7 @@ impl RamFile {
     /// in the file, and the last region ending exactly at the file's end
     /// (so the layout is of this file's RAM block, all of it mapped).
     pub fn open_checked(path: &Path, regions: Vec<RamRegion>) -> Result<Self, AccessError> {
-        let size = std::fs::metadata(path)
-            .map_err(|source| AccessError::Connect {
-                what: "the guest RAM file",
-                addr: path.display().to_string(),
-                hint: "-object memory-backend-file,mem-path=FILE,share=on,...",
-                source,
-            })?
-            .len();
+        let size = file_size(path)?;
         check_layout(&regions, size).map_err(|why| {
             AccessError::Other(format!("QEMU's RAM layout does not fit the RAM file {} ({size:#x} bytes): {why}", path.display()))
         })?;
@@ -87,14 +80,7 @@ impl RamFile {
     /// is 3.5 GiB (pc, or 3 GiB if RAM >= 3.5 GiB) and 2 GiB for q35 with
     /// RAM >= 2.75 GiB (else 2.75 GiB); guests of 2 GiB or less have it all low.
     pub fn open_pc(path: &Path, low_limit: u64) -> Result<Self, AccessError> {
-        let size = std::fs::metadata(path)
-            .map_err(|source| AccessError::Connect {
-                what: "the guest RAM file",
-                addr: path.display().to_string(),
-                hint: "-object memory-backend-file,mem-path=FILE,share=on,...",
-                source,
-            })?
-            .len();
+        let size = file_size(path)?;
         let low = size.min(low_limit);
         let mut regions = vec![RamRegion { gpa: Gpa(0), file_offset: 0, len: low }];
         if size > low {
@@ -109,14 +95,7 @@ impl RamFile {
     /// 0xc0000000 when RAM reaches 0xe0000000). Guests of another machine
     /// (`q35` splits lower) need [`RamFile::open_with_layout`].
     pub fn open_pc_file(path: &Path) -> Result<Self, AccessError> {
-        let size = std::fs::metadata(path)
-            .map_err(|source| AccessError::Connect {
-                what: "the guest RAM file",
-                addr: path.display().to_string(),
-                hint: "-object memory-backend-file,mem-path=FILE,share=on,...",
-                source,
-            })?
-            .len();
+        let size = file_size(path)?;
         Self::open_pc(path, pc_low_limit(size))
     }
 
@@ -372,6 +351,17 @@ pub fn parse_mtree_ram(text: &str) -> Result<Vec<RamRegion>, String> {
         }
     }
     Ok(out)
+}
+
+/// The size of a guest RAM file; a missing one is named with the QEMU
+/// options that make it.
+fn file_size(path: &Path) -> Result<u64, AccessError> {
+    std::fs::metadata(path).map(|m| m.len()).map_err(|source| AccessError::Connect {
+        what: "the guest RAM file",
+        addr: path.display().to_string(),
+        hint: "-object memory-backend-file,mem-path=FILE,share=on,...",
+        source,
+    })
 }
 
 /// Where QEMU's `pc` machine ends low RAM for a guest of `ram_size` bytes.
