@@ -55,6 +55,16 @@ pub enum QemuBackend {
 }
 
 impl QemuBackend {
+    /// The RAM file's map (guest-physical ranges and their offsets), when
+    /// memory goes through a RAM file: for another mapping of the same file
+    /// (the hang sampler's).
+    pub fn ram_file_regions(&self) -> Option<Vec<crate::ram::RamRegion>> {
+        match self {
+            QemuBackend::GdbRam(g) => Some(g.mem.regions().to_vec()),
+            _ => None,
+        }
+    }
+
     pub fn guest(&mut self) -> &mut dyn GuestAccess {
         match self {
             QemuBackend::Gdb(g) => g,

@@ -157,7 +157,7 @@ pub struct HangWatch {
 }
 
 /// See [`HangWatch::make`].
-pub type MakeSampler = Box<dyn FnMut(&Session, &CpuState) -> Result<Sampler<RamFile>, String> + Send>;
+pub type MakeSampler = Box<dyn FnMut(&Session, &CpuState) -> Result<Sampler<RamFile>, hang::HangError> + Send>;
 
 impl std::fmt::Debug for HangWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

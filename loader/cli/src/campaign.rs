@@ -299,6 +299,7 @@ impl Live {
         let kill_after = Arc::new(Mutex::new(String::new()));
         let spec = hangs::SamplerSpec {
             ram_file: ram_path,
+            ram_regions: g.mem.regions().to_vec(),
             nr_vcpus: session.nr_vcpus,
             cfg: cfg.hang,
             vcpu_threads,

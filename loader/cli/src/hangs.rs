@@ -4,7 +4,7 @@
 
 use loader::access::CpuState;
 use loader::flow::Session;
-use loader::hang::{self, HangConfig, HangLayout, Sampler};
+use loader::hang::{self, HangConfig, HangLayout, Sampler, HangError};
 use loader::qmp::Qmp;
 use loader::ram::RamFile;
 use loader::watch::HangWatch;
@@ -48,8 +48,10 @@ pub fn vcpu_threads(qmp: &mut Qmp, qemu_pid: Option<u32>, nr_vcpus: u32) -> (Opt
 /// What the sampler is made of.
 #[derive(Debug, Clone)]
 pub struct SamplerSpec {
-    /// The file backing guest RAM (each sampler maps it anew).
+    /// The file backing guest RAM (each sampler maps it anew), and its map
+    /// as the attach learnt it (QEMU's own, with QMP).
     pub ram_file: PathBuf,
+    pub ram_regions: Vec<loader::ram::RamRegion>,
     pub nr_vcpus: u32,
     pub cfg: HangConfig,
     pub vcpu_threads: Option<Vec<PathBuf>>,
@@ -63,12 +65,11 @@ pub struct SamplerSpec {
 /// `kill_after`, when given, receives the kill-after in force and where it
 /// came from, each time a sampler is made.
 pub fn hang_watch(spec: SamplerSpec, act: bool, kill_after: Option<Arc<Mutex<String>>>) -> HangWatch {
-    let make = move |session: &Session, regs: &CpuState| -> Result<Sampler<RamFile>, String> {
-        let path = &spec.ram_file;
-        let ram = RamFile::open_pc_file(path).map_err(|e| format!("mapping {}: {e}", path.display()))?;
+    let make = move |session: &Session, regs: &CpuState| -> Result<Sampler<RamFile>, HangError> {
+        let ram = RamFile::open_with_layout(&spec.ram_file, spec.ram_regions.clone())?;
         let layout = match &spec.layout {
             Some(l) => l.slid(session.slide.slide),
-            None => HangLayout::from_image(&session.image, session.slide.slide).map_err(|e| e.to_string())?,
+            None => HangLayout::from_image(&session.image, session.slide.slide)?,
         };
         let mut s = Sampler::new(ram, regs, layout, spec.nr_vcpus, spec.cfg);
         s.vcpu_threads = spec.vcpu_threads.clone();

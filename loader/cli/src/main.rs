@@ -549,8 +549,10 @@ fn hang_watch(a: &Attach, session: &Session, attached: &mut Attached, p: HangPol
              a host that starves QEMU may look like a hang"
         );
     }
+    let ram_regions = attached.backend.ram_file_regions().context("--hangs needs --ram-file")?;
     let spec = hangs::SamplerSpec {
         ram_file: path,
+        ram_regions,
         nr_vcpus: session.nr_vcpus,
         cfg: hangs::hang_config(p.threshold, p.kill_after, p.at_detection),
         vcpu_threads,

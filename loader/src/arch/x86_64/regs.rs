@@ -11,6 +11,7 @@
 //! cr2 28, cr3 29, cr4 30, cr8 31, efer 32, st0-7 33-40 (80 bits), fctrl..fop
 //! 41-48, xmm0-15 49-64, mxcsr 65. IDTR, GDTR and other MSRs are absent.
 
+use crate::access::AccessError;
 use repair_kernel::contract::CpuState;
 
 /// One register of the remote target.
@@ -125,12 +126,12 @@ impl RegLayout {
     /// numbered in document order unless a `regnum` attribute says
     /// otherwise; commented-out registers are skipped.
     pub fn from_target_xml(
-        fetch: &mut dyn FnMut(&str) -> Result<String, String>,
-    ) -> Result<Self, String> {
+        fetch: &mut dyn FnMut(&str) -> Result<String, AccessError>,
+    ) -> Result<Self, TargetXmlError> {
         let mut list = Vec::new();
         collect_regs(fetch, "target.xml", &mut list, 0)?;
         if list.is_empty() {
-            return Err("the target description names no registers".into());
+            return Err(TargetXmlError::Malformed("it names no registers".into()));
         }
         Ok(Self::from_list(list))
     }
@@ -200,31 +201,46 @@ fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     }
 }
 
+/// Why a gdbstub's target description cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetXmlError {
+    #[error("reading its {annex}: {source}")]
+    Fetch {
+        annex: String,
+        #[source]
+        source: AccessError,
+    },
+    #[error("{0}")]
+    Malformed(String),
+}
+
 fn collect_regs(
-    fetch: &mut dyn FnMut(&str) -> Result<String, String>,
+    fetch: &mut dyn FnMut(&str) -> Result<String, AccessError>,
     annex: &str,
     out: &mut Vec<(String, Option<u32>, u32)>,
     depth: u32,
-) -> Result<(), String> {
+) -> Result<(), TargetXmlError> {
+    let bad = TargetXmlError::Malformed;
     if depth > 8 {
-        return Err(format!("target description includes nest too deep at {annex}"));
+        return Err(bad(format!("includes nest too deep at {annex}")));
     }
-    let xml = strip_comments(&fetch(annex)?);
+    let text = fetch(annex).map_err(|source| TargetXmlError::Fetch { annex: annex.to_string(), source })?;
+    let xml = strip_comments(&text);
     let mut rest = xml.as_str();
     while let Some(i) = rest.find('<') {
         rest = &rest[i + 1..];
-        let end = rest.find('>').ok_or_else(|| format!("unterminated tag in {annex}"))?;
+        let end = rest.find('>').ok_or_else(|| bad(format!("unterminated tag in {annex}")))?;
         let tag = &rest[..end];
         rest = &rest[end + 1..];
         if let Some(t) = tag.strip_prefix("reg").filter(|t| t.starts_with(char::is_whitespace)) {
-            let name = attr(t, "name").ok_or_else(|| format!("<reg> without name in {annex}"))?;
+            let name = attr(t, "name").ok_or_else(|| bad(format!("<reg> without name in {annex}")))?;
             let bits = attr(t, "bitsize")
                 .and_then(|b| b.parse().ok())
-                .ok_or_else(|| format!("<reg name={name}> without a valid bitsize in {annex}"))?;
+                .ok_or_else(|| bad(format!("<reg name={name}> without a valid bitsize in {annex}")))?;
             let regnum = attr(t, "regnum").and_then(|b| b.parse().ok());
             out.push((name.to_string(), regnum, bits));
         } else if let Some(t) = tag.strip_prefix("xi:include").filter(|t| t.starts_with(char::is_whitespace)) {
-            let href = attr(t, "href").ok_or_else(|| format!("<xi:include> without href in {annex}"))?;
+            let href = attr(t, "href").ok_or_else(|| bad(format!("<xi:include> without href in {annex}")))?;
             collect_regs(fetch, href, out, depth + 1)?;
         }
     }
@@ -252,7 +268,7 @@ mod tests {
         let l = RegLayout::from_target_xml(&mut |a| match a {
             "target.xml" => Ok(TOP.into()),
             "i386-64bit.xml" => Ok(CORE.into()),
-            _ => Err(format!("no {a}")),
+            _ => Err(AccessError::Other(format!("no {a}"))),
         })
         .unwrap();
         let names: Vec<_> = l.regs.iter().map(|r| (r.name.as_str(), r.regnum, r.offset)).collect();

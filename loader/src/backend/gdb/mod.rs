@@ -367,7 +367,7 @@ impl GdbGuest {
         let mut client = Client::connect(&ep, timeout)?;
         let layout = if client.supports("qXfer:features:read") {
             let mut fetch = |annex: &str| {
-                client.qxfer_read("features", annex).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| e.to_string())
+                client.qxfer_read("features", annex).map(|b| String::from_utf8_lossy(&b).into_owned())
             };
             match RegLayout::from_target_xml(&mut fetch) {
                 Ok(l) => l,
