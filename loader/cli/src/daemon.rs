@@ -233,7 +233,7 @@ fn discover(args: &DaemonArgs) -> Result<Vec<(String, Result<Found, String>)>> {
             let (Some(stem), Some("qmp")) = (p.file_stem().and_then(|s| s.to_str()), p.extension().and_then(|s| s.to_str())) else {
                 continue;
             };
-            if !e.file_type().is_ok_and(|t| t.is_socket()) || !guest_alive(args, stem) {
+            if !std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_socket()) || !guest_alive(args, stem) {
                 continue;
             }
             let mut reach = vec!["--qmp".to_string(), format!("unix:{}", p.display())];

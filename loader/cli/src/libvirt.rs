@@ -8,7 +8,9 @@
 //! QMP at run time (HMP `gdbserver`), as for `--qmp` alone.
 
 use anyhow::{Context, Result};
-use loader::libvirt::{Domain, QmpBridge};
+use loader::access::AccessError;
+use loader::libvirt::{Domain, LibvirtError, QmpBridge};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,15 +34,17 @@ impl Link {
     }
 }
 
-/// Links `name` on `uri`. With `wait`, a domain not running yet (or whose
-/// QEMU is still starting) is waited for that long.
-pub fn link(name: &str, uri: Option<&str>, wait: Option<Duration>) -> Result<Link> {
+/// Links `name` on `uri`. With `wait`, a domain whose QEMU does not answer
+/// yet is waited for that long (or until `stop`); a domain that is not
+/// running (or no longer exists) is the guest gone, at once.
+pub fn link(name: &str, uri: Option<&str>, wait: Option<Duration>, stop: &AtomicBool) -> Result<Link> {
     let domain = Domain::new(name, uri.map(str::to_string));
     let deadline = wait.map(|w| Instant::now() + w);
     let bridge = loop {
         match QmpBridge::start(domain.clone()) {
             Ok(b) => break b,
-            Err(e) if deadline.is_some_and(|d| Instant::now() < d) => {
+            Err(e @ LibvirtError::NotRunning(_)) => return Err(AccessError::from(e).into()),
+            Err(e) if deadline.is_some_and(|d| Instant::now() < d) && !stop.load(Ordering::Relaxed) => {
                 tracing::info!("libvirt domain {name:?} not reachable yet ({e}); waiting");
                 std::thread::sleep(Duration::from_secs(1));
             }

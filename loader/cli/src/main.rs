@@ -440,7 +440,7 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
     let _libvirt = match &mut cli.command {
         Command::Watch { attach, hangs, wait_boot, .. } => {
             let wait = wait_boot.map(std::time::Duration::from_secs);
-            let link = libvirt_link(attach, wait)?;
+            let link = libvirt_link(attach, wait, &stop)?;
             if *hangs && (attach.ram_file.is_none() || attach.qmp.is_none()) {
                 eprintln!("repair-guest: error: --hangs needs --ram-file and --qmp (with --libvirt: a domain with shared RAM)");
                 return Ok(exit::BAD_INPUT);
@@ -448,7 +448,7 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             link
         }
         Command::Repair { attach, .. } | Command::Diagnose { attach, .. } | Command::Snapshot { attach, .. } => {
-            libvirt_link(attach, None)?
+            libvirt_link(attach, None, &stop)?
         }
         _ => None,
     };
@@ -465,7 +465,7 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             wait_boot,
             ..
         } => {
-            let (mut attached, mut session) = attach_when_up(&a, wait_boot)?;
+            let (mut attached, mut session) = attach_when_up(&a, wait_boot, &stop)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
                 kill_after: hang_kill_after_ms.map(std::time::Duration::from_millis),
@@ -570,9 +570,9 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
 }
 
 /// `--libvirt`: links the domain and points the attach at it.
-fn libvirt_link(a: &mut Attach, wait: Option<std::time::Duration>) -> Result<Option<repair_guest::libvirt::Link>> {
+fn libvirt_link(a: &mut Attach, wait: Option<std::time::Duration>, stop: &AtomicBool) -> Result<Option<repair_guest::libvirt::Link>> {
     let Some(dom) = a.libvirt.clone() else { return Ok(None) };
-    let link = repair_guest::libvirt::link(&dom, a.connect.as_deref(), wait)?;
+    let link = repair_guest::libvirt::link(&dom, a.connect.as_deref(), wait, stop)?;
     a.qmp = Some(link.qmp_addr());
     if a.ram_file.is_none() {
         a.ram_file = link.ram_file.clone();
@@ -584,11 +584,15 @@ fn libvirt_link(a: &mut Attach, wait: Option<std::time::Duration>) -> Result<Opt
 
 /// [`attach`], tried again while the guest's kernel is not up yet, for up
 /// to `wait_boot` seconds.
-fn attach_when_up(a: &Attach, wait_boot: Option<u64>) -> Result<(Attached, Session)> {
+fn attach_when_up(a: &Attach, wait_boot: Option<u64>, stop: &AtomicBool) -> Result<(Attached, Session)> {
     let deadline = wait_boot.map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
     loop {
         match attach(a) {
-            Err(e) if deadline.is_some_and(|d| std::time::Instant::now() < d) && repair_guest::libvirt::kernel_not_up(&e) => {
+            Err(e)
+                if deadline.is_some_and(|d| std::time::Instant::now() < d)
+                    && !stop.load(Ordering::Relaxed)
+                    && repair_guest::libvirt::kernel_not_up(&e) =>
+            {
                 tracing::info!("the guest's kernel is not up yet ({e:#}); trying again");
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
