@@ -433,6 +433,8 @@ impl Shared {
             self.close_all();
         } else if !self.stop.load(Ordering::Relaxed) {
             tracing::warn!("virsh event for {} ended; run-state events resume with a new one", self.domain.name);
+            // libvirtd restarting: try again in a while, not in a loop.
+            std::thread::sleep(Duration::from_secs(1));
             if let Some(mut c) = self.events.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let _ = c.wait();
             }
