@@ -18,6 +18,7 @@
 
 mod console;
 mod kit;
+pub mod libvirt;
 
 pub use console::{last_cpu_line, parse_panic, PanicInfo};
 pub use kit::{Kernel, Kit, Series};
