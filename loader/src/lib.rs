@@ -52,11 +52,14 @@ pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
 pub mod backend;
+#[cfg(feature = "qemu")]
+pub mod checkpoint;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;
 pub mod journal;
 pub mod kaslr;
+pub mod quarantine;
 pub mod replay;
 pub mod report;
 pub mod snapshot;

@@ -164,6 +164,12 @@ items! {
     // profile since the first; the repair kernel works on the crashed CPU's
     // CR3 and does not read it ---
     MmPgd = Offset("mm_struct", "pgd"), optional;
+    // --- quarantine after a rollback (loader/src/quarantine.rs): SIGKILL
+    // made pending (`task->pending.signal`, a `sigset_t`) and
+    // `TIF_SIGPENDING` set in `task->thread_info.flags`, as
+    // `signal_wake_up()` would; the repair kernel does not read them ---
+    TaskPendingSignal = Offset("task_struct", "pending.signal"), optional;
+    TaskThreadInfoFlags = Offset("task_struct", "thread_info.flags"), optional;
 }
 
 /// Number of items in the table.

@@ -7,6 +7,7 @@
 //! - [`hangs`]: the hang watch (sampler and policy) of `watch --hangs` and the campaign.
 //! - [`replay`]: `repair-guest replay`, and a crash captured at the trap.
 //! - [`render`]: `diagnose`'s report as text.
+//! - [`rollback`]: the checkpoint and rollback options of `watch`.
 
 pub mod campaign;
 pub mod demo;
@@ -14,3 +15,4 @@ pub mod hangs;
 pub mod kit;
 pub mod render;
 pub mod replay;
+pub mod rollback;

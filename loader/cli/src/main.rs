@@ -131,6 +131,8 @@ enum Command {
         /// Internal: this process is the supervised worker.
         #[arg(long, hide = true)]
         supervised: bool,
+        #[command(flatten)]
+        rollback: repair_guest::rollback::RollbackArgs,
     },
     /// One-shot repair of a guest stopped at a crash (forensic mode).
     Repair {
@@ -420,6 +422,7 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_threshold_ms,
             hang_kill_after_ms,
             hang_kill_at_detection,
+            rollback,
             ..
         } => {
             let (mut attached, mut session) = attach(&a)?;
@@ -437,9 +440,11 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                      signal, and a reset of the guest goes unseen"
                 );
             }
+            let rollback = rollback.open(attached.qmp.as_mut())?;
             let cfg = WatchConfig {
                 max_repairs,
                 found_paused: !attached.stop_is_ours(),
+                rollback,
                 qmp: attached.qmp.take(),
                 hangs,
                 crash_context: attached.fast_memory(),

@@ -697,6 +697,24 @@ impl Guest {
         Ok(RunResult { status, output })
     }
 
+    /// Starts `command` as [`Guest::run`] does without waiting for it: the
+    /// init is busy with it (in `wait`) until it ends. Returns the id to
+    /// give [`Guest::run_wait`].
+    pub fn run_start(&mut self, command: &str) -> Result<u64> {
+        self.send(&format!("run {command}"))
+    }
+
+    /// Waits for a command started by [`Guest::run_start`] to end; its
+    /// exit status (its output lines are dropped).
+    pub fn run_wait(&mut self, id: u64, timeout: Duration) -> Result<i32> {
+        let lines = self.read_reply(id, timeout, |l| l.starts_with("exit "))?;
+        lines
+            .last()
+            .and_then(|l| l.strip_prefix("exit "))
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Channel(format!("bad exit reply {lines:?}")))
+    }
+
     /// Crashes the guest kernel from a new child process: `sysrq-c`, or an
     /// LKDTM type (`EXCEPTION`, `BUG`, ...). Returns the child's pid, which it
     /// announces before it crashes. Follow with [`Guest::wait_panic`] or, when
