@@ -54,6 +54,8 @@ pub mod attach;
 pub mod backend;
 #[cfg(feature = "qemu")]
 pub mod checkpoint;
+#[cfg(feature = "qemu")]
+pub mod cpr;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;

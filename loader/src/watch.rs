@@ -267,6 +267,9 @@ pub enum WatchEnd {
     MaxRepairs,
     /// The guest went away.
     GuestGone,
+    /// The guest moved to a new QEMU process (a CPR migration completed,
+    /// `repair-guest restart-vmm`): attach to it at the same addresses.
+    Migrated,
 }
 
 /// What [`watch`] needs besides the guest and the session.
@@ -331,6 +334,7 @@ pub fn watch<G: GuestAccess + ?Sized>(
         rearm_at: None,
         reset_at: None,
         repairs: 0,
+        migrated: false,
     };
     let end = w.run();
     w.stop_sampler();
@@ -360,6 +364,9 @@ struct Watcher<'a, G: ?Sized> {
     rearm_at: Option<Instant>,
     reset_at: Option<Instant>,
     repairs: u32,
+    /// QMP reported a completed migration: the guest lives on in another
+    /// QEMU, and losing this one is no loss of the guest.
+    migrated: bool,
 }
 
 impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
@@ -430,6 +437,24 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
     }
 
     fn gone(&mut self, why: &str) -> WatchEnd {
+        // The gdbstub may close (the old QEMU quit) before the QMP events
+        // saying why were read: they are still in the socket.
+        if let Some(q) = self.cfg.qmp.as_mut().filter(|_| !self.migrated) {
+            while let Ok(Some(e)) = q.next_event(Some(Duration::from_millis(1))) {
+                if e.name == "MIGRATION" && e.data["status"] == "completed" {
+                    self.migrated = true;
+                }
+            }
+            // Without QEMU's migration events (capability `events` off),
+            // its run state says so while it lives.
+            if !self.migrated && q.query_status().is_ok_and(|s| s == "postmigrate") {
+                self.migrated = true;
+            }
+        }
+        if self.migrated {
+            self.events.emit(&Event::simple("detached", format!("following the guest: {why}")));
+            return WatchEnd::Migrated;
+        }
         self.events.emit(&Event::simple("detached", format!("the guest went away: {why}")));
         WatchEnd::GuestGone
     }
@@ -634,13 +659,26 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
     fn poll_qmp(&mut self) -> Result<Option<WatchEnd>, FlowError> {
         let Some(q) = &mut self.cfg.qmp else { return Ok(None) };
         let mut names = Vec::new();
+        let mut gone = None;
         loop {
             match q.next_event(Some(Duration::from_millis(1))) {
                 Ok(Some(e)) => names.push(e),
                 Ok(None) => break,
-                Err(AccessError::GuestGone(why)) => return Ok(Some(self.gone(&why))),
+                Err(AccessError::GuestGone(why)) => {
+                    gone = Some(why);
+                    break;
+                }
                 Err(e) => return Err(e.into()),
             }
+        }
+        // A completed migration (CPR: the guest now runs in a new QEMU; the
+        // old one is left in postmigrate, or quits): nothing more to do here.
+        if names.iter().any(|e| e.name == "MIGRATION" && e.data["status"] == "completed") {
+            self.migrated = true;
+            return Ok(Some(self.gone("its QEMU handed it over to a new QEMU process (migration completed)")));
+        }
+        if let Some(why) = gone {
+            return Ok(Some(self.gone(&why)));
         }
         for e in names {
             match e.name.as_str() {

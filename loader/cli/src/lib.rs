@@ -7,6 +7,7 @@
 //! - [`hangs`]: the hang watch (sampler and policy) of `watch --hangs` and the campaign.
 //! - [`replay`]: `repair-guest replay`, and a crash captured at the trap.
 //! - [`render`]: `diagnose`'s report as text.
+//! - [`restart`]: `restart-vmm`, a warm restart of QEMU (CPR).
 //! - [`rollback`]: the checkpoint and rollback options of `watch`.
 
 pub mod campaign;
@@ -15,4 +16,5 @@ pub mod hangs;
 pub mod kit;
 pub mod render;
 pub mod replay;
+pub mod restart;
 pub mod rollback;
