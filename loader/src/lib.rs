@@ -54,6 +54,10 @@ pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
 pub mod backend;
+#[cfg(feature = "qemu")]
+pub mod checkpoint;
+#[cfg(feature = "qemu")]
+pub mod cpr;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;
@@ -61,6 +65,7 @@ pub mod journal;
 pub mod kaslr;
 #[cfg(feature = "qemu")]
 pub mod libvirt;
+pub mod quarantine;
 pub mod replay;
 pub mod report;
 pub mod snapshot;

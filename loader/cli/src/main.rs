@@ -151,6 +151,8 @@ enum Command {
         /// Internal: this process is the supervised worker.
         #[arg(long, hide = true)]
         supervised: bool,
+        #[command(flatten)]
+        rollback: repair_guest::rollback::RollbackArgs,
     },
     /// Watch every opted-in guest of a host: libvirt domains (--libvirt)
     /// or QEMUs whose sockets are in a directory (--sockets), each in its
@@ -222,6 +224,13 @@ enum Command {
     /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
     /// watched; writes the Markdown table and JSON.
     Campaign(repair_guest::campaign::CampaignArgs),
+    /// Warm restart of QEMU: move the running guest to a new QEMU process
+    /// (the same binary, or --qemu for an update) with its RAM left in
+    /// place, through QEMU 10's cpr-transfer migration. The guest pauses
+    /// for about 0.1 s; a watcher follows it to the new QEMU. Needs QEMU
+    /// 10.0+, RAM in memory-backend-file/memfd with share=on, and
+    /// `-machine aux-ram-share=on`. Prints one JSON line.
+    RestartVmm(repair_guest::restart::RestartArgs),
 }
 
 fn parse_hex(s: &str) -> Result<u64> {
@@ -368,6 +377,16 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             Some(AccessError::BadAddress(_)) => return exit::BAD_INPUT,
             _ => {}
         }
+        // What the guest's QEMU must be for checkpoints or a warm restart.
+        if matches!(
+            cause.downcast_ref::<loader::cpr::CprError>(),
+            Some(loader::cpr::CprError::TooOld(..) | loader::cpr::CprError::RamNotShared(_) | loader::cpr::CprError::NoAuxRamShare | loader::cpr::CprError::NoPid)
+        ) || matches!(
+            cause.downcast_ref::<loader::checkpoint::CheckpointError>(),
+            Some(loader::checkpoint::CheckpointError::Disk { .. } | loader::checkpoint::CheckpointError::NoQmp)
+        ) {
+            return exit::BAD_INPUT;
+        }
         if cause.downcast_ref::<builder::ImageError>().is_some()
             || cause.downcast_ref::<loader::symbolize::SymbolizeError>().is_some()
             || cause.downcast_ref::<std::io::Error>().is_some()
@@ -463,8 +482,9 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_kill_after_ms,
             hang_kill_at_detection,
             wait_boot,
+            rollback,
             ..
-        } => {
+        } => loop {
             let (mut attached, mut session) = attach_when_up(&a, wait_boot, &stop)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
@@ -480,18 +500,26 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                      signal, and a reset of the guest goes unseen"
                 );
             }
+            let rollback = rollback.open(attached.qmp.as_mut())?;
             let cfg = WatchConfig {
                 max_repairs,
                 found_paused: !attached.stop_is_ours(),
+                rollback,
                 qmp: attached.qmp.take(),
                 hangs,
                 crash_context: attached.fast_memory(),
                 record: TrapRecorder::from_env(),
             };
-            let end = watch(attached.guest(), &mut session, &mut sink, stop, cfg)?;
+            let end = watch(attached.guest(), &mut session, &mut sink, stop.clone(), cfg)?;
             tracing::info!(?end, "watch ended");
-            Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 })
-        }
+            if end != WatchEnd::Migrated {
+                break Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 });
+            }
+            // The guest moved to a new QEMU (restart-vmm): follow it to the
+            // same addresses once it runs there.
+            drop(attached);
+            repair_guest::restart::await_new_qemu(a.qmp.as_deref(), &stop)?;
+        },
         Command::Repair { attach: a, wait_crash } => {
             let (mut attached, mut session) = attach(&a)?;
             // A repair acts on a crash and resumes: whoever paused the
@@ -566,6 +594,7 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         Command::Replay { dump, image, json } => repair_guest::replay::run(&dump, &image, json).map(|()| 0),
         Command::Campaign(args) => repair_guest::campaign::cli(&args).map(|()| 0),
         Command::Daemon(args) => repair_guest::daemon::run(&args, &stop),
+        Command::RestartVmm(args) => repair_guest::restart::run(&args).map(|()| 0),
     }
 }
 
