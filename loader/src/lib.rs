@@ -51,6 +51,7 @@ pub mod access;
 pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
+pub mod autoimage;
 pub mod backend;
 pub mod flow;
 pub mod guestmem;
