@@ -374,9 +374,12 @@ impl Session {
         self.image.layout.get(item).map(|a| self.slide.run_addr(a)).ok_or(FlowError::Layout(item))
     }
 
-    /// Where the trap goes: the entry of `panic`.
+    /// Where the trap goes: the entry of the function that does the
+    /// panic's work, `vpanic` where the vmlinux has it, else `panic`
+    /// (`repair_kernel::panic::trap_addr`: the same choice inside the
+    /// guest).
     pub fn panic_addr(&self) -> Result<Gva, FlowError> {
-        self.symbol(Item::SymPanic)
+        self.symbol(Item::SymVpanic).or_else(|_| self.symbol(Item::SymPanic))
     }
 
     /// Sets the trap at the entry of `panic` (a hardware breakpoint: no

@@ -20,7 +20,7 @@ mod console;
 mod kit;
 
 pub use console::{last_cpu_line, parse_panic, PanicInfo};
-pub use kit::{Kernel, Kit};
+pub use kit::{Kernel, Kit, Series};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
