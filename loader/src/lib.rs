@@ -53,6 +53,7 @@ pub mod access;
 pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
+pub mod autoimage;
 pub mod backend;
 #[cfg(feature = "qemu")]
 pub mod checkpoint;

@@ -73,6 +73,9 @@ pub struct Tables {
     pub num_syms: u64,
     pub names: u64,
     pub offsets: u64,
+    /// Where `kallsyms_relative_base` is.
+    pub relative_base_at: u64,
+    /// Its value.
     pub relative_base: u64,
     /// Whether non-negative offsets are absolute (`KALLSYMS_ABSOLUTE_PERCPU`).
     pub absolute_percpu: bool,
@@ -134,7 +137,7 @@ impl Kallsyms {
                     continue;
                 }
             };
-            let Some((addrs, offsets, rb, abs)) = find_addresses(&img, &names, index) else {
+            let Some((addrs, offsets, rb_at, rb, abs)) = find_addresses(&img, &names, index) else {
                 last_err = KallsymsError::NoAddresses(base.wrapping_add(names.names as u64));
                 continue;
             };
@@ -166,6 +169,7 @@ impl Kallsyms {
                 num_syms: at(names.num_syms),
                 names: at(names.names),
                 offsets: at(offsets),
+                relative_base_at: at(rb_at),
                 relative_base: rb,
                 absolute_percpu: abs,
             };
@@ -377,12 +381,13 @@ fn names_check(img: &Img<'_>, x: usize, count: u32, s: usize) -> bool {
 /// The addresses of every symbol: the `i32` offsets and the relative base
 /// either just before the count (6.1) or just after the token index
 /// (6.4+), with or without absolute per-CPU values, whichever comes out
-/// sorted. `(addresses, offsets table, relative base, absolute per-CPU)`.
+/// sorted. `(addresses, offsets table, relative base's place, its value,
+/// absolute per-CPU)`.
 fn find_addresses(
     img: &Img<'_>,
     names: &Names,
     index: usize,
-) -> Option<(Vec<u64>, usize, u64, bool)> {
+) -> Option<(Vec<u64>, usize, usize, u64, bool)> {
     let n = names.count as usize;
     let four_n = n.checked_mul(4)?;
     let mut candidates = Vec::new();
@@ -429,7 +434,7 @@ fn find_addresses(
                 out.push(a);
             }
             if ok && out.last().is_some_and(|&l| l >= 0xffff_0000_0000_0000) {
-                return Some((out, o, rb, abs));
+                return Some((out, o, rb_at, rb, abs));
             }
         }
     }

@@ -103,6 +103,22 @@ pub fn profile_from_btf(
             missing.push(item);
         }
     }
+    // Where kallsyms itself is, so a loader can name frames from the guest's
+    // own table at run time (`function+offset/size`, as the kernel does).
+    let t = &ks.tables;
+    for (name, a) in [
+        ("kallsyms_offsets", t.offsets),
+        ("kallsyms_relative_base", t.relative_base_at),
+        ("kallsyms_num_syms", t.num_syms),
+        ("kallsyms_names", t.names),
+        ("kallsyms_markers", t.markers),
+        ("kallsyms_token_table", t.token_table),
+        ("kallsyms_token_index", t.token_index),
+    ] {
+        if a != 0 {
+            profile.symbols.entry(name.to_owned()).or_insert(Symbol { address: link(a), size: 0 });
+        }
+    }
     let percpu = btf.datasec_vars(".data..percpu");
     for g in wanted.percpu.iter().map(|s| Group::parse(s)) {
         let mut any = false;
@@ -299,6 +315,18 @@ pub fn build_id_from_notes(notes: &[u8]) -> Option<String> {
         at = next;
     }
     None
+}
+
+/// Every GNU build-id note (20-byte SHA-1, as Linux's `--build-id` links
+/// it) in `bytes`, at most `max`: a kernel image holds its own and those of
+/// images it embeds (the vDSO's), so a caller matches them against what it
+/// knows.
+pub fn find_build_id_notes(bytes: &[u8], max: usize) -> Vec<String> {
+    let sig: &[u8] = b"\x04\0\0\0\x14\0\0\0\x03\0\0\0GNU\0";
+    memchr::memmem::find_iter(bytes, sig)
+        .take(max)
+        .filter_map(|at| build_id_from_notes(bytes.get(at..at + 36)?))
+        .collect()
 }
 
 /// Names a kernel should have in kallsyms for a BTF profile: the identity

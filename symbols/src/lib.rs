@@ -70,7 +70,7 @@ mod wanted;
 pub use error::{Error, Missing};
 pub use kallsyms::Kallsyms;
 pub use kernel::{
-    build_id_from_notes, profile_from_btf, profile_from_kernel_elf, read_vmlinuz, symbol_names,
+    build_id_from_notes, find_build_id_notes, profile_from_btf, profile_from_kernel_elf, read_vmlinuz, symbol_names,
     BtfSources, KernelElf,
 };
 pub use profile::{

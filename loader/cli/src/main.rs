@@ -56,8 +56,11 @@ struct Attach {
     /// (/proc/PID/mem) unless --ram-file is given.
     #[arg(long, value_name = "ADDR")]
     gdb: Option<String>,
-    /// The repair image built for the guest's kernel (build-repair-image).
-    #[arg(long, value_name = "IMAGE")]
+    /// The repair image built for the guest's kernel (build-repair-image),
+    /// or `auto`: built now from the running guest's own BTF and kallsyms
+    /// (no vmlinux needed; the kernel needs CONFIG_DEBUG_INFO_BTF) and
+    /// cached by build-id in ~/.cache/crash-repair/images.
+    #[arg(long, value_name = "IMAGE|auto")]
     image: PathBuf,
     /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT): run states, events, the
     /// RAM size; alone (no --gdb), also the way to the gdbstub and to RAM.
@@ -291,7 +294,8 @@ fn load_image(path: &Path) -> Result<builder::RepairImage> {
 /// the repair flow. From the connection on, every way out (an error, a
 /// panic) resumes the guest if the stop is ours: `GdbGuest`'s Drop.
 fn attach(a: &Attach) -> Result<(Attached, Session)> {
-    let image = load_image(&a.image)?;
+    let auto = a.image.as_os_str() == "auto";
+    let image = if auto { None } else { Some(load_image(&a.image)?) };
     let cfg = flow_config(a)?;
     let spec = QemuGuest {
         gdb: a.gdb_endpoint()?,
@@ -302,6 +306,10 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
     if a.ram_file.is_none() {
         eprintln!("repair-guest: guest memory through {}", attached.backend.memory_path());
     }
+    let image = match image {
+        Some(image) => image,
+        None => auto_image(&mut attached)?,
+    };
     let mut session = attached
         .session(image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.addr(), a.image.display()))?;
@@ -317,6 +325,31 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
         eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
     }
     Ok((attached, session))
+}
+
+/// `--image auto`: the image of the running kernel, from the cache or
+/// built from its memory (the guest is stopped: our gdbstub connection
+/// stopped it, and every way out resumes it if that stop was ours).
+fn auto_image(attached: &mut Attached) -> Result<builder::RepairImage> {
+    let ram_end = match attached.ram_end {
+        Some(e) => e,
+        None => loader::guestmem::probe_ram_end(attached.guest())?,
+    };
+    let cache = loader::autoimage::cache_dir();
+    let (image, stats) = loader::autoimage::image_from_guest(attached.guest(), ram_end, Some(&cache))
+        .context("building the repair image from the running guest (--image auto)")?;
+    match &stats.cached {
+        Some(p) => eprintln!("repair-guest: image of {} (build-id {}) from the cache: {}", stats.release, stats.build_id, p.display()),
+        None => eprintln!(
+            "repair-guest: image of {} built from the guest's BTF and kallsyms ({} MiB read in {:.2} s, built in {:.2} s){}",
+            stats.release,
+            stats.read_bytes >> 20,
+            stats.read_time.as_secs_f64(),
+            stats.build_time.as_secs_f64(),
+            stats.saved.as_ref().map(|p| format!(", cached as {}", p.display())).unwrap_or_default()
+        ),
+    }
+    Ok(image)
 }
 
 fn main() {
