@@ -122,7 +122,7 @@ pub fn build_from_profile(
     if ranges.iter().any(|r| r.end <= r.start) {
         return Err(vm_err("empty kernel text or rodata range in the profile".into()));
     }
-    let (skips, _tables) = skips::skip_sites(&map, &pages);
+    let (skips, _tables) = skips::skip_sites(&map, &pages, &skips::TableFormats::from_profile(&profile));
     image.skips = skips;
     // Data written during boot is not "expected from the file".
     let excluded = skips::file_only_exclusions(&map);
