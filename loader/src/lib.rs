@@ -58,6 +58,7 @@ pub mod guestmem;
 pub mod hang;
 pub mod journal;
 pub mod kaslr;
+pub mod orc;
 pub mod replay;
 pub mod report;
 pub mod snapshot;
