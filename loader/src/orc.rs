@@ -12,7 +12,7 @@
 //! in 6.4 (`type:2` with CALL = 0, REGS = 1, REGS_PARTIAL = 2, before;
 //! `type:3` with UNDEFINED = 0, END_OF_STACK = 1, CALL = 2, REGS = 3,
 //! REGS_PARTIAL = 4, since): the entry of the trapped function (a CALL
-//! frame) tells which one a kernel uses.
+//! frame) tells which one a kernel uses, and which register numbers.
 //!
 //! Guest memory is hostile input: lookups are bounded binary searches,
 //! the walk stops after [`MAX_FRAMES`] or when the stack pointer stops
@@ -23,13 +23,24 @@ use repair_kernel::mem::Gva;
 /// Most frames walked.
 pub const MAX_FRAMES: usize = 64;
 
-// ORC_REG_*.
 const REG_UNDEFINED: u8 = 0;
-const REG_PREV_SP: u8 = 1;
-const REG_BP: u8 = 4;
-const REG_SP: u8 = 5;
-const REG_BP_INDIRECT: u8 = 8;
-const REG_SP_INDIRECT: u8 = 9;
+
+/// The `ORC_REG_*` numbers a kernel uses. Up to 6.x: PREV_SP 1, BP 4,
+/// SP 5, BP_INDIRECT 8, SP_INDIRECT 9. Debian's 7.x renumbers them (SP 3,
+/// PREV_SP 8, BP_INDIRECT 10; seen in its tables: the same shapes of
+/// entries, counted, as 6.12's). A function's first instruction is always
+/// `CFA = SP + 8`, so the trapped function's entry tells which.
+#[derive(Clone, Copy, Debug)]
+struct Regs {
+    prev_sp: u8,
+    bp: u8,
+    sp: u8,
+    bp_indirect: u8,
+    sp_indirect: u8,
+}
+
+const REGS_6: Regs = Regs { prev_sp: 1, bp: 4, sp: 5, bp_indirect: 8, sp_indirect: 9 };
+const REGS_7: Regs = Regs { prev_sp: 8, bp: 4, sp: 3, bp_indirect: 10, sp_indirect: 9 };
 
 /// `struct pt_regs` offsets (x86_64).
 const PT_BP: u64 = 32;
@@ -125,6 +136,15 @@ fn lookup<K: KernelRead + ?Sized>(k: &K, t: &OrcTables, ip: u64) -> Option<Entry
     })
 }
 
+/// Which register numbers the kernel uses, from a function's entry.
+fn regs(entry: &Entry) -> Option<Regs> {
+    match (entry.sp_reg, entry.sp_offset) {
+        (5, 8) => Some(REGS_6),
+        (3, 8) => Some(REGS_7),
+        _ => None,
+    }
+}
+
 /// Which type encoding the kernel uses, from a CALL entry.
 fn new_format(call: &Entry) -> Option<bool> {
     if call.flags & 7 == 2 {
@@ -156,15 +176,17 @@ fn kind(e: &Entry, new: bool) -> Kind {
 pub fn unwind<K: KernelRead + ?Sized>(k: &K, t: &OrcTables, rip: u64, rsp: u64, rbp: u64) -> Option<Vec<(u64, bool)>> {
     let first = lookup(k, t, rip)?;
     let new = new_format(&first)?;
+    let r = regs(&first)?;
     let mut frames = vec![(rip, false)];
     let (mut sp, mut bp) = (rsp, rbp);
     let mut entry = first;
     for _ in 0..MAX_FRAMES {
+        let off = entry.sp_offset as i64 as u64;
         let cfa = match entry.sp_reg {
-            REG_SP => sp.wrapping_add(entry.sp_offset as i64 as u64),
-            REG_BP => bp.wrapping_add(entry.sp_offset as i64 as u64),
-            REG_SP_INDIRECT => k.u64(sp)?.wrapping_add(entry.sp_offset as i64 as u64),
-            REG_BP_INDIRECT => k.u64(bp.wrapping_add(entry.sp_offset as i64 as u64))?,
+            x if x == r.sp => sp.wrapping_add(off),
+            x if x == r.bp => bp.wrapping_add(off),
+            x if x == r.sp_indirect => k.u64(sp)?.wrapping_add(off),
+            x if x == r.bp_indirect => k.u64(bp.wrapping_add(off))?,
             _ => break,
         };
         let kind = kind(&entry, new);
@@ -187,10 +209,11 @@ pub fn unwind<K: KernelRead + ?Sized>(k: &K, t: &OrcTables, rip: u64, rsp: u64, 
             Kind::End => break,
         };
         if !regs {
-            match entry.bp_reg {
-                REG_PREV_SP => bp = k.u64(cfa.wrapping_add(entry.bp_offset as i64 as u64))?,
-                REG_BP => bp = k.u64(bp.wrapping_add(entry.bp_offset as i64 as u64))?,
-                _ => {}
+            let off = entry.bp_offset as i64 as u64;
+            if entry.bp_reg == r.prev_sp {
+                bp = k.u64(cfa.wrapping_add(off))?;
+            } else if entry.bp_reg == r.bp {
+                bp = k.u64(bp.wrapping_add(off))?;
             }
         }
         // The stack only grows towards callers; anything else is corrupt.
