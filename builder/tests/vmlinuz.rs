@@ -62,3 +62,18 @@ fn a_kernel_without_btf_is_refused_naming_the_config_and_the_other_way() {
     let e = build_from_vmlinuz(&kit_file("lkdtm/bzImage"), &BuildOptions::default()).unwrap_err().to_string();
     assert!(e.contains("no BTF") && e.contains("CONFIG_DEBUG_INFO_BTF") && e.contains("--vmlinux"), "{e}");
 }
+
+#[test]
+fn matrix_5_10_image_from_vmlinuz_equals_image_from_vmlinux() {
+    same_image("matrix/5.10");
+}
+
+#[test]
+fn matrix_6_12_image_from_vmlinuz_equals_image_from_vmlinux() {
+    same_image("matrix/6.12");
+}
+
+#[test]
+fn matrix_7_image_from_vmlinuz_equals_image_from_vmlinux() {
+    same_image("matrix/7");
+}

@@ -244,16 +244,25 @@ pub fn kallsyms_symbolizer<M: PhysMem + ?Sized>(
     let p = Profile::from_json(profile_json).ok()?;
     let names = [
         "kallsyms_offsets",
-        "kallsyms_relative_base",
         "kallsyms_num_syms",
         "kallsyms_names",
         "kallsyms_markers",
         "kallsyms_token_table",
         "kallsyms_token_index",
     ];
-    let addrs: Vec<u64> = names.iter().map(|n| p.symbol(n)).collect::<Option<_>>()?;
+    let mut addrs: Vec<u64> = names.iter().map(|n| p.symbol(n)).collect::<Option<_>>()?;
+    // Up to 6.14 a relative base; since 6.15 none (place-relative offsets).
+    addrs.extend(p.symbol("kallsyms_relative_base").map(|a| a + 8));
+    let mut count = [0u8; 4];
+    if read_virt(mem, paging, p.symbol("kallsyms_num_syms")?.wrapping_add(slide), &mut count) != 4 {
+        return None;
+    }
+    let n = u64::from(u32::from_le_bytes(count)).min(u64::from(symbols::kallsyms::MAX_SYMS));
     let start = *addrs.iter().min()?;
-    let end = p.symbol("kallsyms_token_index")?.max(p.symbol("kallsyms_relative_base")?) + 512;
+    let end = [p.symbol("kallsyms_token_index")? + 512, p.symbol("kallsyms_offsets")? + 4 * n]
+        .into_iter()
+        .chain(addrs.iter().copied())
+        .max()?;
     let len = end.checked_sub(start).filter(|&l| l <= 64 << 20)? as usize;
     let mut buf = vec![0u8; len];
     let run = start.wrapping_add(slide);

@@ -67,6 +67,7 @@ pub mod kaslr;
 #[cfg(feature = "qemu")]
 pub mod libvirt;
 pub mod quarantine;
+pub mod orc;
 pub mod replay;
 pub mod report;
 pub mod snapshot;

@@ -145,11 +145,6 @@ impl Symbolizer {
         self.func(link).map(|f| f.name.split('.').next().unwrap_or(&f.name))
     }
 
-    /// Link-time start of the function containing `link`.
-    pub fn start_of(&self, link: u64) -> Option<u64> {
-        self.func(link).map(|f| f.addr)
-    }
-
     /// Link-time address of a function by name.
     pub fn address_of(&self, name: &str) -> Option<u64> {
         self.funcs.iter().find(|f| f.name == name).map(|f| f.addr)

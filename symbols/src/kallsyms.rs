@@ -73,7 +73,7 @@ pub struct Tables {
     pub num_syms: u64,
     pub names: u64,
     pub offsets: u64,
-    /// Where `kallsyms_relative_base` is.
+    /// Where `kallsyms_relative_base` is (0: none, 6.15+).
     pub relative_base_at: u64,
     /// Its value.
     pub relative_base: u64,
@@ -137,7 +137,7 @@ impl Kallsyms {
                     continue;
                 }
             };
-            let Some((addrs, offsets, rb_at, rb, abs)) = find_addresses(&img, &names, index) else {
+            let Some((addrs, offsets, rb_at, rb, abs)) = find_addresses(&img, base, &names, index) else {
                 last_err = KallsymsError::NoAddresses(base.wrapping_add(names.names as u64));
                 continue;
             };
@@ -169,7 +169,7 @@ impl Kallsyms {
                 num_syms: at(names.num_syms),
                 names: at(names.names),
                 offsets: at(offsets),
-                relative_base_at: at(rb_at),
+                relative_base_at: rb_at.map_or(0, at),
                 relative_base: rb,
                 absolute_percpu: abs,
             };
@@ -378,16 +378,37 @@ fn names_check(img: &Img<'_>, x: usize, count: u32, s: usize) -> bool {
     s - at < 8
 }
 
+/// What [`find_addresses`] found: the addresses, the offsets table's
+/// place, the relative base's place (none since 6.15) and value, and
+/// whether per-CPU values are absolute.
+type Addresses = (Vec<u64>, usize, Option<usize>, u64, bool);
+
+/// `n` addresses decoded from the `i32` offsets at `o`, if they come out
+/// sorted and end among kernel addresses.
+fn sorted_addresses(img: &Img<'_>, o: usize, n: usize, decode: impl Fn(usize, i32) -> u64) -> Option<Vec<u64>> {
+    let mut out: Vec<u64> = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = decode(i, img.u32(o.checked_add(4 * i)?)? as i32);
+        if out.last().is_some_and(|&l| a < l) {
+            return None;
+        }
+        out.push(a);
+    }
+    out.last().is_some_and(|&l| l >= 0xffff_0000_0000_0000).then_some(out)
+}
+
 /// The addresses of every symbol: the `i32` offsets and the relative base
 /// either just before the count (6.1) or just after the token index
 /// (6.4+), with or without absolute per-CPU values, whichever comes out
-/// sorted. `(addresses, offsets table, relative base's place, its value,
-/// absolute per-CPU)`.
+/// sorted; or, since 6.15, offsets relative to their own place. `(addresses,
+/// offsets table, relative base's place if any, its value, absolute
+/// per-CPU)`.
 fn find_addresses(
     img: &Img<'_>,
+    base: u64,
     names: &Names,
     index: usize,
-) -> Option<(Vec<u64>, usize, usize, u64, bool)> {
+) -> Option<Addresses> {
     let n = names.count as usize;
     let four_n = n.checked_mul(4)?;
     let mut candidates = Vec::new();
@@ -410,32 +431,27 @@ fn find_addresses(
     for (o, rb_at) in candidates {
         let Some(rb) = img.u64(rb_at) else { continue };
         for abs in [true, false] {
-            let mut out = Vec::with_capacity(n);
-            let mut ok = true;
-            for i in 0..n {
-                let Some(v) = img.u32(o + 4 * i) else {
-                    ok = false;
-                    break;
-                };
-                let v = v as i32;
-                let a = if abs {
-                    if v >= 0 {
-                        v as u64
-                    } else {
-                        rb.wrapping_sub(1).wrapping_sub(v as i64 as u64)
-                    }
+            let decode = |_: usize, v: i32| {
+                if abs && v >= 0 {
+                    v as u64
+                } else if abs {
+                    rb.wrapping_sub(1).wrapping_sub(v as i64 as u64)
                 } else {
                     rb.wrapping_add(v as u32 as u64)
-                };
-                if out.last().is_some_and(|&l| a < l) {
-                    ok = false;
-                    break;
                 }
-                out.push(a);
+            };
+            if let Some(out) = sorted_addresses(img, o, n, decode) {
+                return Some((out, o, Some(rb_at), rb, abs));
             }
-            if ok && out.last().is_some_and(|&l| l >= 0xffff_0000_0000_0000) {
-                return Some((out, o, rb_at, rb, abs));
-            }
+        }
+    }
+    // 6.15+ (Debian's 7.x): no relative base; each offset is relative to
+    // its own place (`.long sym - .`), right after the token index.
+    for o in [after, (after + 3) & !3] {
+        let place = |i: usize| base.wrapping_add((o + 4 * i) as u64);
+        let decode = |i: usize, v: i32| place(i).wrapping_add(v as i64 as u64);
+        if let Some(out) = sorted_addresses(img, o, n, decode) {
+            return Some((out, o, None, 0, false));
         }
     }
     None

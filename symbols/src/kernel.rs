@@ -272,9 +272,14 @@ pub fn profile_from_kernel_elf(
     let mut kallsyms = Err(crate::kallsyms::KallsymsError::NoTokenTable);
     for s in &sections {
         let Ok(d) = s.data() else { continue };
-        kallsyms = Kallsyms::find(d, s.address());
-        if kallsyms.is_ok() {
-            break;
+        match Kallsyms::find(d, s.address()) {
+            Ok(k) => {
+                kallsyms = Ok(k);
+                break;
+            }
+            // Keep the furthest a section got (tables found, not decoded).
+            Err(crate::kallsyms::KallsymsError::NoTokenTable) => {}
+            Err(e) => kallsyms = Err(e),
         }
     }
     let kallsyms = kallsyms.map_err(|source| Error::Kallsyms { path: path.to_owned(), source })?;

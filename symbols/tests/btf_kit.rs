@@ -97,3 +97,23 @@ fn nm(vmlinux: &Path) -> BTreeMap<String, Vec<u64>> {
 fn debian_6_1_btf_profile_equals_dwarf() {
     compare("debian");
 }
+
+#[test]
+fn matrix_5_10_btf_profile_equals_dwarf() {
+    compare("matrix/5.10");
+}
+
+#[test]
+fn matrix_6_1_btf_profile_equals_dwarf() {
+    compare("matrix/6.1");
+}
+
+#[test]
+fn matrix_6_12_btf_profile_equals_dwarf() {
+    compare("matrix/6.12");
+}
+
+#[test]
+fn matrix_7_btf_profile_equals_dwarf() {
+    compare("matrix/7");
+}

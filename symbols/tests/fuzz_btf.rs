@@ -224,6 +224,12 @@ fn align(v: &mut Vec<u8>, a: usize) {
 /// first), with `seqs` between the markers and the tokens (later 6.1
 /// stable builds). Returns the image; its base address is 0x1000.
 fn encode_kallsyms(syms: &[(char, String, u64)], new_order: bool, seqs: bool) -> Vec<u8> {
+    encode_kallsyms_at(syms, new_order, seqs, None)
+}
+
+/// With `pcrel = Some(base)`: the 6.15+ form, no relative base, each
+/// offset relative to its own place in an image based at `base`.
+fn encode_kallsyms_at(syms: &[(char, String, u64)], new_order: bool, seqs: bool, pcrel: Option<u64>) -> Vec<u8> {
     let rb = syms.iter().map(|s| s.2).filter(|&a| a >= 1 << 63).min().unwrap();
     let mut offsets = Vec::new();
     for s in syms {
@@ -272,7 +278,14 @@ fn encode_kallsyms(syms: &[(char, String, u64)], new_order: bool, seqs: bool) ->
         img.extend_from_slice(&index);
         align(img, 8);
     };
-    if new_order {
+    if let Some(base) = pcrel {
+        head(&mut img);
+        let at = img.len() as u64;
+        for (i, s) in syms.iter().enumerate() {
+            let place = base + at + 4 * i as u64;
+            img.extend_from_slice(&(s.2.wrapping_sub(place) as i64 as i32).to_le_bytes());
+        }
+    } else if new_order {
         head(&mut img);
         img.extend_from_slice(&offsets);
         align(&mut img, 8);
@@ -309,6 +322,14 @@ fn kallsyms_decodes_each_layout_and_mutations_never_panic_or_hang() {
         let len = img.len();
         inputs.push((img, vec![0..len, 100..len - 64, 100..len - 64]));
     }
+    // 6.15+: place-relative offsets, per-CPU symbols among the others.
+    let kernel_only: Vec<_> = syms.iter().filter(|s| s.2 >= 1 << 63).cloned().collect();
+    let base = 0xffff_ffff_8300_0000;
+    let img = encode_kallsyms_at(&kernel_only, true, true, Some(base));
+    let k = Kallsyms::find(&img, base).unwrap_or_else(|e| panic!("6.15+: {e}"));
+    let got: Vec<(char, String, u64)> = k.symbols.iter().map(|s| (s.kind, s.name.clone(), s.address)).collect();
+    assert_eq!(got, kernel_only, "6.15+ place-relative offsets");
+    assert_eq!(k.tables.relative_base_at, 0);
     let out = fuzz("kallsyms", 0x6a11_5e75, inputs, kallsyms_check);
     assert!(out.contains_key("ok") && out.len() > 1, "{out:?}");
 }
