@@ -53,7 +53,12 @@ pub mod access;
 pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
+pub mod autoimage;
 pub mod backend;
+#[cfg(feature = "qemu")]
+pub mod checkpoint;
+#[cfg(feature = "qemu")]
+pub mod cpr;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;
@@ -61,6 +66,7 @@ pub mod journal;
 pub mod kaslr;
 #[cfg(feature = "qemu")]
 pub mod libvirt;
+pub mod quarantine;
 pub mod replay;
 pub mod report;
 pub mod snapshot;

@@ -164,6 +164,21 @@ items! {
     // profile since the first; the repair kernel works on the crashed CPU's
     // CR3 and does not read it ---
     MmPgd = Offset("mm_struct", "pgd"), optional;
+    // --- drift across Debian's 5.10 to 7.x, decided by what the vmlinux has ---
+    // Per-CPU symbols are offsets into each CPU's area while the vmlinux
+    // links `.data..percpu` at 0 (`__per_cpu_start` == 0, up to 6.14); since
+    // 6.15 they are virtual addresses moved by KASLR like any other.
+    SymPerCpuStart = Symbol("__per_cpu_start"), optional;
+    // `vpanic(fmt, va_list)` does the panic's work where it exists (6.17,
+    // Debian 6.12.118+): `panic` calls it, some callers call it directly.
+    SymVpanic = Symbol("vpanic"), optional;
+    SymPanicSize = SymbolSize("panic"), optional;
+    // --- quarantine after a rollback (loader/src/quarantine.rs): SIGKILL
+    // made pending (`task->pending.signal`, a `sigset_t`) and
+    // `TIF_SIGPENDING` set in `task->thread_info.flags`, as
+    // `signal_wake_up()` would; the repair kernel does not read them ---
+    TaskPendingSignal = Offset("task_struct", "pending.signal"), optional;
+    TaskThreadInfoFlags = Offset("task_struct", "thread_info.flags"), optional;
 }
 
 /// Number of items in the table.

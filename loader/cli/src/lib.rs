@@ -9,6 +9,8 @@
 //! - [`render`]: `diagnose`'s report as text.
 //! - [`libvirt`]: `--libvirt DOMAIN`, a guest reached through libvirt alone.
 //! - [`daemon`]: `repair-guest daemon`, one watcher per opted-in guest of a host.
+//! - [`restart`]: `restart-vmm`, a warm restart of QEMU (CPR).
+//! - [`rollback`]: the checkpoint and rollback options of `watch`.
 
 pub mod campaign;
 pub mod daemon;
@@ -18,3 +20,5 @@ pub mod kit;
 pub mod libvirt;
 pub mod render;
 pub mod replay;
+pub mod restart;
+pub mod rollback;

@@ -56,8 +56,11 @@ struct Attach {
     /// (/proc/PID/mem) unless --ram-file is given.
     #[arg(long, value_name = "ADDR")]
     gdb: Option<String>,
-    /// The repair image built for the guest's kernel (build-repair-image).
-    #[arg(long, value_name = "IMAGE")]
+    /// The repair image built for the guest's kernel (build-repair-image),
+    /// or `auto`: built now from the running guest's own BTF and kallsyms
+    /// (no vmlinux needed; the kernel needs CONFIG_DEBUG_INFO_BTF) and
+    /// cached by build-id in ~/.cache/crash-repair/images.
+    #[arg(long, value_name = "IMAGE|auto")]
     image: PathBuf,
     /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT): run states, events, the
     /// RAM size; alone (no --gdb), also the way to the gdbstub and to RAM.
@@ -151,6 +154,8 @@ enum Command {
         /// Internal: this process is the supervised worker.
         #[arg(long, hide = true)]
         supervised: bool,
+        #[command(flatten)]
+        rollback: repair_guest::rollback::RollbackArgs,
     },
     /// Watch every opted-in guest of a host: libvirt domains (--libvirt)
     /// or QEMUs whose sockets are in a directory (--sockets), each in its
@@ -222,6 +227,13 @@ enum Command {
     /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
     /// watched; writes the Markdown table and JSON.
     Campaign(repair_guest::campaign::CampaignArgs),
+    /// Warm restart of QEMU: move the running guest to a new QEMU process
+    /// (the same binary, or --qemu for an update) with its RAM left in
+    /// place, through QEMU 10's cpr-transfer migration. The guest pauses
+    /// for about 0.1 s; a watcher follows it to the new QEMU. Needs QEMU
+    /// 10.0+, RAM in memory-backend-file/memfd with share=on, and
+    /// `-machine aux-ram-share=on`. Prints one JSON line.
+    RestartVmm(repair_guest::restart::RestartArgs),
 }
 
 fn parse_hex(s: &str) -> Result<u64> {
@@ -282,7 +294,8 @@ fn load_image(path: &Path) -> Result<builder::RepairImage> {
 /// the repair flow. From the connection on, every way out (an error, a
 /// panic) resumes the guest if the stop is ours: `GdbGuest`'s Drop.
 fn attach(a: &Attach) -> Result<(Attached, Session)> {
-    let image = load_image(&a.image)?;
+    let auto = a.image.as_os_str() == "auto";
+    let image = if auto { None } else { Some(load_image(&a.image)?) };
     let cfg = flow_config(a)?;
     let spec = QemuGuest {
         gdb: a.gdb_endpoint()?,
@@ -293,6 +306,10 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
     if a.ram_file.is_none() {
         eprintln!("repair-guest: guest memory through {}", attached.backend.memory_path());
     }
+    let image = match image {
+        Some(image) => image,
+        None => auto_image(&mut attached)?,
+    };
     let mut session = attached
         .session(image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.addr(), a.image.display()))?;
@@ -308,6 +325,31 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
         eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
     }
     Ok((attached, session))
+}
+
+/// `--image auto`: the image of the running kernel, from the cache or
+/// built from its memory (the guest is stopped: our gdbstub connection
+/// stopped it, and every way out resumes it if that stop was ours).
+fn auto_image(attached: &mut Attached) -> Result<builder::RepairImage> {
+    let ram_end = match attached.ram_end {
+        Some(e) => e,
+        None => loader::guestmem::probe_ram_end(attached.guest())?,
+    };
+    let cache = loader::autoimage::cache_dir();
+    let (image, stats) = loader::autoimage::image_from_guest(attached.guest(), ram_end, Some(&cache))
+        .context("building the repair image from the running guest (--image auto)")?;
+    match &stats.cached {
+        Some(p) => eprintln!("repair-guest: image of {} (build-id {}) from the cache: {}", stats.release, stats.build_id, p.display()),
+        None => eprintln!(
+            "repair-guest: image of {} built from the guest's BTF and kallsyms ({} MiB read in {:.2} s, built in {:.2} s){}",
+            stats.release,
+            stats.read_bytes >> 20,
+            stats.read_time.as_secs_f64(),
+            stats.build_time.as_secs_f64(),
+            stats.saved.as_ref().map(|p| format!(", cached as {}", p.display())).unwrap_or_default()
+        ),
+    }
+    Ok(image)
 }
 
 fn main() {
@@ -367,6 +409,16 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             Some(AccessError::GuestGone(_) | AccessError::Connect { .. }) => return exit::GUEST_GONE,
             Some(AccessError::BadAddress(_)) => return exit::BAD_INPUT,
             _ => {}
+        }
+        // What the guest's QEMU must be for checkpoints or a warm restart.
+        if matches!(
+            cause.downcast_ref::<loader::cpr::CprError>(),
+            Some(loader::cpr::CprError::TooOld(..) | loader::cpr::CprError::RamNotShared(_) | loader::cpr::CprError::NoAuxRamShare | loader::cpr::CprError::NoPid)
+        ) || matches!(
+            cause.downcast_ref::<loader::checkpoint::CheckpointError>(),
+            Some(loader::checkpoint::CheckpointError::Disk { .. } | loader::checkpoint::CheckpointError::NoQmp)
+        ) {
+            return exit::BAD_INPUT;
         }
         if cause.downcast_ref::<builder::ImageError>().is_some()
             || cause.downcast_ref::<loader::symbolize::SymbolizeError>().is_some()
@@ -463,8 +515,9 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_kill_after_ms,
             hang_kill_at_detection,
             wait_boot,
+            rollback,
             ..
-        } => {
+        } => loop {
             let (mut attached, mut session) = attach_when_up(&a, wait_boot, &stop)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
@@ -480,18 +533,26 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                      signal, and a reset of the guest goes unseen"
                 );
             }
+            let rollback = rollback.open(attached.qmp.as_mut())?;
             let cfg = WatchConfig {
                 max_repairs,
                 found_paused: !attached.stop_is_ours(),
+                rollback,
                 qmp: attached.qmp.take(),
                 hangs,
                 crash_context: attached.fast_memory(),
                 record: TrapRecorder::from_env(),
             };
-            let end = watch(attached.guest(), &mut session, &mut sink, stop, cfg)?;
+            let end = watch(attached.guest(), &mut session, &mut sink, stop.clone(), cfg)?;
             tracing::info!(?end, "watch ended");
-            Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 })
-        }
+            if end != WatchEnd::Migrated {
+                break Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 });
+            }
+            // The guest moved to a new QEMU (restart-vmm): follow it to the
+            // same addresses once it runs there.
+            drop(attached);
+            repair_guest::restart::await_new_qemu(a.qmp.as_deref(), &stop)?;
+        },
         Command::Repair { attach: a, wait_crash } => {
             let (mut attached, mut session) = attach(&a)?;
             // A repair acts on a crash and resumes: whoever paused the
@@ -566,6 +627,7 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         Command::Replay { dump, image, json } => repair_guest::replay::run(&dump, &image, json).map(|()| 0),
         Command::Campaign(args) => repair_guest::campaign::cli(&args).map(|()| 0),
         Command::Daemon(args) => repair_guest::daemon::run(&args, &stop),
+        Command::RestartVmm(args) => repair_guest::restart::run(&args).map(|()| 0),
     }
 }
 
