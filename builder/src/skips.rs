@@ -110,8 +110,26 @@ const RUNTIME_CONSTS: &[(&str, u32)] = &[("runtime_ptr_", 8), ("runtime_shift_",
 /// and a distribution's debug vmlinux may predate `resolve_btfids` filling
 /// `.BTF_ids` (Debian's does: zeros in the file, IDs in the running kernel).
 pub fn file_only_exclusions(data: &[u8]) -> Vec<(u64, u64)> {
+    file_only_exclusions_with(data, &elf_symbols(data))
+}
+
+/// A kernel's symbols as the snapshot needs them: name, address, and
+/// whether it is text. From the ELF's `.symtab`, or from kallsyms for a
+/// stripped kernel (a vmlinuz's).
+pub type KernelSymbols = Vec<(String, u64, bool)>;
+
+/// The `.symtab` of an ELF as [`KernelSymbols`].
+pub fn elf_symbols(data: &[u8]) -> KernelSymbols {
     let Ok(file) = object::File::parse(data) else { return Vec::new() };
-    let sym = |n: &str| file.symbols().find(|s| s.name() == Ok(n)).map(|s| s.address());
+    file.symbols()
+        .filter_map(|s| Some((s.name().ok()?.to_owned(), s.address(), s.kind() == object::SymbolKind::Text)))
+        .collect()
+}
+
+/// [`file_only_exclusions`] with the symbols given.
+pub fn file_only_exclusions_with(data: &[u8], symbols: &KernelSymbols) -> Vec<(u64, u64)> {
+    let Ok(file) = object::File::parse(data) else { return Vec::new() };
+    let sym = |n: &str| symbols.iter().find(|s| s.0 == n).map(|s| s.1);
     let mut out = Vec::new();
     if let (Some(a), Some(b)) = (sym("__start_ro_after_init"), sym("__end_ro_after_init")) {
         if b > a {
@@ -130,20 +148,29 @@ const STATIC_CALL_TRAMPOLINE: &str = "__SCT__";
 
 /// Every run-time patch site of the vmlinux, sorted by address.
 pub fn skip_sites(data: &[u8], pages: &VmlinuxPages<'_>, formats: &TableFormats) -> (Vec<SkipSite>, Vec<TableReport>) {
+    skip_sites_with(data, pages, &elf_symbols(data), formats)
+}
+
+/// [`skip_sites`] with the symbols given (kallsyms for a stripped kernel).
+pub fn skip_sites_with(
+    data: &[u8],
+    pages: &VmlinuxPages<'_>,
+    symbols: &KernelSymbols,
+    formats: &TableFormats,
+) -> (Vec<SkipSite>, Vec<TableReport>) {
     let mut sites = Vec::new();
     let mut reports = Vec::new();
     let Ok(file) = object::File::parse(data) else { return (sites, reports) };
     let wanted: Vec<&str> = TABLES.iter().flat_map(|t| [t.start, t.end]).collect();
     let mut addr = std::collections::HashMap::new();
     let mut trampolines = 0;
-    for s in file.symbols() {
-        if let Ok(n) = s.name() {
-            if wanted.contains(&n) {
-                addr.entry(n).or_insert(s.address());
-            } else if n.starts_with(STATIC_CALL_TRAMPOLINE) && s.kind() == object::SymbolKind::Text {
-                sites.push(SkipSite { addr: s.address(), len: 5, kind: SkipKind::StaticCall as u32 });
-                trampolines += 1;
-            }
+    for (n, a, text) in symbols {
+        let n = n.as_str();
+        if wanted.contains(&n) {
+            addr.entry(n).or_insert(*a);
+        } else if n.starts_with(STATIC_CALL_TRAMPOLINE) && *text {
+            sites.push(SkipSite { addr: *a, len: 5, kind: SkipKind::StaticCall as u32 });
+            trampolines += 1;
         }
     }
     reports.push(TableReport { name: "static call trampolines", sites: Some(trampolines) });

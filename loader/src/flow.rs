@@ -151,6 +151,10 @@ pub struct Session {
     /// A repair a killed watcher left half done, undone at attach from the
     /// journal: the vCPU it was on (taken by whoever reports it).
     pub undone_repair: Option<VcpuId>,
+    /// Frame names from the guest's own kallsyms, read at attach, for an
+    /// image built from BTF (no vmlinux to name them): see
+    /// [`crate::autoimage::kallsyms_symbolizer`].
+    pub kallsyms: Option<Box<crate::symbolize::Symbolizer>>,
 }
 
 /// A staging plan's writes, split by what they hold: the repair kernel's
@@ -276,6 +280,10 @@ impl Session {
             let mem = GuestPhys::read_only(guest, ram_end);
             kaslr::find_slide(&mem, paging, &image.layout, &image.kernel.banner)?
         };
+        let kallsyms = {
+            let mem = GuestPhys::read_only(guest, ram_end);
+            crate::autoimage::kallsyms_symbolizer(&mem, paging, &image.profile_json, slide.slide).map(Box::new)
+        };
         let paging = if paging.la57 { builder::stage::Paging::FiveLevel } else { builder::stage::Paging::FourLevel };
         if cfg.integrity && !cfg.reserved {
             return Err(FlowError::IntegrityNeedsReservedRange);
@@ -292,6 +300,7 @@ impl Session {
             staging,
             prestaged: false,
             undone_repair,
+            kallsyms,
         })
     }
 

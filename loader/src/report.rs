@@ -87,6 +87,7 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
     symbolizer: Option<&Symbolizer>,
     log_lines: u32,
 ) -> Result<Report, crate::flow::FlowError> {
+    let symbolizer = symbolizer.or(session.kallsyms.as_deref());
     let regs = guest.get_regs(vcpu)?;
     let input = session.contract_input(vcpu, &regs, Mode::Diagnose);
     let mut mem = GuestPhys::read_only(guest, session.ram_end);
@@ -200,12 +201,15 @@ fn build_backtrace<M: PhysMem + ?Sized>(
     };
     // The function the next (outer) frame must have called.
     let mut callee = sym.base_name(rip.wrapping_sub(slide)).map(str::to_string);
+    let mut callee_start = sym.start_of(rip.wrapping_sub(slide));
     for &ret in candidates {
         let Some(target) = call_target(k, ret.0) else { continue };
         let ok = match target {
             CallTarget::Direct(t) => {
                 let t_link = t.wrapping_sub(slide);
-                sym.is_thunk(t_link) || (callee.is_some() && sym.base_name(t_link) == callee.as_deref())
+                sym.is_thunk(t_link)
+                    || (callee.is_some() && sym.base_name(t_link) == callee.as_deref())
+                    || tail_calls(k, t, sym.frame(t, slide, false).size, callee_start.map(|c| c.wrapping_add(slide)))
             }
             CallTarget::Indirect => true,
         };
@@ -214,6 +218,7 @@ fn build_backtrace<M: PhysMem + ?Sized>(
         }
         let ret_link = ret.0.wrapping_sub(slide).wrapping_sub(1);
         callee = sym.base_name(ret_link).map(str::to_string);
+        callee_start = sym.start_of(ret_link);
         frames.push(frame_line(Some(sym.frame(ret.0, slide, true)), ret.0));
     }
     frames
@@ -224,6 +229,32 @@ fn frame_line(f: Option<Frame>, addr: u64) -> FrameLine {
         Some(f) => FrameLine { addr: format!("{addr:#x}"), function: f.function.clone(), text: f.display() },
         None => FrameLine { addr: format!("{addr:#x}"), function: None, text: format!("{addr:#x}") },
     }
+}
+
+/// Whether the function at `target` (run-time) is a wrapper that ends in
+/// a tail call (`jmp rel32`) to `callee` within its first 64 bytes (and
+/// its `size`), as the
+/// syscall wrappers do (`__x64_sys_write` loads its arguments from
+/// `pt_regs`, then `jmp ksys_write`): the frame above then belongs to
+/// `callee`, though the call named the wrapper.
+fn tail_calls<M: PhysMem + ?Sized>(
+    k: &repair_kernel::kmem::Kernel<'_, M>,
+    target: u64,
+    size: u64,
+    callee: Option<u64>,
+) -> bool {
+    let Some(callee) = callee else { return false };
+    let mut buf = [0u8; 64];
+    let b = &mut buf[..size.min(64) as usize];
+    if b.len() < 5 || k.read(Gva(target), b).is_err() {
+        return false;
+    }
+    (0..b.len() - 4).any(|i| {
+        b[i] == 0xe9 && {
+            let rel = i32::from_le_bytes([b[i + 1], b[i + 2], b[i + 3], b[i + 4]]);
+            target.wrapping_add(i as u64 + 5).wrapping_add(rel as i64 as u64) == callee
+        }
+    })
 }
 
 enum CallTarget {

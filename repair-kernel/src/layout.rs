@@ -187,6 +187,12 @@ items! {
     SymPreemptSchedule = Symbol("preempt_schedule"), optional;
     SymMightResched = Symbol("__might_resched"), optional;
     SymMightSleepOld = Symbol("___might_sleep"), optional;
+    // --- quarantine after a rollback (loader/src/quarantine.rs): SIGKILL
+    // made pending (`task->pending.signal`, a `sigset_t`) and
+    // `TIF_SIGPENDING` set in `task->thread_info.flags`, as
+    // `signal_wake_up()` would; the repair kernel does not read them ---
+    TaskPendingSignal = Offset("task_struct", "pending.signal"), optional;
+    TaskThreadInfoFlags = Offset("task_struct", "thread_info.flags"), optional;
 }
 
 /// Number of items in the table.
