@@ -150,7 +150,7 @@ fn snapshot_from_elf(
     if ranges.iter().any(|r| r.end <= r.start) {
         return Err("empty kernel text or rodata range in the profile".into());
     }
-    let (skips, _tables) = skips::skip_sites_with(data, &pages, symbols);
+    let (skips, _tables) = skips::skip_sites_with(data, &pages, symbols, &skips::TableFormats::from_profile(profile));
     image.skips = skips;
     // Data written during boot is not "expected from the file".
     let excluded = skips::file_only_exclusions_with(data, symbols);

@@ -30,5 +30,9 @@ pub fn wanted() -> WantedList {
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
         };
     }
+    // Not read by the repair kernel: the builder's own, for the layouts of
+    // the run-time patch tables (`skips::TableFormats`).
+    w.member("alt_instr", "instrlen", true);
+    w.member("paravirt_patch_site", "len", true);
     w
 }

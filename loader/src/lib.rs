@@ -17,6 +17,8 @@
 //! - [`watch`]: the one watch loop: crashes, hangs, someone else's pauses,
 //!   resets; [`supervise`]: the parent that restarts a dead watcher or
 //!   removes its trap.
+//! - [`libvirt`]: a libvirt domain reached through libvirt alone (its QMP
+//!   served from libvirt's passthrough and events).
 //! - [`journal`]: each repair written down before it touches the guest, so a
 //!   watcher killed mid-repair is undone by the next one.
 //! - [`hang`]: hang detection from outside, without stopping the guest.
@@ -53,11 +55,18 @@ pub mod arch;
 pub mod attach;
 pub mod autoimage;
 pub mod backend;
+#[cfg(feature = "qemu")]
+pub mod checkpoint;
+#[cfg(feature = "qemu")]
+pub mod cpr;
 pub mod flow;
 pub mod guestmem;
 pub mod hang;
 pub mod journal;
 pub mod kaslr;
+#[cfg(feature = "qemu")]
+pub mod libvirt;
+pub mod quarantine;
 pub mod orc;
 pub mod replay;
 pub mod report;

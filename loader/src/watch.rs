@@ -2,6 +2,7 @@
 //! as one JSON line.
 
 use crate::access::{AccessError, CpuState, GuestAccess, Gva, StopEvent, StopReason, VcpuId};
+use crate::checkpoint::Decision;
 use crate::flow::{crash_kind_name, reason_name, FlowError, Mode, Outcome, Session, Timings};
 use crate::hang::{self, Hang, HangKind, HangRepair, Sampler, SamplerMsg};
 use crate::kaslr::KaslrError;
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Event {
     /// `attached`, `crash`, `hang`, `repaired`, `declined`, `error`,
-    /// `paused`, `resumed`, `reset`, `rearmed`, `refused`, `detached`.
+    /// `paused`, `resumed`, `reset`, `rearmed`, `refused`, `detached`;
+    /// with checkpoints: `checkpoint`, `rolled-back`, `quarantined`.
     pub event: &'static str,
     /// UTC, RFC 3339 with milliseconds; set by [`EventSink::emit`].
     pub time: String,
@@ -68,6 +70,17 @@ pub struct Event {
     /// where its message and the lines before it are kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<Vec<String>>,
+    /// `checkpoint`: how long the guest was held stopped for it;
+    /// `rolled-back`: how long the rollback held it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+    /// `rolled-back`: the guest time lost (it ran this long after the
+    /// checkpoint it went back to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_ms: Option<f64>,
+    /// `checkpoint`, `rolled-back`: the checkpoint's tag in QEMU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
     /// For a program that drives the watch (not written): the verdict's
     /// reason code (`repaired`, `declined`), and the sampler's report
     /// behind a `hang` (and a hang's `declined`), with its instants.
@@ -254,6 +267,9 @@ pub enum WatchEnd {
     MaxRepairs,
     /// The guest went away.
     GuestGone,
+    /// The guest moved to a new QEMU process (a CPR migration completed,
+    /// `repair-guest restart-vmm`): attach to it at the same addresses.
+    Migrated,
 }
 
 /// What [`watch`] needs besides the guest and the session.
@@ -276,6 +292,9 @@ pub struct WatchConfig {
     /// The trap and whether we hold the guest stopped, kept for a
     /// supervisor to clean up after this process should it die.
     pub record: TrapRecorder,
+    /// Checkpoints, and rollback (with quarantine) of crashes the repair
+    /// kernel declines (`checkpoint`); needs `qmp`.
+    pub rollback: Option<crate::checkpoint::Rollback>,
 }
 
 impl std::fmt::Debug for WatchConfig {
@@ -315,6 +334,7 @@ pub fn watch<G: GuestAccess + ?Sized>(
         rearm_at: None,
         reset_at: None,
         repairs: 0,
+        migrated: false,
     };
     let end = w.run();
     w.stop_sampler();
@@ -344,6 +364,9 @@ struct Watcher<'a, G: ?Sized> {
     rearm_at: Option<Instant>,
     reset_at: Option<Instant>,
     repairs: u32,
+    /// QMP reported a completed migration: the guest lives on in another
+    /// QEMU, and losing this one is no loss of the guest.
+    migrated: bool,
 }
 
 impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
@@ -380,6 +403,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                 self.try_rearm()?;
             }
             self.poll_hangs()?;
+            self.poll_checkpoint()?;
             if self.cfg.max_repairs.is_some_and(|m| self.repairs >= m) {
                 let why = format!("{} repairs made (--max-repairs)", self.repairs);
                 return self.detach(&why).map(|()| WatchEnd::MaxRepairs);
@@ -413,6 +437,24 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
     }
 
     fn gone(&mut self, why: &str) -> WatchEnd {
+        // The gdbstub may close (the old QEMU quit) before the QMP events
+        // saying why were read: they are still in the socket.
+        if let Some(q) = self.cfg.qmp.as_mut().filter(|_| !self.migrated) {
+            while let Ok(Some(e)) = q.next_event(Some(Duration::from_millis(1))) {
+                if e.name == "MIGRATION" && e.data["status"] == "completed" {
+                    self.migrated = true;
+                }
+            }
+            // Without QEMU's migration events (capability `events` off),
+            // its run state says so while it lives.
+            if !self.migrated && q.query_status().is_ok_and(|s| s == "postmigrate") {
+                self.migrated = true;
+            }
+        }
+        if self.migrated {
+            self.events.emit(&Event::simple("detached", format!("following the guest: {why}")));
+            return WatchEnd::Migrated;
+        }
         self.events.emit(&Event::simple("detached", format!("the guest went away: {why}")));
         WatchEnd::GuestGone
     }
@@ -494,9 +536,17 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
             }
         }
         let mut decided = Vec::new();
+        let mut rollback = None;
+        let mut for_good = Vec::new();
         for v in vcpus {
             let context = if self.cfg.crash_context { crash_context(self.guest, self.session, v) } else { None };
-            match self.session.repair(self.guest, v, Mode::Repair) {
+            // With rollback preferred, the repair kernel looks first and
+            // acts only if the policy says kill.
+            let mode = match &self.cfg.rollback {
+                Some(r) if !r.policy.kill_at_once() => Mode::Diagnose,
+                _ => Mode::Repair,
+            };
+            match self.session.repair(self.guest, v, mode) {
                 Ok(o) => {
                     let mut e = Event::crash(&o);
                     if let Some((bt, log)) = &context {
@@ -504,6 +554,33 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                         e.log_tail = Some(log.clone());
                     }
                     self.events.emit(&e);
+                    let o = match self.cfg.rollback.as_mut().map(|r| r.decide(&o)) {
+                        None | Some(Decision::Verdict) => o,
+                        Some(Decision::Kill) => match self.session.repair(self.guest, v, Mode::Repair) {
+                            Ok(o) => o,
+                            Err(e @ FlowError::Access(AccessError::GuestGone(_))) => return Err(e),
+                            Err(e) => {
+                                self.events.emit(&Event { cpu: Some(v.0), ..Event::simple("error", e.to_string()) });
+                                continue;
+                            }
+                        },
+                        Some(Decision::Rollback { quarantine }) => {
+                            rollback.get_or_insert((o, quarantine));
+                            continue;
+                        }
+                        Some(Decision::DeclineForGood(why)) => {
+                            let mut e = Event::verdict(&o, 0.0);
+                            e.reason = Some(format!("{why}; the repair kernel: {}", o.reason()));
+                            e.action = Some("decline".into());
+                            e.reason_code = Some("recurred-after-rollback".into());
+                            if let Some((bt, log)) = context {
+                                e.backtrace = Some(bt);
+                                e.log_tail = Some(log);
+                            }
+                            for_good.push(e);
+                            continue;
+                        }
+                    };
                     decided.push((o, context));
                 }
                 Err(e @ FlowError::Access(AccessError::GuestGone(_))) => return Err(e),
@@ -514,11 +591,17 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                 }
             }
         }
+        if let Some((o, quarantine)) = rollback {
+            self.roll_back(&o, quarantine)?;
+        }
         let t = Instant::now();
         self.guest.resume()?;
         let resume_ms = t.elapsed().as_secs_f64() * 1e3;
         self.cfg.record.set_held(false);
         self.paused.store(self.foreign_pause, Ordering::Relaxed);
+        for e in for_good {
+            self.events.emit(&e);
+        }
         for (o, context) in decided {
             let mut e = Event::verdict(&o, resume_ms);
             if let Some((bt, log)) = context {
@@ -576,13 +659,26 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
     fn poll_qmp(&mut self) -> Result<Option<WatchEnd>, FlowError> {
         let Some(q) = &mut self.cfg.qmp else { return Ok(None) };
         let mut names = Vec::new();
+        let mut gone = None;
         loop {
             match q.next_event(Some(Duration::from_millis(1))) {
                 Ok(Some(e)) => names.push(e),
                 Ok(None) => break,
-                Err(AccessError::GuestGone(why)) => return Ok(Some(self.gone(&why))),
+                Err(AccessError::GuestGone(why)) => {
+                    gone = Some(why);
+                    break;
+                }
                 Err(e) => return Err(e.into()),
             }
+        }
+        // A completed migration (CPR: the guest now runs in a new QEMU; the
+        // old one is left in postmigrate, or quits): nothing more to do here.
+        if names.iter().any(|e| e.name == "MIGRATION" && e.data["status"] == "completed") {
+            self.migrated = true;
+            return Ok(Some(self.gone("its QEMU handed it over to a new QEMU process (migration completed)")));
+        }
+        if let Some(why) = gone {
+            return Ok(Some(self.gone(&why)));
         }
         for e in names {
             match e.name.as_str() {
@@ -718,6 +814,104 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
             }
             Err(why) => self.events.emit(&Event::simple("error", format!("hang detection is off: {why}"))),
         }
+    }
+
+    /// Takes a checkpoint when one is due: the guest is held stopped for
+    /// it (never one someone else paused, never while a reset is pending).
+    fn poll_checkpoint(&mut self) -> Result<(), FlowError> {
+        let now = Instant::now();
+        match &self.cfg.rollback {
+            Some(r) if r.due(now) && !self.foreign_pause && self.rearm_at.is_none() => {}
+            _ => return Ok(()),
+        }
+        let stopped_at = Instant::now();
+        if !self.hold()? {
+            return Ok(());
+        }
+        // A crash that reached the trap as we stopped the guest comes first.
+        if !self.trapped_vcpus()?.is_empty() {
+            return self.handle_traps(None);
+        }
+        self.paused.store(true, Ordering::Relaxed);
+        let (Some(r), Some(q)) = (&mut self.cfg.rollback, &mut self.cfg.qmp) else {
+            return self.release(true);
+        };
+        let taken = r.store.take(q, stopped_at).map(|c| (c.tag.clone(), c.pause));
+        r.scheduled(Instant::now(), taken.is_ok());
+        let released = self.release(true);
+        self.paused.store(self.foreign_pause, Ordering::Relaxed);
+        match taken {
+            Ok((tag, pause)) => self.events.emit(&Event {
+                event: "checkpoint",
+                checkpoint: Some(tag),
+                pause_ms: Some(pause.as_secs_f64() * 1e3),
+                ..Default::default()
+            }),
+            Err(e) => self.events.emit(&Event::simple("error", format!("checkpoint not taken: {e}; watching goes on"))),
+        }
+        released
+    }
+
+    /// Rolls the held guest back to its newest checkpoint, then quarantines
+    /// the offender there. If QEMU fails to load it, the guest is as QEMU
+    /// left it (the trap state, unless the load failed midway) and goes on.
+    fn roll_back(&mut self, o: &Outcome, quarantine: Option<i32>) -> Result<(), FlowError> {
+        if self.cfg.rollback.is_none() || self.cfg.qmp.is_none() {
+            return Ok(());
+        }
+        self.stop_sampler();
+        let (Some(r), Some(q)) = (&mut self.cfg.rollback, &mut self.cfg.qmp) else { return Ok(()) };
+        let lost = r.lost();
+        let t = Instant::now();
+        let loaded = r.store.restore_latest(q);
+        let pause_ms = t.elapsed().as_secs_f64() * 1e3;
+        // The guest runs a whole interval from here before the next
+        // checkpoint: a crash before it is this one's recurrence.
+        r.scheduled(Instant::now(), false);
+        match loaded {
+            Ok(c) => self.events.emit(&Event {
+                event: "rolled-back",
+                message: Some(format!(
+                    "the VM is back at checkpoint {}: {} of guest time lost",
+                    c.tag,
+                    lost.map_or("?".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+                )),
+                reason: Some(o.reason().to_string()),
+                checkpoint: Some(c.tag),
+                lost_ms: lost.map(|d| d.as_secs_f64() * 1e3),
+                pause_ms: Some(pause_ms),
+                ..Event::crash(o)
+            }),
+            Err(e) => {
+                self.events.emit(&Event::simple("error", format!("rollback failed: {e}; the guest goes on as QEMU left it")));
+                self.start_sampler()?;
+                return Ok(());
+            }
+        }
+        if let Some(pid) = quarantine {
+            match crate::quarantine::quarantine(self.guest, self.session, pid) {
+                Ok(qd) => self.events.emit(&Event {
+                    event: "quarantined",
+                    message: Some(if qd.already_exiting {
+                        format!("pid {} ({}) was already exiting at the checkpoint", qd.pid, qd.comm)
+                    } else {
+                        format!(
+                            "SIGKILL pending for pid {} ({}), found in state {}: it dies on its next return to user mode",
+                            qd.pid, qd.comm, qd.state
+                        )
+                    }),
+                    pid: Some(qd.pid),
+                    comm: Some(qd.comm),
+                    status: Some(qd.state.to_string()),
+                    ..Default::default()
+                }),
+                Err(e) => self.events.emit(&Event {
+                    pid: Some(pid),
+                    ..Event::simple("error", format!("not quarantined: {e}; the rollback stands"))
+                }),
+            }
+        }
+        self.start_sampler()
     }
 
     fn stop_sampler(&mut self) {

@@ -173,6 +173,12 @@ items! {
     // Debian 6.12.118+): `panic` calls it, some callers call it directly.
     SymVpanic = Symbol("vpanic"), optional;
     SymPanicSize = SymbolSize("panic"), optional;
+    // --- quarantine after a rollback (loader/src/quarantine.rs): SIGKILL
+    // made pending (`task->pending.signal`, a `sigset_t`) and
+    // `TIF_SIGPENDING` set in `task->thread_info.flags`, as
+    // `signal_wake_up()` would; the repair kernel does not read them ---
+    TaskPendingSignal = Offset("task_struct", "pending.signal"), optional;
+    TaskThreadInfoFlags = Offset("task_struct", "thread_info.flags"), optional;
 }
 
 /// Number of items in the table.

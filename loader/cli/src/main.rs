@@ -48,7 +48,7 @@ struct Cli {
 }
 
 #[derive(clap::Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("reach").args(["gdb", "qmp"]).required(true).multiple(true)))]
+#[command(group(clap::ArgGroup::new("reach").args(["gdb", "qmp", "libvirt"]).required(true).multiple(true)))]
 struct Attach {
     /// The guest's gdbstub: unix:PATH or tcp:HOST:PORT. Without it, --qmp is
     /// needed: the gdbstub is then opened through QMP on a private socket and
@@ -90,6 +90,20 @@ struct Attach {
     /// gdbstub's address.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// A libvirt domain, reached through libvirt alone (no change to its
+    /// XML): QMP through libvirt's monitor passthrough, run-state events
+    /// from libvirt's own (virsh suspend stays a pause, virsh reset
+    /// re-arms), the gdbstub opened at run time, RAM through QEMU's memfd
+    /// or file when the domain's RAM is shared. Needs virsh.
+    #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["gdb", "qmp"])]
+    libvirt: Option<String>,
+    /// The libvirt connection URI for --libvirt (default: virsh's own,
+    /// qemu:///system for root).
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    connect: Option<String>,
+    /// QEMU's pid when known otherwise than from QMP (--libvirt).
+    #[arg(skip)]
+    qemu_pid: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,7 +123,8 @@ enum Command {
         /// spins in the kernel as a crash there would be. Needs --ram-file,
         /// and --qmp (QEMU's vCPU threads, so a host that starves QEMU is
         /// not taken for a hang; run states, so a paused guest is not).
-        #[arg(long, requires_all = ["ram_file", "qmp"])]
+        /// (With --libvirt: the domain's RAM must be shared, memfd or file.)
+        #[arg(long)]
         hangs: bool,
         /// How long a CPU (or a task in uninterruptible sleep) may go
         /// without progress before it is reported as a hang.
@@ -131,10 +146,22 @@ enum Command {
         /// removes the trap and resumes the guest if the stop was ours.
         #[arg(long, value_name = "N", default_value_t = 5)]
         restarts: u32,
+        /// Wait up to SECS for the guest's kernel to come up before
+        /// attaching (and, with --libvirt, for the domain to run): for a
+        /// watcher started with the guest (the libvirt hook, the daemon).
+        #[arg(long, value_name = "SECS")]
+        wait_boot: Option<u64>,
         /// Internal: this process is the supervised worker.
         #[arg(long, hide = true)]
         supervised: bool,
+        #[command(flatten)]
+        rollback: repair_guest::rollback::RollbackArgs,
     },
+    /// Watch every opted-in guest of a host: libvirt domains (--libvirt)
+    /// or QEMUs whose sockets are in a directory (--sockets), each in its
+    /// own supervised watcher; picks up guests that start, drops those
+    /// that go.
+    Daemon(repair_guest::daemon::DaemonArgs),
     /// One-shot repair of a guest stopped at a crash (forensic mode).
     Repair {
         #[command(flatten)]
@@ -202,6 +229,13 @@ enum Command {
     /// The crash catalogue: every LKDTM type on the kit's LKDTM kernel,
     /// watched; writes the Markdown table and JSON.
     Campaign(repair_guest::campaign::CampaignArgs),
+    /// Warm restart of QEMU: move the running guest to a new QEMU process
+    /// (the same binary, or --qemu for an update) with its RAM left in
+    /// place, through QEMU 10's cpr-transfer migration. The guest pauses
+    /// for about 0.1 s; a watcher follows it to the new QEMU. Needs QEMU
+    /// 10.0+, RAM in memory-backend-file/memfd with share=on, and
+    /// `-machine aux-ram-share=on`. Prints one JSON line.
+    RestartVmm(repair_guest::restart::RestartArgs),
 }
 
 fn parse_hex(s: &str) -> Result<u64> {
@@ -214,7 +248,7 @@ fn parse_hex(s: &str) -> Result<u64> {
 impl Attach {
     /// The guest's address for messages: the gdbstub's, else QMP's.
     fn addr(&self) -> &str {
-        self.gdb.as_deref().or(self.qmp.as_deref()).unwrap_or("?")
+        self.libvirt.as_deref().or(self.gdb.as_deref()).or(self.qmp.as_deref()).unwrap_or("?")
     }
 
     fn gdb_endpoint(&self) -> Result<Option<Endpoint>> {
@@ -378,6 +412,16 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             Some(AccessError::BadAddress(_)) => return exit::BAD_INPUT,
             _ => {}
         }
+        // What the guest's QEMU must be for checkpoints or a warm restart.
+        if matches!(
+            cause.downcast_ref::<loader::cpr::CprError>(),
+            Some(loader::cpr::CprError::TooOld(..) | loader::cpr::CprError::RamNotShared(_) | loader::cpr::CprError::NoAuxRamShare | loader::cpr::CprError::NoPid)
+        ) || matches!(
+            cause.downcast_ref::<loader::checkpoint::CheckpointError>(),
+            Some(loader::checkpoint::CheckpointError::Disk { .. } | loader::checkpoint::CheckpointError::NoQmp)
+        ) {
+            return exit::BAD_INPUT;
+        }
         if cause.downcast_ref::<builder::ImageError>().is_some()
             || cause.downcast_ref::<loader::symbolize::SymbolizeError>().is_some()
             || cause.downcast_ref::<std::io::Error>().is_some()
@@ -444,7 +488,24 @@ fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Resu
     Ok(code)
 }
 
-fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
+fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
+    // --libvirt: the domain resolved to QMP (served from libvirt), its RAM
+    // and QEMU's pid; kept for the whole run.
+    let _libvirt = match &mut cli.command {
+        Command::Watch { attach, hangs, wait_boot, .. } => {
+            let wait = wait_boot.map(std::time::Duration::from_secs);
+            let link = libvirt_link(attach, wait, &stop)?;
+            if *hangs && (attach.ram_file.is_none() || attach.qmp.is_none()) {
+                eprintln!("repair-guest: error: --hangs needs --ram-file and --qmp (with --libvirt: a domain with shared RAM)");
+                return Ok(exit::BAD_INPUT);
+            }
+            link
+        }
+        Command::Repair { attach, .. } | Command::Diagnose { attach, .. } | Command::Snapshot { attach, .. } => {
+            libvirt_link(attach, None, &stop)?
+        }
+        _ => None,
+    };
     match cli.command {
         Command::Watch { attach: a, events, restarts, supervised: false, .. } => supervise(&a, &events, restarts, &stop),
         Command::Watch {
@@ -455,9 +516,11 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_threshold_ms,
             hang_kill_after_ms,
             hang_kill_at_detection,
+            wait_boot,
+            rollback,
             ..
-        } => {
-            let (mut attached, mut session) = attach(&a)?;
+        } => loop {
+            let (mut attached, mut session) = attach_when_up(&a, wait_boot, &stop)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
                 kill_after: hang_kill_after_ms.map(std::time::Duration::from_millis),
@@ -472,18 +535,26 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                      signal, and a reset of the guest goes unseen"
                 );
             }
+            let rollback = rollback.open(attached.qmp.as_mut())?;
             let cfg = WatchConfig {
                 max_repairs,
                 found_paused: !attached.stop_is_ours(),
+                rollback,
                 qmp: attached.qmp.take(),
                 hangs,
                 crash_context: attached.fast_memory(),
                 record: TrapRecorder::from_env(),
             };
-            let end = watch(attached.guest(), &mut session, &mut sink, stop, cfg)?;
+            let end = watch(attached.guest(), &mut session, &mut sink, stop.clone(), cfg)?;
             tracing::info!(?end, "watch ended");
-            Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 })
-        }
+            if end != WatchEnd::Migrated {
+                break Ok(if end == WatchEnd::GuestGone { exit::GUEST_GONE } else { 0 });
+            }
+            // The guest moved to a new QEMU (restart-vmm): follow it to the
+            // same addresses once it runs there.
+            drop(attached);
+            repair_guest::restart::await_new_qemu(a.qmp.as_deref(), &stop)?;
+        },
         Command::Repair { attach: a, wait_crash } => {
             let (mut attached, mut session) = attach(&a)?;
             // A repair acts on a crash and resumes: whoever paused the
@@ -559,6 +630,40 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         Command::Demo { crashes } => repair_guest::demo::run(crashes).map(|()| 0),
         Command::Replay { dump, image, json } => repair_guest::replay::run(&dump, &image, json).map(|()| 0),
         Command::Campaign(args) => repair_guest::campaign::cli(&args).map(|()| 0),
+        Command::Daemon(args) => repair_guest::daemon::run(&args, &stop),
+        Command::RestartVmm(args) => repair_guest::restart::run(&args).map(|()| 0),
+    }
+}
+
+/// `--libvirt`: links the domain and points the attach at it.
+fn libvirt_link(a: &mut Attach, wait: Option<std::time::Duration>, stop: &AtomicBool) -> Result<Option<repair_guest::libvirt::Link>> {
+    let Some(dom) = a.libvirt.clone() else { return Ok(None) };
+    let link = repair_guest::libvirt::link(&dom, a.connect.as_deref(), wait, stop)?;
+    a.qmp = Some(link.qmp_addr());
+    if a.ram_file.is_none() {
+        a.ram_file = link.ram_file.clone();
+    }
+    a.name.get_or_insert(dom);
+    a.qemu_pid = Some(link.pid);
+    Ok(Some(link))
+}
+
+/// [`attach`], tried again while the guest's kernel is not up yet, for up
+/// to `wait_boot` seconds.
+fn attach_when_up(a: &Attach, wait_boot: Option<u64>, stop: &AtomicBool) -> Result<(Attached, Session)> {
+    let deadline = wait_boot.map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
+    loop {
+        match attach(a) {
+            Err(e)
+                if deadline.is_some_and(|d| std::time::Instant::now() < d)
+                    && !stop.load(Ordering::Relaxed)
+                    && repair_guest::libvirt::kernel_not_up(&e) =>
+            {
+                tracing::info!("the guest's kernel is not up yet ({e:#}); trying again");
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -578,7 +683,7 @@ fn hang_watch(a: &Attach, session: &Session, attached: &mut Attached, p: HangPol
     use repair_guest::hangs;
     let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
     let qmp = attached.qmp.as_mut().context("--hangs needs --qmp")?;
-    let pid = qmp.peer_pid();
+    let pid = a.qemu_pid.or_else(|| qmp.peer_pid());
     let (vcpu_threads, _) = hangs::vcpu_threads(qmp, pid, session.nr_vcpus);
     if vcpu_threads.is_none() {
         eprintln!(

@@ -14,6 +14,10 @@ pub enum Kernel {
     /// (`RANDSTRUCT_FULL`, GCC plugin) and full `PREEMPT`
     /// (`guest/lkdtm.config` + `guest/randstruct.config`).
     Randstruct,
+    /// 6.12 from `linux-source-6.12` with LKDTM and the hardening, debug and
+    /// preemption options of Debian's 6.12 cloud config
+    /// (`guest/lkdtm.config` + `guest/lkdtm-6.12.config`).
+    Lkdtm612,
     /// Debian's stock cloud kernel of one series of the kernel matrix
     /// (`scripts/kit-matrix`: `$kit/matrix/<series>/`), with the kit's
     /// busybox initramfs.
@@ -66,6 +70,7 @@ impl Kernel {
             Kernel::Debian => "debian".into(),
             Kernel::Lkdtm => "lkdtm".into(),
             Kernel::Randstruct => "randstruct".into(),
+            Kernel::Lkdtm612 => "lkdtm-6.12".into(),
             Kernel::Matrix(s) => format!("matrix/{}", s.dir_name()),
         }
     }
@@ -77,7 +82,7 @@ impl Kernel {
 
     /// Whether the kernel has LKDTM (`/sys/kernel/debug/provoke-crash`).
     pub fn has_lkdtm(self) -> bool {
-        matches!(self, Kernel::Lkdtm | Kernel::Randstruct)
+        matches!(self, Kernel::Lkdtm | Kernel::Randstruct | Kernel::Lkdtm612)
     }
 }
 
@@ -115,7 +120,7 @@ impl Kit {
     pub fn kernel(&self, k: Kernel) -> Result<(PathBuf, PathBuf)> {
         let boot = match k {
             Kernel::Debian | Kernel::Matrix(_) => format!("{}/vmlinuz", k.dir_name()),
-            Kernel::Lkdtm | Kernel::Randstruct => format!("{}/bzImage", k.dir_name()),
+            Kernel::Lkdtm | Kernel::Randstruct | Kernel::Lkdtm612 => format!("{}/bzImage", k.dir_name()),
         };
         Ok((self.file(&boot)?, self.vmlinux(k)?))
     }

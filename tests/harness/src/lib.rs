@@ -18,6 +18,7 @@
 
 mod console;
 mod kit;
+pub mod libvirt;
 
 pub use console::{last_cpu_line, parse_panic, PanicInfo};
 pub use kit::{Kernel, Kit, Series};
@@ -250,6 +251,9 @@ pub struct Guest {
     gdb_port: Option<u16>,
     /// The QMP connection of [`Guest::qmp`], once used.
     qmp: Option<BufReader<UnixStream>>,
+    /// The QEMU the guest moved to in a warm restart
+    /// ([`Guest::follow_restart`]): watched and killed instead of `child`.
+    successor: Option<u32>,
 }
 
 /// The QEMU binary; `QEMU` overrides.
@@ -453,6 +457,7 @@ impl Guest {
             second_qmp: cfg.second_qmp,
             gdb_port,
             qmp: None,
+            successor: None,
         };
         if cfg.image.is_none() && !cfg.no_kernel {
             guest.wait_for_console("GUEST-KIT READY", cfg.boot_timeout)?;
@@ -558,9 +563,29 @@ impl Guest {
         self.ram_dir.as_ref().map(|d| d.path().join("ram"))
     }
 
-    /// QEMU's process id.
+    /// QEMU's process id (the successor's after a warm restart).
     pub fn qemu_pid(&self) -> u32 {
-        self.child.id()
+        self.successor.unwrap_or_else(|| self.child.id())
+    }
+
+    /// After a warm restart of QEMU (CPR, `repair-guest restart-vmm`): the
+    /// guest now runs in QEMU `pid`, which listens at the same socket
+    /// paths. Reaps the old QEMU, reconnects the command channel (bytes
+    /// the guest sent during the handover are lost: send no command across
+    /// it), and watches and finally kills `pid` instead.
+    pub fn follow_restart(&mut self, pid: u32) -> Result<()> {
+        self.successor = Some(pid);
+        if self.wait_exit(Duration::from_secs(60))?.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.qmp = None;
+        let path = self.dir.path().join("cmd.sock");
+        let stream = UnixStream::connect(&path).map_err(|e| Error::Channel(format!("connect {}: {e}", path.display())))?;
+        self.cmd_reader = BufReader::new(stream.try_clone()?);
+        self.cmd_writer = stream;
+        self.cmd_partial.clear();
+        Ok(())
     }
 
     /// A scratch directory that lives as long as the guest.
@@ -583,6 +608,20 @@ impl Guest {
     }
 
     fn check_alive(&mut self, waiting_for: &str) -> Result<()> {
+        if let Some(pid) = self.successor {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie (field 3, after the parenthesised comm).
+            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("X");
+            if state == "Z" || state == "X" {
+                return Err(Error::QemuExited {
+                    status: format!("pid {pid} gone"),
+                    waiting_for: waiting_for.to_string(),
+                    stderr: String::new(),
+                    tail: self.console_tail(40),
+                });
+            }
+            return Ok(());
+        }
         if let Some(status) = self.child.try_wait()? {
             return Err(Error::QemuExited {
                 status: status.to_string(),
@@ -697,6 +736,24 @@ impl Guest {
         Ok(RunResult { status, output })
     }
 
+    /// Starts `command` as [`Guest::run`] does without waiting for it: the
+    /// init is busy with it (in `wait`) until it ends. Returns the id to
+    /// give [`Guest::run_wait`].
+    pub fn run_start(&mut self, command: &str) -> Result<u64> {
+        self.send(&format!("run {command}"))
+    }
+
+    /// Waits for a command started by [`Guest::run_start`] to end; its
+    /// exit status (its output lines are dropped).
+    pub fn run_wait(&mut self, id: u64, timeout: Duration) -> Result<i32> {
+        let lines = self.read_reply(id, timeout, |l| l.starts_with("exit "))?;
+        lines
+            .last()
+            .and_then(|l| l.strip_prefix("exit "))
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Channel(format!("bad exit reply {lines:?}")))
+    }
+
     /// Crashes the guest kernel from a new child process: `sysrq-c`, or an
     /// LKDTM type (`EXCEPTION`, `BUG`, ...). Returns the child's pid, which it
     /// announces before it crashes. Follow with [`Guest::wait_panic`] or, when
@@ -797,6 +854,10 @@ impl Guest {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(pid) = self.successor.take() {
+            // SAFETY: a signal to the QEMU this guest moved to.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
