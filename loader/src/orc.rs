@@ -231,3 +231,107 @@ pub fn unwind<K: KernelRead + ?Sized>(k: &K, t: &OrcTables, rip: u64, rsp: u64, 
     }
     Some(frames)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernel memory as a few byte ranges.
+    struct Mem(Vec<(u64, Vec<u8>)>);
+
+    impl KernelRead for Mem {
+        fn read(&self, va: Gva, buf: &mut [u8]) -> bool {
+            for (base, bytes) in &self.0 {
+                if let Some(off) = va.0.checked_sub(*base) {
+                    if let Some(src) = usize::try_from(off).ok().and_then(|o| bytes.get(o..o + buf.len())) {
+                        buf.copy_from_slice(src);
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+    }
+
+    const TEXT: u64 = 0xffff_ffff_8100_0000;
+    const IPT: u64 = 0xffff_ffff_8200_0000;
+    const ENT: u64 = 0xffff_ffff_8210_0000;
+    const STACK: u64 = 0xffff_c900_0000_0000;
+
+    /// Three functions a (0x100), b (0x200), c (0x300); at a+0 the CFA is
+    /// SP+8; inside b and c after `push rbp` it is SP+16 with BP saved at
+    /// CFA-16. `new`: the 6.4+ type encoding.
+    fn tables(new: bool, sp: u8) -> (Vec<u8>, Vec<u8>) {
+        let call = if new { 2 } else { 0 };
+        let rows: [(u64, i16, i16, u8, u8); 6] = [
+            (0x100, 8, 0, sp, 0),
+            (0x101, 16, -16, sp, if sp == 5 { 1 } else { 8 }),
+            (0x200, 8, 0, sp, 0),
+            (0x201, 16, -16, sp, if sp == 5 { 1 } else { 8 }),
+            (0x300, 8, 0, sp, 0),
+            (0x400, 0, 0, 0, 0), // end: undefined
+        ];
+        let mut ip = Vec::new();
+        let mut ent = Vec::new();
+        for (i, (off, so, bo, s, b)) in rows.iter().enumerate() {
+            let place = IPT + 4 * i as u64;
+            ip.extend_from_slice(&((TEXT + off).wrapping_sub(place) as i64 as i32).to_le_bytes());
+            ent.extend_from_slice(&so.to_le_bytes());
+            ent.extend_from_slice(&bo.to_le_bytes());
+            ent.push(s | b << 4);
+            ent.push(if *s == 0 { 0 } else { call });
+        }
+        (ip, ent)
+    }
+
+    #[test]
+    fn walks_call_frames_in_both_encodings_and_register_numberings() {
+        for (new, sp) in [(false, 5), (true, 5), (true, 3)] {
+            let (ip, ent) = tables(new, sp);
+            // Trapped at a+0; a was called from b+0x40 (b had pushed rbp),
+            // b from c+0x10 (c without a frame), c from user entry: a
+            // return address outside the kernel ends the walk.
+            let mut stack = vec![0u8; 0x100];
+            let put = |s: &mut Vec<u8>, at: usize, v: u64| s[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            put(&mut stack, 0x00, TEXT + 0x240); // a's return into b
+            put(&mut stack, 0x08, 0x1111); // b's saved rbp
+            put(&mut stack, 0x10, TEXT + 0x310); // b's return into c
+            put(&mut stack, 0x18, 0x7fff_0000); // c's return: user space
+            let mem = Mem(vec![(IPT, ip), (ENT, ent), (STACK, stack)]);
+            let t = OrcTables::new(IPT, IPT + 24, ENT, 0).unwrap();
+            let frames = unwind(&mem, &t, TEXT + 0x100, STACK, 0x2222).unwrap();
+            assert_eq!(frames, [(TEXT + 0x100, false), (TEXT + 0x240, true), (TEXT + 0x310, true)], "new {new} sp {sp}");
+        }
+    }
+
+    #[test]
+    fn corrupt_tables_and_stacks_end_the_walk() {
+        let (ip, ent) = tables(true, 5);
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for _ in 0..3000 {
+            let mut rnd = || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let (mut ip, mut ent) = (ip.clone(), ent.clone());
+            let mut stack: Vec<u8> = (0..0x100).map(|_| rnd() as u8).collect();
+            for _ in 0..4 {
+                let i = rnd() as usize % ip.len();
+                ip[i] = rnd() as u8;
+                let j = rnd() as usize % ent.len();
+                ent[j] = rnd() as u8;
+            }
+            // Now and then a stack that points at itself.
+            if rnd() % 4 == 0 {
+                stack[..8].copy_from_slice(&(TEXT + 0x240).to_le_bytes());
+            }
+            let mem = Mem(vec![(IPT, ip), (ENT, ent), (STACK, stack)]);
+            let t = OrcTables::new(IPT, IPT + 24, ENT, 0).unwrap();
+            if let Some(f) = unwind(&mem, &t, TEXT + 0x100 + rnd() % 0x300, STACK + rnd() % 0x80, rnd()) {
+                assert!(f.len() <= MAX_FRAMES + 1);
+            }
+        }
+    }
+}

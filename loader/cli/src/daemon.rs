@@ -93,8 +93,9 @@ pub fn run(args: &DaemonArgs, stop: &AtomicBool) -> Result<i32> {
     std::fs::create_dir_all(&args.events_dir)
         .with_context(|| format!("creating the events directory {}", args.events_dir.display()))?;
     if let Some(img) = &args.image {
-        if !img.is_file() {
-            bail!("--image {}: no such file (build one with build-repair-image)", img.display());
+        // `auto`: each watcher builds its guest's image from its memory.
+        if !img.is_file() && img.as_os_str() != "auto" {
+            bail!("--image {}: no such file (build one with build-repair-image, or give auto)", img.display());
         }
     }
     if let Some(dir) = &args.sockets {
@@ -274,7 +275,7 @@ fn discover(args: &DaemonArgs) -> Result<Vec<(String, Result<Found, String>)>> {
             reach.extend(["--connect".to_string(), u.to_string()]);
         }
         let f = match image {
-            Some(image) if image.is_file() => Ok(Found { reach, image, hangs }),
+            Some(image) if image.is_file() || image.as_os_str() == "auto" => Ok(Found { reach, image, hangs }),
             Some(image) => Err(format!("its repair image {} does not exist (build-repair-image)", image.display())),
             None => Err(format!("opted in without an image: set image=\"...\" in its {METADATA_URI} metadata, or give --image")),
         };

@@ -177,7 +177,9 @@ enum Command {
         #[command(flatten)]
         attach: Attach,
         /// The guest kernel's vmlinux, to name backtrace frames with
-        /// function+offset and file:line.
+        /// function+offset and file:line. Without it, an image built from
+        /// BTF (build-repair-image --kernel, --image auto) names them from
+        /// the guest's own kallsyms (function+offset/size, no file:line).
         #[arg(long, value_name = "PATH")]
         vmlinux: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -592,8 +594,10 @@ fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", repair_guest::render::render_text(&report));
-                if vmlinux.is_none() {
+                if vmlinux.is_none() && report.backtrace.iter().all(|f| f.function.is_none()) {
                     println!("(pass --vmlinux PATH to name the backtrace's frames)");
+                } else if vmlinux.is_none() {
+                    println!("(frames named from the guest's kallsyms; pass --vmlinux PATH for file:line)");
                 }
             }
             // Leaving: the guest goes back to the run state we found it in

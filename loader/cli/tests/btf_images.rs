@@ -3,7 +3,8 @@
 //! by `watch --image auto` from the running guest's own memory. Each kills
 //! the crashing child (sysrq-c), and the crash's backtrace, named from the
 //! guest's kallsyms, is the guest's own Call Trace, function+offset/size,
-//! as the same crash prints it when no one repairs it.
+//! as the same crash prints it when no one repairs it (a read-only
+//! `diagnose --image auto` of that crash gives the same frames).
 
 mod support;
 
@@ -109,9 +110,34 @@ fn repairs_with_btf_images(kernel: Kernel) {
     unsafe { libc::kill(w.id() as i32, libc::SIGINT) };
     assert!(wait_exit(&mut w, 60).success());
 
-    // 3. The same crash with no one watching: the guest's own report.
+    // 3. The same crash under a read-only `diagnose --image auto` (from
+    // the cache): reported, then the panic completes as without us and
+    // the guest prints its own report.
+    let diag_err = dir.join("diagnose.stderr");
+    let mut diag = bin()
+        .args(["diagnose", "--json", "--wait-crash", "120", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr()])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .args(["--image", "auto"])
+        .env("XDG_CACHE_HOME", &cache)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&diag_err).unwrap())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&diag_err).unwrap_or_default().contains("trap armed") {
+        assert!(t.elapsed() < Duration::from_secs(180), "diagnose never armed: {}", std::fs::read_to_string(&diag_err).unwrap_or_default());
+        assert!(diag.try_wait().unwrap().is_none(), "diagnose exited: {}", std::fs::read_to_string(&diag_err).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = guest.console_len();
     let _ = guest.crash("sysrq-c").unwrap();
+    let out = diag.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", std::fs::read_to_string(&diag_err).unwrap_or_default());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "kill", "{report}");
+    let bt_diag: Vec<String> =
+        report["backtrace"].as_array().unwrap().iter().map(|f| f["text"].as_str().unwrap().to_owned()).collect();
     // (Read here, not with Guest::wait_panic: 6.12+ print `UID: 0` in the
     // CPU line, which the harness's parser predates.)
     guest.wait_for_console_from(before, "---[ end Kernel panic", Duration::from_secs(120)).unwrap();
@@ -119,7 +145,7 @@ fn repairs_with_btf_images(kernel: Kernel) {
     assert!(console.contains("Kernel panic - not syncing: sysrq triggered crash"), "{console}");
     let theirs = after_panic(&guest_call_trace(&console));
     assert!(theirs.len() >= 4, "guest trace: {theirs:?}");
-    for (what, bt) in [("--kernel vmlinuz image", &bt_file), ("--image auto", &bt_auto)] {
+    for (what, bt) in [("--kernel vmlinuz image", &bt_file), ("--image auto", &bt_auto), ("diagnose --image auto", &bt_diag)] {
         assert!(bt[0].contains("panic+0x"), "{what}: the trap's frame: {bt:?}");
         let ours = after_panic(bt);
         assert_eq!(ours, theirs, "{what}: our frames vs the guest's Call Trace");
