@@ -953,10 +953,139 @@ pub struct CampaignArgs {
     /// Output file stem.
     #[arg(long, default_value = "crash-catalogue")]
     pub name: String,
+    /// Run nothing: render the JSON reports of earlier campaigns side by
+    /// side (one column each, LABEL=FILE.json, comma-separated) as the
+    /// Markdown NAME.md in --out: per type, the outcome, the repair time, the
+    /// reason of a decline.
+    #[arg(long, value_name = "LABEL=JSON", value_delimiter = ',')]
+    pub side_by_side: Vec<String>,
+}
+
+/// Renders campaign reports (their JSON) side by side: one row per type
+/// of any report, one column per report.
+pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
+    use std::fmt::Write;
+    let mut names: Vec<String> = Vec::new();
+    for (_, r) in reports {
+        for t in r["types"].as_array().into_iter().flatten() {
+            if let Some(n) = t["name"].as_str() {
+                if !names.iter().any(|x| x == n) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "# The crash catalogue, kernel by kernel\n");
+    let _ = writeln!(s, "Rendered by `repair-guest campaign --side-by-side` from the campaigns' own JSON reports:\n");
+    for (label, r) in reports {
+        let _ = writeln!(
+            s,
+            "- **{label}**: kernel `{}` ({}), command line `{}`; `{}` ({:.0} s, {} guest boots).",
+            r["kernel"].as_str().unwrap_or("?"),
+            r["kernel_config"].as_str().unwrap_or("linux-source-6.1, tinyconfig + guest/lkdtm.config"),
+            r["cmdline"].as_str().unwrap_or("?"),
+            r["command"].as_str().unwrap_or("?"),
+            r["wall_s"].as_f64().unwrap_or(0.0),
+            r["boots"].as_u64().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(s, "\nEach cell: outcome, and for a repair the time from trap to resume in ms; a decline's reason follows the table. `-`: not run in that campaign.\n");
+    let _ = writeln!(s, "## Summary\n");
+    let _ = write!(s, "| outcome |");
+    for (label, _) in reports {
+        let _ = write!(s, " {label} |");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(reports.len()));
+    let classes = ["recovered", "hang: recovered", "declined", "hang: declined", "hang: detected, finished by itself", "no crash"];
+    for c in classes.iter().copied().chain(std::iter::once("other")) {
+        let _ = write!(s, "| {c} |");
+        for (_, r) in reports {
+            let n = r["types"].as_array().into_iter().flatten().filter(|t| {
+                let k = class_label(t);
+                if c == "other" { !classes.contains(&k.as_str()) } else { k == c }
+            }).count();
+            let _ = write!(s, " {n} |");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = write!(s, "| total |");
+    for (_, r) in reports {
+        let _ = write!(s, " {} |", r["types"].as_array().map_or(0, |a| a.len()));
+    }
+    let _ = writeln!(s, "\n\n## Per type\n");
+    let _ = write!(s, "| type |");
+    for (label, _) in reports {
+        let _ = write!(s, " {label} |");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(reports.len()));
+    let mut declines = Vec::new();
+    for n in &names {
+        let _ = write!(s, "| {n} |");
+        for (label, r) in reports {
+            let t = r["types"].as_array().into_iter().flatten().find(|t| t["name"] == n.as_str());
+            let cell = match t {
+                None => "-".to_string(),
+                Some(t) => {
+                    let c = class_label(t);
+                    if c.contains("declined") {
+                        declines.push(format!("- {n}, {label}: {}", t["reason"].as_str().unwrap_or("?")));
+                    }
+                    match t["repair_ms"].as_f64() {
+                        Some(ms) if c.contains("recovered") => format!("{c}, {ms:.0} ms"),
+                        _ => c,
+                    }
+                }
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        let _ = writeln!(s);
+    }
+    if !declines.is_empty() {
+        let _ = writeln!(s, "\n## Declines and their reasons\n");
+        for d in declines {
+            let _ = writeln!(s, "{d}");
+        }
+    }
+    s
+}
+
+fn class_label(t: &serde_json::Value) -> String {
+    match t["class"].as_str().unwrap_or("?") {
+        "recovered" => "recovered",
+        "declined" => "declined",
+        "hang_recovered" => "hang: recovered",
+        "hang_declined" => "hang: declined",
+        "hang_self_resolved" => "hang: detected, finished by itself",
+        "not_crashing" => "no crash",
+        other => return other.replace('_', " "),
+    }
+    .to_string()
 }
 
 /// Runs `repair-guest campaign`.
 pub fn cli(a: &CampaignArgs) -> Result<()> {
+    if !a.side_by_side.is_empty() {
+        let mut reports = Vec::new();
+        for spec in &a.side_by_side {
+            let (label, path) = spec.split_once('=').with_context(|| format!("--side-by-side {spec:?}: expected LABEL=FILE.json"))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading the campaign report {path}"))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{path} is not a campaign's JSON report"))?;
+            reports.push((label.to_string(), v));
+        }
+        let md = side_by_side(&reports);
+        match &a.out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(format!("{}.md", a.name)), &md)?;
+                eprintln!("wrote {}/{}.md", dir.display(), a.name);
+            }
+            None => print!("{md}"),
+        }
+        return Ok(());
+    }
     let mut cfg = CampaignConfig::default();
     if a.kernel == "lkdtm-6.12" {
         cfg.kernel = Kernel::Lkdtm612;

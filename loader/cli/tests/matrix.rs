@@ -184,8 +184,11 @@ fn undo_spin_fault(guest: &Guest, kernel: Kernel) {
 /// Waits until `pid` is gone or a zombie.
 fn wait_gone(guest: &mut Guest, pid: i64) -> bool {
     let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let r = guest.run(&format!("grep -q '^State:.*Z' /proc/{pid}/status 2>/dev/null || ! test -e /proc/{pid}"), Duration::from_secs(60)).unwrap();
+    // Generous: on a loaded host a TCG guest may take a minute per command.
+    while start.elapsed() < Duration::from_secs(300) {
+        let r = guest
+            .run(&format!("grep -q '^State:.*Z' /proc/{pid}/status 2>/dev/null || ! test -e /proc/{pid}"), Duration::from_secs(240))
+            .unwrap_or_else(|e| panic!("the guest did not answer: {e}"));
         if r.status == 0 {
             return true;
         }
