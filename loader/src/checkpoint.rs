@@ -139,8 +139,18 @@ impl Checkpoints {
         Ok(c)
     }
 
-    /// Runs a QMP job to its end and dismisses it.
-    fn job(&self, qmp: &mut Qmp, job: &'static str, id: &str, mut args: Value) -> Result<(), CheckpointError> {
+    /// Runs a QMP job to its end and dismisses it. A snapshot job holds
+    /// QEMU's main loop for the whole save or load (seconds for gigabytes on
+    /// a loaded host): the monitor's replies wait as long.
+    fn job(&self, qmp: &mut Qmp, job: &'static str, id: &str, args: Value) -> Result<(), CheckpointError> {
+        let saved = qmp.timeout;
+        qmp.timeout = qmp.timeout.max(self.job_timeout);
+        let r = self.job_inner(qmp, job, id, args);
+        qmp.timeout = saved;
+        r
+    }
+
+    fn job_inner(&self, qmp: &mut Qmp, job: &'static str, id: &str, mut args: Value) -> Result<(), CheckpointError> {
         let id = format!("crash-repair-{id}");
         args["job-id"] = json!(id);
         qmp.execute(job, Some(args))?;

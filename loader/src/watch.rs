@@ -338,6 +338,10 @@ pub fn watch<G: GuestAccess + ?Sized>(
     };
     let end = w.run();
     w.stop_sampler();
+    // The checkpoints go with the watch: QEMU's node and its file.
+    if let (Some(r), Some(q)) = (w.cfg.rollback.take(), w.cfg.qmp.as_mut()) {
+        r.store.close(q);
+    }
     end
 }
 

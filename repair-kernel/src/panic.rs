@@ -95,6 +95,14 @@ pub fn is_in_oops_end<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, ret: Gva) -> bool 
     start < ret && ret.0 <= start.0.saturating_add(size)
 }
 
+/// True when `ret` (the panic's caller) is inside `nmi_panic`, which claims
+/// `panic_cpu` for this CPU before it calls `panic`.
+pub fn is_in_nmi_panic<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, ret: Gva) -> bool {
+    let Ok(start) = k.sym(Item::SymNmiPanic) else { return false };
+    let size = k.opt(Item::SymNmiPanicSize).unwrap_or(OOPS_END_SIZE_FALLBACK);
+    start < ret && ret.0 <= start.0.saturating_add(size)
+}
+
 /// The `i`-th variadic argument of `panic` (or of `vpanic`'s `va_list`) as
 /// a 64-bit word.
 fn vararg<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState, i: usize) -> Result<u64, Error> {

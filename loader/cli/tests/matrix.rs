@@ -88,6 +88,19 @@ fn repairs_on(series: Series) {
     assert_eq!(e["pid"], c.pid as i64, "{series}: {e}");
     assert_eq!(e["message"], "sysrq triggered crash", "{series}: {e}");
     assert_eq!(e["action"], "kill", "{series}: {e}");
+    // The kernel log read through printk_info as this kernel's DWARF lays
+    // it out (7.2 adds caller_id2 and comm[16]): the line the child wrote
+    // to /dev/kmsg just before it crashed is there.
+    let announce = format!("GUEST-KIT crash {} pid {}", c.id, c.pid);
+    assert!(
+        e["log_tail"].as_array().is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(|x| x.contains(&announce)))),
+        "{series}: {announce:?} not in the log tail: {e}"
+    );
+    // Where the kernel's preempt count does not show spinlocks (no
+    // CONFIG_PREEMPT_COUNT: Debian's 5.10), the verdict says so.
+    let config = std::fs::read_to_string(Kit::locate().unwrap().config(kernel).unwrap()).unwrap();
+    let counts = config.lines().any(|l| l == "CONFIG_PREEMPT_COUNT=y");
+    assert_eq!(e["reason"].as_str().unwrap().contains("no CONFIG_PREEMPT_COUNT"), !counts, "{series}: {e}");
 
     // 2. The BUG-style oops from a process.
     let from = guest.console_len();

@@ -33,10 +33,34 @@ fn lines_of(events: &std::path::Path, what: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits for `n` events containing `what`; on a timeout, fails with the
+/// events, the watcher's stderr and the guest's console tail.
+fn wait_explained(guest: &Guest, events: &std::path::Path, what: &str, n: usize, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        if text.lines().filter(|l| l.contains(what)).count() >= n {
+            return text;
+        }
+        if start.elapsed() > timeout {
+            let err = std::fs::read_to_string(events.with_extension("stderr")).unwrap_or_default();
+            panic!("no {n} x {what} within {timeout:?}\nevents:\n{text}\nwatcher stderr:\n{err}\nconsole:\n{}", guest.console_tail(40));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits for one more `checkpoint` event than there are now.
 fn next_checkpoint(events: &std::path::Path, watcher: &mut std::process::Child) {
     let n = count(events, "\"checkpoint\"");
     wait_event(events, "\"checkpoint\"", n + 1, Duration::from_secs(120), Some(watcher));
+}
+
+/// Waits until a checkpoint begun after now has been taken: the second
+/// event from now (the first may be of one already under way).
+fn checkpoint_begun_after_now(events: &std::path::Path, watcher: &mut std::process::Child) {
+    let n = count(events, "\"checkpoint\"");
+    wait_event(events, "\"checkpoint\"", n + 2, Duration::from_secs(180), Some(watcher));
 }
 
 /// The process `pid` as the guest sees it: its `/proc/PID/stat` state
@@ -104,10 +128,10 @@ fn exhaust_stack_is_recovered_by_rollback_and_quarantine_of_its_child() {
     // The offender exists at the checkpoint, asleep; it crashes later, in
     // a double-fault (NMI) context the repair kernel declines.
     let r = guest
-        .run("(sleep 8; echo EXHAUST_STACK > /sys/kernel/debug/provoke-crash/DIRECT) >/dev/null 2>&1 & echo $!", Duration::from_secs(60))
+        .run("(sleep 20; echo EXHAUST_STACK > /sys/kernel/debug/provoke-crash/DIRECT) >/dev/null 2>&1 & echo $!", Duration::from_secs(60))
         .unwrap();
     let child: u32 = r.output[0].trim().parse().unwrap();
-    next_checkpoint(&events, &mut watcher);
+    checkpoint_begun_after_now(&events, &mut watcher);
     let text = wait_event(&events, "\"quarantined\"", 1, Duration::from_secs(180), Some(&mut watcher));
     let crash = &lines_of(&events, "\"rolled-back\"")[0];
     assert_eq!(crash["pid"], child, "{text}");
@@ -183,11 +207,15 @@ fn an_init_crash_in_the_checkpoint_is_declined_for_good_after_one_rollback() {
     // The init waits for a child; its files pointer is corrupted while it
     // waits, and a checkpoint is taken of that state: when the child ends,
     // the init's next open() faults, after the rollback too.
-    let id = guest.run_start("sleep 10").unwrap();
+    let from = guest.console_len();
+    let id = guest.run_start("echo GUEST-KIT init-waits > /dev/kmsg; sleep 25").unwrap();
+    // The init forked the child and waits for it (no use of its files
+    // until the child ends): only then is its pointer flipped.
+    guest.wait_for_console_from(from, "GUEST-KIT init-waits", Duration::from_secs(120)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     flip_pointer(&guest, gpa);
-    next_checkpoint(&events, &mut watcher);
-    let text = wait_event(&events, "came back after a rollback", 1, Duration::from_secs(180), Some(&mut watcher));
+    checkpoint_begun_after_now(&events, &mut watcher);
+    let text = wait_explained(&guest, &events, "came back after a rollback", 1, Duration::from_secs(300));
     let rb = lines_of(&events, "\"rolled-back\"");
     assert_eq!(rb.len(), 1, "{text}");
     assert_eq!(rb[0]["pid"], 1, "{text}");
@@ -201,4 +229,38 @@ fn an_init_crash_in_the_checkpoint_is_declined_for_good_after_one_rollback() {
     assert!(watcher.try_wait().unwrap().is_none());
     let _ = id;
     stop_watcher(watcher);
+}
+
+#[test]
+fn checkpoints_are_refused_on_a_writable_disk_that_cannot_be_snapshotted() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut cfg = lkdtm();
+    cfg.qemu_args.extend([
+        "-drive".to_string(),
+        format!("if=none,id=d0,format=raw,file={}", disk.display()),
+        "-device".to_string(),
+        "virtio-blk-pci,drive=d0".to_string(),
+    ]);
+    let mut guest = Guest::boot(&cfg).unwrap();
+    let image = image_file(guest.kernel(), guest.dir());
+    let out = bin()
+        .args(["watch", "--gdb", &guest.gdb_addr(), "--qmp", &guest.qmp_addr(), "--restarts", "0"])
+        .arg("--ram-file")
+        .arg(guest.ram_file().unwrap())
+        .arg("--image")
+        .arg(&image)
+        .args(["--checkpoint-every", "2", "--events", "-"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("(raw, writable) cannot be snapshotted") && err.contains("qcow2"), "{err}");
+    // Nothing left behind: the guest runs, untrapped.
+    assert_eq!(status(&mut qmp2(&guest)), "running");
+    let crash = guest.crash("sysrq-c").unwrap();
+    let _ = crash;
+    let p = guest.wait_panic(Duration::from_secs(120)).unwrap();
+    assert_eq!(p.message, "sysrq triggered crash");
 }
