@@ -4,7 +4,6 @@
 //! vmlinux, stripped or not) or from a running kernel's memory (the
 //! loader's `--image auto`), through one function, [`profile_from_btf`].
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use object::{Object, ObjectSection, SectionFlags};
@@ -334,12 +333,39 @@ pub fn find_build_id_notes(bytes: &[u8], max: usize) -> Vec<String> {
         .collect()
 }
 
-/// Names a kernel should have in kallsyms for a BTF profile: the identity
-/// symbols and `wanted`'s (for callers that read memory by symbol).
-pub fn symbol_names<'w>(wanted: &Wanted<'w>) -> HashSet<&'w str> {
-    let mut names: HashSet<&str> = IDENTITY.into_iter().collect();
-    for s in wanted.symbols {
-        names.extend(Group::parse(s).alternatives);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_the_assemblers_nops_or_int3_fill() {
+        // call rewind_stack_and_make_dead; then a 7-byte nopl (oops_end).
+        let code = [0xe8, 0x77, 0xf5, 0xfc, 0xff, 0x0f, 0x1f, 0x80, 0, 0, 0, 0];
+        assert_eq!(padding_len(&code), 7);
+        // ret; int3 (the function's own guard), then int3 fill.
+        assert_eq!(padding_len(&[0x5d, 0xc3, 0xcc, 0xcc, 0xcc]), 2);
+        // Two NOPs, one with extra 0x66 prefixes.
+        assert_eq!(padding_len(&[0xc3, 0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0, 0x90]), 12);
+        // No padding: ends in a jmp.
+        assert_eq!(padding_len(&[0x48, 0x89, 0xc7, 0xe9, 0x10, 0x20, 0x30, 0xff]), 0);
+        assert_eq!(padding_len(&[]), 0);
     }
-    names
+
+    #[test]
+    fn build_id_notes_are_found_and_bounded() {
+        let mut notes = Vec::new();
+        for (name, ty, desc) in [(&b"Xen\0"[..], 1u32, &[1u8, 2, 3, 4][..]), (b"GNU\0", 3, &[0xab; 20])] {
+            notes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&ty.to_le_bytes());
+            notes.extend_from_slice(name);
+            notes.extend_from_slice(desc);
+        }
+        assert_eq!(build_id_from_notes(&notes).as_deref(), Some(&*"ab".repeat(20)));
+        assert_eq!(find_build_id_notes(&notes, 4), ["ab".repeat(20)]);
+        assert_eq!(build_id_from_notes(&notes[..30]), None);
+        let mut bad = notes.clone();
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(build_id_from_notes(&bad), None);
+    }
 }

@@ -16,6 +16,13 @@
 //! # Ok::<(), symbols::Error>(())
 //! ```
 //!
+//! Without DWARF (no `-dbg` package), the same profile comes from the
+//! kernel's own BTF and kallsyms: [`profile_from_kernel_elf`] reads the ELF
+//! inside a vmlinuz ([`read_vmlinuz`], [`vmlinuz`]), [`profile_from_btf`]
+//! takes BTF and a decoded [`Kallsyms`] from anywhere (the loader's
+//! `--image auto` reads them from guest memory). The readers ([`btf`],
+//! [`kallsyms`], [`vmlinuz`]) take hostile input: bounded, fuzzed.
+//!
 //! What to extract is data, a [`Wanted`] table, or a [`WantedList`] built
 //! name by name (the builder derives the repair kernel's from its layout
 //! table, `repair_kernel::layout::ITEMS`). Layout drift is decided by which
@@ -70,7 +77,7 @@ mod wanted;
 pub use error::{Error, Missing};
 pub use kallsyms::Kallsyms;
 pub use kernel::{
-    build_id_from_notes, find_build_id_notes, profile_from_btf, profile_from_kernel_elf, read_vmlinuz, symbol_names,
+    build_id_from_notes, find_build_id_notes, profile_from_btf, profile_from_kernel_elf, read_vmlinuz,
     BtfSources, KernelElf,
 };
 pub use profile::{

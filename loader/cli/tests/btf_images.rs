@@ -101,6 +101,18 @@ fn repairs_with_btf_images(kernel: Kernel) {
     let auto = builder::RepairImage::read(&cached).unwrap_or_else(|e| panic!("{}: {e}", cached.display()));
     assert_eq!(auto.kernel, image.kernel, "the image built from memory is for the same build");
     assert_eq!(auto.layout, image.layout, "and has the same layout, item by item");
+    // The profile read from guest memory equals the DWARF one of the same
+    // build: every item of the repair kernel, every member of every type.
+    let kit = harness::Kit::locate().unwrap();
+    let dwarf = builder::profile_from_vmlinux(&kit.vmlinux(kernel).unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    let live = symbols::Profile::from_json(&auto.profile_json).unwrap();
+    let dwarf_layout = builder::layout_from_profile(&dwarf).unwrap();
+    for (i, spec) in repair_kernel::layout::ITEMS.iter().enumerate() {
+        assert_eq!(auto.layout.values[i], dwarf_layout.values[i], "{spec:?}: from guest memory vs DWARF");
+    }
+    assert_eq!(live.types, dwarf.types, "types from the guest's BTF vs DWARF");
+    assert_eq!(live.percpu, dwarf.percpu);
+    assert_eq!((live.build_id.as_str(), live.banner.as_str()), (dwarf.build_id.as_str(), dwarf.banner.as_str()));
     // A second attach takes it from the cache.
     let ev3 = dir.join("auto2-events.jsonl");
     let mut w = watch(&guest, "auto", &ev3, &cache);
