@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 pub use elf::{builtin_unikernel, UNIKERNEL_ELF, UNIKERNEL_LINK_BASE};
 pub use image::{FileInfo, ImageError, KernelId, RepairImage, Segment, SnapshotSource, Unikernel};
 pub use layout::{layout_from_profile, LayoutError};
+pub use skips::KernelSymbols;
 pub use stage::{Paging, StageError, StageOptions, StagePlan};
 
 use repair_kernel::layout::{Kind, ITEMS};
@@ -86,6 +87,25 @@ pub fn build_from_vmlinux(vmlinux: &Path, opts: &BuildOptions) -> Result<RepairI
 /// [`build_from_vmlinux`] with a profile already extracted from `vmlinux`.
 pub fn build_from_profile(
     vmlinux: &Path,
+    profile: Profile,
+    opts: &BuildOptions,
+) -> Result<RepairImage, BuildError> {
+    let vm_err = |msg: String| BuildError::Vmlinux { path: vmlinux.to_owned(), msg };
+    let mut image = image_for_profile(vmlinux, profile.clone(), opts)?;
+    let file = std::fs::File::open(vmlinux).map_err(|e| vm_err(e.to_string()))?;
+    // SAFETY: a read-only private map, dropped before return; a vmlinux is
+    // not expected to change while it is read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| vm_err(e.to_string()))?;
+    let symbols = skips::elf_symbols(&map);
+    snapshot_from_elf(&mut image, &map, &symbols, &profile, opts).map_err(vm_err)?;
+    Ok(image)
+}
+
+
+/// The image of a profile (layout, identity, the repair kernel), its
+/// snapshot still empty. `source` names the kernel file in errors.
+pub fn image_for_profile(
+    vmlinux: &Path,
     mut profile: Profile,
     opts: &BuildOptions,
 ) -> Result<RepairImage, BuildError> {
@@ -102,7 +122,7 @@ pub fn build_from_profile(
         banner: profile.banner.clone(),
         release: profile.release.clone(),
     };
-    let mut image = RepairImage {
+    let image = RepairImage {
         kernel,
         profile_json: profile.to_json(),
         layout,
@@ -112,25 +132,52 @@ pub fn build_from_profile(
         page_hashes: Default::default(),
         pristine: Default::default(),
     };
+    Ok(image)
+}
 
-    let file = std::fs::File::open(vmlinux).map_err(|e| vm_err(e.to_string()))?;
-    // SAFETY: a read-only private map, dropped before return; a vmlinux is
-    // not expected to change while it is read.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| vm_err(e.to_string()))?;
-    let pages = elf::VmlinuxPages::new(&map).map_err(vm_err)?;
+/// The text/rodata snapshot of a kernel ELF as the file has it: page
+/// hashes (and pristine pages), minus the run-time patch sites found with
+/// `symbols` (the ELF's own, or kallsyms for a stripped one).
+fn snapshot_from_elf(
+    image: &mut RepairImage,
+    data: &[u8],
+    symbols: &skips::KernelSymbols,
+    profile: &Profile,
+    opts: &BuildOptions,
+) -> Result<(), String> {
+    let pages = elf::VmlinuxPages::new(data)?;
     let ranges = [profile.text, profile.rodata];
     if ranges.iter().any(|r| r.end <= r.start) {
-        return Err(vm_err("empty kernel text or rodata range in the profile".into()));
+        return Err("empty kernel text or rodata range in the profile".into());
     }
-    let (skips, _tables) = skips::skip_sites(&map, &pages);
+    let (skips, _tables) = skips::skip_sites_with(data, &pages, symbols, &skips::TableFormats::from_profile(profile));
     image.skips = skips;
     // Data written during boot is not "expected from the file".
-    let excluded = skips::file_only_exclusions(&map);
+    let excluded = skips::file_only_exclusions_with(data, symbols);
     let all = ranges
         .iter()
         .flat_map(|r| pages.pages(r.start, r.end))
         .filter(|(p, _)| !excluded.iter().any(|&(a, b)| *p < b && p + image::PAGE_SIZE as u64 > a));
     image.set_snapshot_from(all, opts.keep_pristine, SnapshotSource::VmlinuxFile);
+    Ok(())
+}
+
+/// Builds a repair image from a vmlinuz (`/boot/vmlinuz-VERSION`, a
+/// bzImage) alone: its payload decompressed, the profile from the kernel's
+/// own BTF and kallsyms (no DWARF, no `-dbg` package), and the snapshot
+/// from the ELF it holds. Also takes a vmlinux (stripped or not) with BTF.
+pub fn build_from_vmlinuz(vmlinuz: &Path, opts: &BuildOptions) -> Result<RepairImage, BuildError> {
+    let elf = symbols::read_vmlinuz(vmlinuz)?;
+    let (profile, _missing, kallsyms) =
+        wanted::wanted().with(|w| symbols::profile_from_kernel_elf(&elf.data, vmlinuz, w))?;
+    let mut image = image_for_profile(vmlinuz, profile.clone(), opts)?;
+    let syms: skips::KernelSymbols = kallsyms
+        .symbols
+        .iter()
+        .map(|s| (s.name.clone(), s.address, matches!(s.kind, 'T' | 't' | 'W' | 'w')))
+        .collect();
+    snapshot_from_elf(&mut image, &elf.data, &syms, &profile, opts)
+        .map_err(|msg| BuildError::Vmlinux { path: vmlinuz.to_owned(), msg })?;
     Ok(image)
 }
 

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! build-repair-image --vmlinux PATH --output IMAGE [--system-map PATH] [--pristine]
+//! build-repair-image --kernel /boot/vmlinuz-VERSION --output IMAGE [--pristine]
 //! build-repair-image --vmlinux PATH --emit-profile FILE.json
 //! build-repair-image inspect IMAGE
 //! ```
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use builder::{build_from_profile, profile_from_vmlinux, BuildOptions, RepairImage};
+use builder::{build_from_profile, build_from_vmlinuz, profile_from_vmlinux, BuildOptions, RepairImage};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -21,8 +22,14 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// The kernel's vmlinux, with DWARF (from the -dbg package).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     vmlinux: Option<PathBuf>,
+    /// The kernel itself (`/boot/vmlinuz-VERSION`, a bzImage compressed
+    /// with gzip, xz, zstd or LZ4): struct layouts from its BTF, symbols
+    /// from its kallsyms. No -dbg package needed; the kernel must have
+    /// CONFIG_DEBUG_INFO_BTF (every Debian kernel since 5.10 has).
+    #[arg(long, value_name = "VMLINUZ")]
+    kernel: Option<PathBuf>,
     /// Write the image here.
     #[arg(long, value_name = "IMAGE")]
     output: Option<PathBuf>,
@@ -62,12 +69,15 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(Command::Inspect { image }) = &cli.command {
         return inspect(image);
     }
-    let Some(vmlinux) = &cli.vmlinux else {
-        bail!("nothing to do: pass --vmlinux PATH with --output IMAGE or --emit-profile FILE.json, or use `inspect IMAGE`");
-    };
     if cli.output.is_none() && cli.emit_profile.is_none() {
         bail!("pass --output IMAGE (a repair image) or --emit-profile FILE.json (the profile only)");
     }
+    if let Some(kernel) = &cli.kernel {
+        return from_kernel(&cli, kernel);
+    }
+    let Some(vmlinux) = &cli.vmlinux else {
+        bail!("nothing to do: pass --vmlinux PATH (with DWARF) or --kernel VMLINUZ (with BTF), with --output IMAGE or --emit-profile FILE.json, or use `inspect IMAGE`");
+    };
     let profile = profile_from_vmlinux(vmlinux)
         .with_context(|| format!("reading the kernel profile from {}", vmlinux.display()))?;
     if let Some(path) = &cli.emit_profile {
@@ -89,6 +99,29 @@ fn run(cli: Cli) -> Result<()> {
             info.file_len.div_ceil(1024),
             image.page_hashes.len(),
             if image.pristine.is_empty() { String::new() } else { format!(", {} pristine pages", image.pristine.len()) }
+        );
+    }
+    Ok(())
+}
+
+/// `--kernel VMLINUZ`: the image (and profile) from the kernel's own BTF
+/// and kallsyms.
+fn from_kernel(cli: &Cli, kernel: &Path) -> Result<()> {
+    let opts = BuildOptions { keep_pristine: cli.pristine, system_map: cli.system_map.clone() };
+    let image = build_from_vmlinuz(kernel, &opts)
+        .with_context(|| format!("building a repair image from {}", kernel.display()))?;
+    if let Some(path) = &cli.emit_profile {
+        std::fs::write(path, &image.profile_json)
+            .with_context(|| format!("writing the profile to {}", path.display()))?;
+        eprintln!("profile of {} written to {}", image.kernel.release, path.display());
+    }
+    if let Some(output) = &cli.output {
+        image.write(output).with_context(|| format!("writing {}", output.display()))?;
+        eprintln!(
+            "repair image for {} (from its BTF and kallsyms) written to {} ({} page hashes)",
+            image.kernel.release,
+            output.display(),
+            image.page_hashes.len()
         );
     }
     Ok(())

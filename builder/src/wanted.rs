@@ -9,10 +9,19 @@
 use repair_kernel::layout::{Kind, ITEMS};
 use symbols::WantedList;
 
+/// Symbols the host side reads from the profile, beyond the repair
+/// kernel's table: the ORC unwind tables (the loader's backtraces walk them
+/// as the kernel's own unwinder does). Optional.
+pub const HOST_SYMBOLS: [&str; 3] = ["__start_orc_unwind_ip", "__stop_orc_unwind_ip", "__start_orc_unwind"];
+
 /// Every [`ITEMS`] entry as a name to extract, the optional ones marked so
-/// (they are recorded when present, never reported missing).
+/// (they are recorded when present, never reported missing), and the
+/// [`HOST_SYMBOLS`].
 pub fn wanted() -> WantedList {
     let mut w = WantedList::default();
+    for s in HOST_SYMBOLS {
+        w.symbol(s, true);
+    }
     for spec in ITEMS {
         let optional = !spec.required;
         match spec.kind {
@@ -21,5 +30,9 @@ pub fn wanted() -> WantedList {
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
         };
     }
+    // Not read by the repair kernel: the builder's own, for the layouts of
+    // the run-time patch tables (`skips::TableFormats`).
+    w.member("alt_instr", "instrlen", true);
+    w.member("paravirt_patch_site", "len", true);
     w
 }

@@ -151,6 +151,10 @@ pub struct Session {
     /// A repair a killed watcher left half done, undone at attach from the
     /// journal: the vCPU it was on (taken by whoever reports it).
     pub undone_repair: Option<VcpuId>,
+    /// Frame names from the guest's own kallsyms, read at attach, for an
+    /// image built from BTF (no vmlinux to name them): see
+    /// [`crate::autoimage::kallsyms_symbolizer`].
+    pub kallsyms: Option<Box<crate::symbolize::Symbolizer>>,
 }
 
 /// A staging plan's writes, split by what they hold: the repair kernel's
@@ -276,6 +280,10 @@ impl Session {
             let mem = GuestPhys::read_only(guest, ram_end);
             kaslr::find_slide(&mem, paging, &image.layout, &image.kernel.banner)?
         };
+        let kallsyms = {
+            let mem = GuestPhys::read_only(guest, ram_end);
+            crate::autoimage::kallsyms_symbolizer(&mem, paging, &image.profile_json, slide.slide).map(Box::new)
+        };
         let paging = if paging.la57 { builder::stage::Paging::FiveLevel } else { builder::stage::Paging::FourLevel };
         if cfg.integrity && !cfg.reserved {
             return Err(FlowError::IntegrityNeedsReservedRange);
@@ -292,6 +300,7 @@ impl Session {
             staging,
             prestaged: false,
             undone_repair,
+            kallsyms,
         })
     }
 
@@ -365,9 +374,12 @@ impl Session {
         self.image.layout.get(item).map(|a| self.slide.run_addr(a)).ok_or(FlowError::Layout(item))
     }
 
-    /// Where the trap goes: the entry of `panic`.
+    /// Where the trap goes: the entry of the function that does the
+    /// panic's work, `vpanic` where the vmlinux has it, else `panic`
+    /// (`repair_kernel::panic::trap_addr`: the same choice inside the
+    /// guest).
     pub fn panic_addr(&self) -> Result<Gva, FlowError> {
-        self.symbol(Item::SymPanic)
+        self.symbol(Item::SymVpanic).or_else(|_| self.symbol(Item::SymPanic))
     }
 
     /// Sets the trap at the entry of `panic` (a hardware breakpoint: no

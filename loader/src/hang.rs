@@ -90,6 +90,10 @@ pub struct HangLayout {
     pub swapper_pgd: Gva,
     /// Offset of `runqueues` in the per-CPU area.
     pub runqueues: u64,
+    /// Run-time `__per_cpu_start` where per-CPU symbols are addresses moved
+    /// by KASLR (the vmlinux links `.data..percpu` elsewhere than 0, 6.15+);
+    /// `None` where they are zero-based offsets.
+    pub per_cpu_start: Option<Gva>,
     pub rq_curr: u64,
     pub rq_nr_switches: u64,
     pub task_pid: u64,
@@ -127,6 +131,7 @@ impl HangLayout {
             init_task: sym(Item::SymInitTask)?,
             swapper_pgd: sym(Item::SymInitTopPgt)?,
             runqueues: get(Item::PcpuRunqueues)?,
+            per_cpu_start: layout.get(Item::SymPerCpuStart).filter(|&a| a != 0).map(|a| Gva(a.wrapping_add(slide))),
             rq_curr: get(Item::RqCurr)?,
             rq_nr_switches: get(Item::RqNrSwitches)?,
             task_pid: get(Item::TaskPid)?,
@@ -163,6 +168,7 @@ impl HangLayout {
             per_cpu_offset: Gva(self.per_cpu_offset.0.wrapping_add(slide)),
             init_task: Gva(self.init_task.0.wrapping_add(slide)),
             swapper_pgd: Gva(self.swapper_pgd.0.wrapping_add(slide)),
+            per_cpu_start: self.per_cpu_start.map(|a| Gva(a.0.wrapping_add(slide))),
             watchdog_thresh: self.watchdog_thresh.map(|a| Gva(a.0.wrapping_add(slide))),
             ..self.clone()
         }
@@ -558,7 +564,8 @@ impl<M: PhysAccess> Sampler<M> {
     fn cpu_snap(&mut self, cpu: u32) -> Result<(CpuSnap, i32), AccessError> {
         let l = self.layout.clone();
         let base = self.u64(Self::at(l.per_cpu_offset.0, 8 * u64::from(cpu))?)?;
-        let rq = base.wrapping_add(l.runqueues);
+        let start = l.per_cpu_start.map_or(0, |a| a.0);
+        let rq = base.wrapping_add(start).wrapping_add(l.runqueues);
         let curr = self.u64(Self::at(rq, l.rq_curr)?)?;
         let switches = self.u64(Self::at(rq, l.rq_nr_switches)?)?;
         let pid = self.u32(Self::at(curr, l.task_pid)?)? as i32;
@@ -1066,6 +1073,7 @@ mod tests {
             init_task: Gva(DIRECT + INIT),
             swapper_pgd: Gva(DIRECT + PML4),
             runqueues: RUNQ,
+            per_cpu_start: None,
             rq_curr: 0x10,
             rq_nr_switches: 0x18,
             task_pid: 0x100,

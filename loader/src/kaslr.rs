@@ -59,7 +59,7 @@ impl std::fmt::LowerHex for Slide {
 
 /// Reads up to `buf.len()` bytes of kernel virtual memory; stops at the first
 /// unmapped byte. Returns how many bytes were read.
-fn read_virt<M: PhysMem + ?Sized>(mem: &M, paging: Paging, va: u64, buf: &mut [u8]) -> usize {
+pub(crate) fn read_virt<M: PhysMem + ?Sized>(mem: &M, paging: Paging, va: u64, buf: &mut [u8]) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let Ok(t) = translate(mem, paging, Gva(va.wrapping_add(done as u64))) else { break };

@@ -17,6 +17,8 @@
 //! - [`watch`]: the one watch loop: crashes, hangs, someone else's pauses,
 //!   resets; [`supervise`]: the parent that restarts a dead watcher or
 //!   removes its trap.
+//! - [`libvirt`]: a libvirt domain reached through libvirt alone (its QMP
+//!   served from libvirt's passthrough and events).
 //! - [`journal`]: each repair written down before it touches the guest, so a
 //!   watcher killed mid-repair is undone by the next one.
 //! - [`hang`]: hang detection from outside, without stopping the guest.
@@ -51,6 +53,7 @@ pub mod access;
 pub mod arch;
 #[cfg(feature = "qemu")]
 pub mod attach;
+pub mod autoimage;
 pub mod backend;
 #[cfg(feature = "qemu")]
 pub mod checkpoint;
@@ -61,7 +64,10 @@ pub mod guestmem;
 pub mod hang;
 pub mod journal;
 pub mod kaslr;
+#[cfg(feature = "qemu")]
+pub mod libvirt;
 pub mod quarantine;
+pub mod orc;
 pub mod replay;
 pub mod report;
 pub mod snapshot;

@@ -87,6 +87,7 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
     symbolizer: Option<&Symbolizer>,
     log_lines: u32,
 ) -> Result<Report, crate::flow::FlowError> {
+    let symbolizer = symbolizer.or(session.kallsyms.as_deref());
     let regs = guest.get_regs(vcpu)?;
     let input = session.contract_input(vcpu, &regs, Mode::Diagnose);
     let mut mem = GuestPhys::read_only(guest, session.ram_end);
@@ -98,7 +99,17 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
     let k = repair_kernel::kernel_view(&mut mem, &input);
     let mut addrs = [Gva(0); 256];
     let n = repair_kernel::backtrace(&k, &input, &mut addrs);
-    let backtrace = build_backtrace(&k, regs.rip, &addrs[..n], session.slide.slide, symbolizer);
+    // The kernel's own unwinder where the image knows its ORC tables: the
+    // very frames the guest's Call Trace prints. Else return addresses
+    // found on the stack, checked against their call sites.
+    let orc = orc_tables(session).and_then(|t| crate::orc::unwind(&k, &t, regs.rip, regs.rsp, regs.rbp));
+    let backtrace = match orc {
+        Some(frames) if frames.len() > 1 => frames
+            .iter()
+            .map(|&(a, is_return)| frame_line(symbolizer.map(|s| s.frame(a, session.slide.slide, is_return)), a))
+            .collect(),
+        _ => build_backtrace(&k, regs.rip, &addrs[..n], session.slide.slide, symbolizer),
+    };
 
     let mut log = vec![0u8; 64 * 1024];
     let log_len = repair_kernel::printk::log_tail(&k, log_lines, &mut log).unwrap_or(0);
@@ -139,6 +150,17 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         tasks_error,
         integrity,
     })
+}
+
+/// The ORC tables of the session's kernel, from its profile.
+fn orc_tables(session: &Session) -> Option<crate::orc::OrcTables> {
+    let p = symbols::Profile::from_json(&session.image.profile_json).ok()?;
+    crate::orc::OrcTables::new(
+        p.symbol("__start_orc_unwind_ip")?,
+        p.symbol("__stop_orc_unwind_ip")?,
+        p.symbol("__start_orc_unwind")?,
+        session.slide.slide,
+    )
 }
 
 /// Hashes the live text and rodata pages (read-only, nothing restored).

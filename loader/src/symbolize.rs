@@ -100,6 +100,34 @@ impl Symbolizer {
         Ok(Self { funcs, thunks, lines })
     }
 
+    /// Names from the kernel's own kallsyms (no vmlinux): functions as
+    /// `function+offset/size` exactly as the kernel's `%pS` prints them
+    /// (the size runs to the next symbol), no `file:line`. `slide` is
+    /// run-time minus link-time for the addresses `kallsyms` holds (0 when
+    /// it was read from a file, the KASLR slide when read from guest
+    /// memory), so the symbolizer works in link-time addresses as the
+    /// vmlinux one does.
+    pub fn from_kallsyms(kallsyms: &symbols::Kallsyms, slide: u64) -> Self {
+        let syms = &kallsyms.symbols;
+        let link = |a: u64| a.wrapping_sub(slide);
+        let mut funcs = Vec::new();
+        let mut thunks = Vec::new();
+        for (i, s) in syms.iter().enumerate() {
+            if s.name.starts_with("__x86_indirect_thunk") || s.name.starts_with("__x86_return_thunk") {
+                thunks.push(link(s.address));
+            }
+            if !matches!(s.kind, 'T' | 't' | 'W' | 'w') {
+                continue;
+            }
+            let Some(next) = syms[i..].iter().find(|n| n.address > s.address) else { continue };
+            funcs.push(Func { addr: link(s.address), size: next.address - s.address, name: s.name.clone() });
+        }
+        thunks.sort_unstable();
+        funcs.sort_by_key(|f| (f.addr, std::cmp::Reverse(f.size)));
+        funcs.dedup_by_key(|f| f.addr);
+        Self { funcs, thunks, lines: None }
+    }
+
     fn func(&self, link: u64) -> Option<&Func> {
         let i = self.funcs.partition_point(|f| f.addr <= link);
         let f = self.funcs.get(i.checked_sub(1)?)?;

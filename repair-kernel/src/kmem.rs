@@ -177,11 +177,23 @@ impl<'m, M: PhysMem + ?Sized> Kernel<'m, M> {
         self.read_u64(base.add(cpu as u64 * 8))
     }
 
+    /// Run-time start of the per-CPU section the per-CPU items are offsets
+    /// into: 0 where the vmlinux links `.data..percpu` at 0 (per-CPU
+    /// symbols are offsets there), else `__per_cpu_start` moved by KASLR
+    /// (per-CPU symbols are addresses, and `__per_cpu_offset[cpu]` is
+    /// relative to that start).
+    pub fn per_cpu_start(&self) -> u64 {
+        match self.opt(Item::SymPerCpuStart) {
+            None | Some(0) => 0,
+            Some(a) => self.link(LinkAddr(a)).0,
+        }
+    }
+
     /// `per_cpu_ptr(&var, cpu)` for a per-CPU variable item, plus `extra`
     /// bytes (a member offset inside the variable).
     pub fn per_cpu_ptr(&self, var: Item, extra: u64, cpu: u32) -> Result<Gva, Error> {
         let off = self.item(var)?;
-        Ok(Gva(self.per_cpu_offset(cpu)?.wrapping_add(off).wrapping_add(extra)))
+        Ok(Gva(self.per_cpu_offset(cpu)?.wrapping_add(self.per_cpu_start()).wrapping_add(off).wrapping_add(extra)))
     }
 
     /// True when `va` is in kernel text (`[_stext, _etext)`).

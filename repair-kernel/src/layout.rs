@@ -164,6 +164,29 @@ items! {
     // profile since the first; the repair kernel works on the crashed CPU's
     // CR3 and does not read it ---
     MmPgd = Offset("mm_struct", "pgd"), optional;
+    // --- drift across Debian's 5.10 to 7.x, decided by what the vmlinux has ---
+    // Per-CPU symbols are offsets into each CPU's area while the vmlinux
+    // links `.data..percpu` at 0 (`__per_cpu_start` == 0, up to 6.14); since
+    // 6.15 they are virtual addresses moved by KASLR like any other.
+    SymPerCpuStart = Symbol("__per_cpu_start"), optional;
+    // `vpanic(fmt, va_list)` does the panic's work where it exists (6.17,
+    // Debian 6.12.118+): `panic` calls it, some callers call it directly.
+    SymVpanic = Symbol("vpanic"), optional;
+    SymPanicSize = SymbolSize("panic"), optional;
+    // `nmi_panic` claims `panic_cpu` before it calls `panic`: a panic it
+    // called is not a panic within a panic, and a kill must release it.
+    SymNmiPanic = Symbol("nmi_panic"), optional;
+    SymNmiPanicSize = SymbolSize("nmi_panic"), optional;
+    // 6.12+: `__warn` (and other emergency printers) enter a per-CPU nbcon
+    // emergency section before they may panic; a kill abandons it.
+    PcpuNbconEmergencyNesting = PerCpu("nbcon_pcpu_emergency_nesting"), optional;
+    // Whether `preempt_count` counts spinlocks and preempt_disable():
+    // only with CONFIG_PREEMPT_COUNT, which CONFIG_PREEMPTION
+    // (`preempt_schedule`) or CONFIG_DEBUG_ATOMIC_SLEEP (`__might_resched`,
+    // `___might_sleep` before 5.17) brings. Debian's 5.10 has neither.
+    SymPreemptSchedule = Symbol("preempt_schedule"), optional;
+    SymMightResched = Symbol("__might_resched"), optional;
+    SymMightSleepOld = Symbol("___might_sleep"), optional;
     // --- quarantine after a rollback (loader/src/quarantine.rs): SIGKILL
     // made pending (`task->pending.signal`, a `sigset_t`) and
     // `TIF_SIGPENDING` set in `task->thread_info.flags`, as

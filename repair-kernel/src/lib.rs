@@ -93,12 +93,43 @@ pub fn run_with<M: PhysMem + ?Sized>(
     let mut why = [0u8; contract::REASON_LEN];
     let mut w = FmtBuf::new(&mut why);
     let v = verdict::decide(&ctx, &mut w);
+    if v.action == Action::Kill {
+        undo_panic_state(&mut k, &ctx, input.read_only != 0, &mut w);
+        if !ctx.preempt_count_tracks_locks {
+            use core::fmt::Write;
+            // Neither preempt_schedule nor __might_resched in the vmlinux.
+            let _ = write!(w, "; no CONFIG_PREEMPT_COUNT here: a held spinlock cannot be ruled out");
+        }
+    }
     let n = w.len();
     set_field(&mut out.reason, &why[..n]);
     out.action = v.action as u32;
     out.reason_code = v.reason as u32;
     out.resume = if v.action == Action::Kill { v.resume } else { regs };
     out.status = RunStatus::Done as u32;
+}
+
+/// What the panic path left on this CPU that the kill abandons, undone
+/// (unless read-only) and said: `panic_cpu` claimed by `nmi_panic` for this
+/// CPU (while it is held, other CPUs' panics stop and 6.12+ drops their
+/// printk), and an nbcon emergency section entered by `__warn` or another
+/// emergency printer on the task's stack (6.12+; `make_task_dead` resets
+/// the preempt count those sections raised, not their nesting).
+fn undo_panic_state<M: PhysMem + ?Sized>(k: &mut Kernel<'_, M>, ctx: &CrashContext, read_only: bool, why: &mut FmtBuf<'_>) {
+    use core::fmt::Write;
+    let verb = if read_only { "would release" } else { "released" };
+    if let (Some(Ok(c)), Ok(at)) = (ctx.panic_cpu, k.sym(Item::SymPanicCpu)) {
+        if c >= 0 && c as u32 == ctx.cpu {
+            let ok = read_only || k.write(at, &(-1i32).to_le_bytes()).is_ok();
+            let _ = write!(why, "; {} panic_cpu (held by nmi_panic)", if ok { verb } else { "could not release" });
+        }
+    }
+    if let Some(Ok((at, n))) = percpu::nbcon_emergency_nesting(k, ctx.cpu) {
+        if n != 0 && n < 64 {
+            let ok = read_only || k.write(at, &0u32.to_le_bytes()).is_ok();
+            let _ = write!(why, "; {} {n} nbcon emergency section(s)", if ok { if read_only { "would leave" } else { "left" } } else { "could not leave" });
+        }
+    }
 }
 
 /// Walks everything the decision needs; also writes the panic message.
@@ -113,11 +144,14 @@ fn crash_context<M: PhysMem + ?Sized>(
     let at_panic_entry = panic::at_panic_entry(k, &regs);
     let mut msg_len = 0;
     let mut from_oops_end = false;
+    let mut from_nmi_panic = false;
     if at_panic_entry {
         let mut msg = [0u8; contract::MESSAGE_LEN];
         msg_len = panic::panic_message(k, &regs, &mut msg).unwrap_or(0);
         set_field(&mut out.message, &msg[..msg_len]);
-        from_oops_end = panic::panic_caller(k, &regs).map(|ret| panic::is_in_oops_end(k, ret)).unwrap_or(false);
+        let caller = panic::panic_caller(k, &regs);
+        from_oops_end = caller.as_ref().map(|&ret| panic::is_in_oops_end(k, ret)).unwrap_or(false);
+        from_nmi_panic = caller.map(|ret| panic::is_in_nmi_panic(k, ret)).unwrap_or(false);
     }
     let kind = CrashKind::classify(at_panic_entry, from_oops_end, &out.message[..msg_len]);
     let current = percpu::current_task(k, cpu).and_then(|t| TaskInfo::read(k, t));
@@ -127,6 +161,8 @@ fn crash_context<M: PhysMem + ?Sized>(
         rewind: k.sym(Item::SymRewindStackAndMakeDead).ok(),
         at_panic_entry,
         from_oops_end,
+        from_nmi_panic,
+        preempt_count_tracks_locks: percpu::preempt_count_tracks_locks(k),
         kind,
         preempt_count: percpu::preempt_count(k, cpu),
         current,

@@ -1,10 +1,26 @@
-//! The crashed context at the entry of `panic(const char *fmt, ...)`
-//! (kernel/panic.c): the message from its arguments, where it was called
-//! from, and the stack for a backtrace.
+//! The crashed context at the entry of the function that does the panic's
+//! work (kernel/panic.c): the message from its arguments, where it was
+//! called from, and the stack for a backtrace.
+//!
+//! That function is `vpanic(const char *fmt, va_list args)` where the
+//! kernel has it (6.17, and Debian's 6.12.118+ by backport: `panic` only
+//! wraps it, and a few callers call it directly), else
+//! `panic(const char *fmt, ...)`. Which one is decided by the symbol's
+//! presence in the vmlinux, never by a version number.
+//!
+//! The trap is at the function's first byte, the first instruction every
+//! call executes: a 5-byte `call __fentry__` (a NOP until ftrace patches it)
+//! on 5.10/6.1, `endbr64` on IBT builds (6.12+). Direct calls land there;
+//! nothing jumps past it.
 //!
 //! At the first instruction of `panic`, `[rsp]` is the return address into
 //! the caller, `rdi` is `fmt`, and the variadic arguments are in `rsi`,
 //! `rdx`, `rcx`, `r8`, `r9`, then at `[rsp + 8]`, `[rsp + 16]`, ...
+//! At the first instruction of `vpanic`, `rdi` is `fmt` and `rsi` points at
+//! the System V `va_list` (`gp_offset`, `fp_offset`, `overflow_arg_area`,
+//! `reg_save_area`); when `[rsp]` returns into `panic`, panic's own caller
+//! is the word just below `overflow_arg_area` (the variadic arguments on
+//! the stack start right above the return address).
 
 use core::fmt::Write;
 
@@ -26,14 +42,49 @@ pub const THREAD_SIZE: u64 = 16 * 1024;
 /// this many bytes in every 6.x build seen.
 pub const OOPS_END_SIZE_FALLBACK: u64 = 0x200;
 
-/// True when `regs` is stopped at the first instruction of `panic`.
-pub fn at_panic_entry<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> bool {
-    k.sym(Item::SymPanic).map(|p| p.0 == regs.rip).unwrap_or(false)
+/// Run-time address of the trap: `vpanic` where the kernel has it, else
+/// `panic`.
+pub fn trap_addr<M: PhysMem + ?Sized>(k: &Kernel<'_, M>) -> Result<Gva, Error> {
+    k.sym(Item::SymVpanic).or_else(|_| k.sym(Item::SymPanic))
 }
 
-/// `__builtin_return_address(0)` of `panic`: the word at `rsp`.
+/// True when `regs` is stopped at the first instruction of the panic's
+/// work ([`trap_addr`]).
+pub fn at_panic_entry<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> bool {
+    trap_addr(k).map(|p| p.0 == regs.rip).unwrap_or(false)
+}
+
+/// True when `regs` is stopped at the entry of `vpanic`.
+fn at_vpanic<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> bool {
+    k.sym(Item::SymVpanic).map(|p| p.0 == regs.rip).unwrap_or(false)
+}
+
+/// Used when the layout lacks `panic`'s size: `panic` as a wrapper of
+/// `vpanic` is well under this.
+pub const PANIC_WRAPPER_SIZE_FALLBACK: u64 = 0x100;
+
+/// `struct __va_list_tag` of x86_64 at `va`: (gp_offset, overflow_arg_area,
+/// reg_save_area).
+fn va_list<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, va: Gva) -> Result<(u32, u64, u64), Error> {
+    Ok((k.read_u32(va)?, k.read_u64(va.add(8))?, k.read_u64(va.add(16))?))
+}
+
+/// Who called `panic` (or `vpanic` directly): `__builtin_return_address(0)`
+/// of `panic`, the word at `rsp` at its entry; at `vpanic`'s entry called
+/// from `panic`, panic's own return address, just below the `va_list`'s
+/// `overflow_arg_area`.
 pub fn panic_caller<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> Result<Gva, Error> {
-    k.read_ptr(Gva(regs.rsp))
+    let ret = k.read_ptr(Gva(regs.rsp))?;
+    if !at_vpanic(k, regs) {
+        return Ok(ret);
+    }
+    let Ok(panic) = k.sym(Item::SymPanic) else { return Ok(ret) };
+    let size = k.opt(Item::SymPanicSize).unwrap_or(PANIC_WRAPPER_SIZE_FALLBACK);
+    if !(panic < ret && ret.0 <= panic.0.saturating_add(size)) {
+        return Ok(ret);
+    }
+    let (_, overflow, _) = va_list(k, Gva(regs.rsi))?;
+    k.read_ptr(Gva(overflow.wrapping_sub(8)))
 }
 
 /// True when `ret` is inside `oops_end` (the panic is the oops path's
@@ -44,8 +95,29 @@ pub fn is_in_oops_end<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, ret: Gva) -> bool 
     start < ret && ret.0 <= start.0.saturating_add(size)
 }
 
-/// The `i`-th variadic argument of `panic` as a 64-bit word.
+/// True when `ret` (the panic's caller) is inside `nmi_panic`, which claims
+/// `panic_cpu` for this CPU before it calls `panic`.
+pub fn is_in_nmi_panic<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, ret: Gva) -> bool {
+    let Ok(start) = k.sym(Item::SymNmiPanic) else { return false };
+    let size = k.opt(Item::SymNmiPanicSize).unwrap_or(OOPS_END_SIZE_FALLBACK);
+    start < ret && ret.0 <= start.0.saturating_add(size)
+}
+
+/// The `i`-th variadic argument of `panic` (or of `vpanic`'s `va_list`) as
+/// a 64-bit word.
 fn vararg<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState, i: usize) -> Result<u64, Error> {
+    if at_vpanic(k, regs) {
+        // Integer arguments: from the register save area while gp_offset
+        // is below the 6 registers' 48 bytes, then from the stack.
+        let (gp_offset, overflow, save) = va_list(k, Gva(regs.rsi))?;
+        let gp = u64::from(gp_offset.min(48)) / 8;
+        let i = i as u64;
+        return if gp + i < 6 {
+            k.read_u64(Gva(save).add(8 * (gp + i)))
+        } else {
+            k.read_u64(Gva(overflow).add(8 * (gp + i - 6)))
+        };
+    }
     match i {
         0 => Ok(regs.rsi),
         1 => Ok(regs.rdx),

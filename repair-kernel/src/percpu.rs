@@ -91,6 +91,25 @@ pub fn rq_nr_switches<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, cpu: u32) -> Resul
     k.read_u64(k.member(rq, Item::RqNrSwitches)?)
 }
 
+/// `per_cpu(nbcon_pcpu_emergency_nesting, cpu)` (`unsigned int`, 6.12+):
+/// how deep `cpu` is in nbcon emergency sections; `None` where the kernel
+/// has no such variable.
+pub fn nbcon_emergency_nesting<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, cpu: u32) -> Option<Result<(Gva, u32), Error>> {
+    k.opt(Item::PcpuNbconEmergencyNesting)?;
+    Some(check_cpu(k, cpu).and_then(|_| {
+        let p = k.per_cpu_ptr(Item::PcpuNbconEmergencyNesting, 0, cpu)?;
+        Ok((p, k.read_u32(p)?))
+    }))
+}
+
+/// Whether `preempt_count` shows spinlocks and `preempt_disable()`
+/// sections: only with `CONFIG_PREEMPT_COUNT`, which the vmlinux shows by
+/// `preempt_schedule` (`CONFIG_PREEMPTION`) or `__might_resched` /
+/// `___might_sleep` (`CONFIG_DEBUG_ATOMIC_SLEEP`).
+pub fn preempt_count_tracks_locks<M: PhysMem + ?Sized>(k: &Kernel<'_, M>) -> bool {
+    [Item::SymPreemptSchedule, Item::SymMightResched, Item::SymMightSleepOld].iter().any(|&i| k.opt(i).is_some())
+}
+
 /// `panic_cpu` (`atomic_t`, -1 when no CPU panics); `None` when the layout
 /// lacks it.
 pub fn panic_cpu<M: PhysMem + ?Sized>(k: &Kernel<'_, M>) -> Option<Result<i32, Error>> {

@@ -180,6 +180,12 @@ pub struct CrashContext {
     pub at_panic_entry: bool,
     /// `panic`'s return address lies in `oops_end`.
     pub from_oops_end: bool,
+    /// `panic`'s return address lies in `nmi_panic`, which set `panic_cpu`
+    /// to this CPU before calling it.
+    pub from_nmi_panic: bool,
+    /// Whether the preempt count shows held spinlocks (the kernel has
+    /// `CONFIG_PREEMPT_COUNT`); when not, a held lock cannot be ruled out.
+    pub preempt_count_tracks_locks: bool,
     pub kind: CrashKind,
     /// `preempt_count()` of the crashed CPU (NEED_RESCHED masked), or why not.
     pub preempt_count: Result<u32, Error>,
@@ -235,6 +241,9 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     };
     match ctx.panic_cpu {
         Some(Ok(-1)) | None => {}
+        // nmi_panic claimed panic_cpu for this CPU, then called panic: not
+        // a panic within a panic (a kill releases it).
+        Some(Ok(c)) if c >= 0 && c as u32 == ctx.cpu && ctx.from_nmi_panic => {}
         Some(Ok(c)) if c >= 0 && c as u32 == ctx.cpu => {
             let _ = write!(why, "panic within a panic on CPU {c} (panic_cpu is already this CPU): the first panic's state is unknown; letting the panic complete");
             return Verdict::decline(Reason::DeclinePanicInProgress);
@@ -303,6 +312,7 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     if pc & PREEMPT_MASK != 0 {
         let _ = write!(why, "; preempt_count={pc:#x} (a lock or RCU read section may be held; make_task_dead resets the count)");
     }
+
     if r.rflags & RFLAGS_IF == 0 && !ctx.from_oops_end {
         let _ = write!(why, "; IRQs were off (make_task_dead re-enables them)");
     }

@@ -191,3 +191,56 @@ fn explanations_fit_and_codes_have_words() {
         assert!(!CrashKind::from_u32(v).unwrap().to_string().is_empty());
     }
 }
+
+/// A link address for `nmi_panic` in the scene's text.
+const NMI_PANIC: u64 = KBASE_LINK + 0x6_0000;
+
+#[test]
+fn a_panic_called_by_nmi_panic_is_not_nested_and_the_kill_releases_panic_cpu() {
+    let mut g = scene();
+    let t = g.tasks[2];
+    g.set_percpu(0, PCPU_CURRENT_TASK, t);
+    g.crash_at(t, NMI_PANIC + 0x30, "Hard LOCKUP", &[]);
+    g.layout.set(Item::SymNmiPanic, NMI_PANIC);
+    g.layout.set(Item::SymNmiPanicSize, 0x80);
+    g.w32(rt(PANIC_CPU), 0); // nmi_panic claimed it for CPU 0
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(str_of(&out.reason).contains("released panic_cpu"), "{}", str_of(&out.reason));
+    assert_eq!(g.rbytes(rt(PANIC_CPU), 4), (-1i32).to_le_bytes());
+    // Without nmi_panic in the layout it is a panic within a panic.
+    let mut g = scene();
+    g.crash_at(g.tasks[2], NMI_PANIC + 0x30, "Hard LOCKUP", &[]);
+    g.w32(rt(PANIC_CPU), 0);
+    check(&g.run(), Action::Decline, Reason::DeclinePanicInProgress);
+}
+
+#[test]
+fn the_kill_leaves_the_nbcon_emergency_sections_of_the_stack() {
+    const NESTING: u64 = 0x2_1c50;
+    for read_only in [false, true] {
+        let mut g = scene();
+        g.layout.set(Item::PcpuNbconEmergencyNesting, NESTING);
+        let a = g.percpu_area(0) + NESTING;
+        g.w32(a, 2);
+        let mut input = g.input();
+        input.read_only = read_only as u32;
+        let mut out = repair_kernel::contract::ContractOut::empty();
+        repair_kernel::run(&mut repair_kernel::mem::SliceMem::new(&mut g.ram), &input, &mut out);
+        check(&out, Action::Kill, Reason::KillDirectPanic);
+        let why = str_of(&out.reason).to_string();
+        assert!(why.contains("2 nbcon emergency section(s)"), "{why}");
+        assert_eq!(g.rbytes(a, 4), if read_only { 2u32 } else { 0 }.to_le_bytes());
+    }
+}
+
+#[test]
+fn without_preempt_count_the_verdict_says_what_it_cannot_rule_out() {
+    let mut g = scene();
+    let out = g.run();
+    assert!(str_of(&out.reason).contains("no CONFIG_PREEMPT_COUNT"), "{}", str_of(&out.reason));
+    let mut g = scene();
+    g.layout.set(Item::SymPreemptSchedule, KBASE_LINK + 0x7_0000);
+    let out = g.run();
+    assert!(!str_of(&out.reason).contains("CONFIG_PREEMPT_COUNT"), "{}", str_of(&out.reason));
+}

@@ -75,6 +75,26 @@ pub enum Error {
         path: PathBuf,
         missing: Vec<Missing>,
     },
+    #[error("{path}: {source}")]
+    Btf {
+        path: PathBuf,
+        #[source]
+        source: crate::btf::BtfError,
+    },
+    #[error("{path} has no BTF (.BTF section missing); the kernel needs CONFIG_DEBUG_INFO_BTF=y (every Debian kernel since 5.10 has it), else pass its vmlinux with DWARF (--vmlinux)")]
+    NoBtf { path: PathBuf },
+    #[error("{path}: {source}")]
+    Kallsyms {
+        path: PathBuf,
+        #[source]
+        source: crate::kallsyms::KallsymsError,
+    },
+    #[error("{path}: {source}")]
+    Vmlinuz {
+        path: PathBuf,
+        #[source]
+        source: crate::vmlinuz::VmlinuzError,
+    },
     #[error("invalid profile JSON: {0}")]
     Json(#[from] serde_json::Error),
 }

@@ -56,14 +56,23 @@
 //! found; pages it has passed are dropped from the process. See
 //! `symbols/DESIGN.md`.
 
+pub mod btf;
 mod dwarf;
 mod elf;
 mod error;
+pub mod kallsyms;
+mod kernel;
 mod profile;
 mod system_map;
+pub mod vmlinuz;
 mod wanted;
 
 pub use error::{Error, Missing};
+pub use kallsyms::Kallsyms;
+pub use kernel::{
+    build_id_from_notes, find_build_id_notes, profile_from_btf, profile_from_kernel_elf, read_vmlinuz, symbol_names,
+    BtfSources, KernelElf,
+};
 pub use profile::{
     from_bytes_strict, producer_has_gcc_randstruct_plugin, read_build_id, read_identity, Identity,
     Member, Profile, Range, Symbol, TypeLayout,

@@ -38,6 +38,19 @@ pub const LKDTM_TYPES: &[(&str, &str)] = &[
     ("FORTIFY_STR_OBJECT", "fortify"), ("FORTIFY_STR_MEMBER", "fortify"), ("FORTIFY_MEM_OBJECT", "fortify"), ("FORTIFY_MEM_MEMBER", "fortify"), ("FORTIFY_STRSCPY", "fortify"),
 ];
 
+/// The types LKDTM gained by 6.12 (linux-source-6.12's
+/// drivers/misc/lkdtm/*.c), offered on the 6.12 kernel after the 6.1 ones.
+pub const LKDTM_612_EXTRA: &[(&str, &str)] = &[
+    ("PANIC_STOP_IRQOFF", "bugs"), ("SMP_CALL_LOCKUP", "bugs"), ("FAM_BOUNDS", "bugs"),
+    ("KFENCE_READ_AFTER_FREE", "heap"), ("REFCOUNT_SUB_AND_TEST_ZERO", "refcount"),
+];
+
+/// Every type the kernel's LKDTM has.
+pub fn lkdtm_types(kernel: Kernel) -> Vec<String> {
+    let extra = if kernel == Kernel::Lkdtm612 { LKDTM_612_EXTRA } else { &[] };
+    LKDTM_TYPES.iter().chain(extra).map(|(n, _)| n.to_string()).collect()
+}
+
 /// The hang types of the issue: LOOP, SOFTLOCKUP, SPINLOCKUP, HARDLOCKUP,
 /// HUNG_TASK.
 pub const HANG_TYPES: &[&str] = &["LOOP", "SOFTLOCKUP", "SPINLOCKUP", "HARDLOCKUP", "HUNG_TASK"];
@@ -54,6 +67,9 @@ pub const QUICK_TYPES: &[&str] = &[
 /// How to run a campaign.
 #[derive(Clone, Debug)]
 pub struct CampaignConfig {
+    /// The kit's LKDTM kernel to run: [`Kernel::Lkdtm`] (6.1, tinyconfig)
+    /// or [`Kernel::Lkdtm612`] (6.12 with Debian's hardening).
+    pub kernel: Kernel,
     pub types: Vec<String>,
     /// Extra kernel command-line words on top of `oops=panic`.
     pub append: Vec<String>,
@@ -81,7 +97,8 @@ pub struct CampaignConfig {
 impl Default for CampaignConfig {
     fn default() -> Self {
         Self {
-            types: LKDTM_TYPES.iter().map(|(n, _)| n.to_string()).collect(),
+            kernel: Kernel::Lkdtm,
+            types: lkdtm_types(Kernel::Lkdtm),
             append: Vec::new(),
             type_timeout: Duration::from_secs(8),
             hang: HangConfig::default(),
@@ -200,7 +217,7 @@ pub struct TypeRecord {
 
 impl TypeRecord {
     fn new(name: &str, boot: u32) -> Self {
-        let source = LKDTM_TYPES.iter().find(|(n, _)| *n == name).map_or("?", |(_, s)| s);
+        let source = LKDTM_TYPES.iter().chain(LKDTM_612_EXTRA).find(|(n, _)| *n == name).map_or("?", |(_, s)| s);
         TypeRecord {
             name: name.into(),
             source: source.into(),
@@ -250,6 +267,8 @@ impl TypeRecord {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub kernel: String,
+    /// Which kit kernel and how it was configured.
+    pub kernel_config: String,
     pub cmdline: String,
     pub cpu: String,
     pub command: String,
@@ -286,7 +305,7 @@ struct Live {
 impl Live {
     /// Boots a guest and starts the watch; `act`: repair certain hangs.
     fn boot(n: u32, cfg: &CampaignConfig, image: &builder::RepairImage, layout: &HangLayout, act: bool) -> Result<Live> {
-        let mut gc = GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file().with_second_qmp();
+        let mut gc = GuestConfig::new(cfg.kernel).append("oops=panic").with_ram_file().with_second_qmp();
         for w in &cfg.append {
             gc = gc.append(w);
         }
@@ -378,10 +397,10 @@ impl KillGuest for Guest {
 /// The hang layout of the kit's LKDTM image: the image's table and profile
 /// (threads of every process), and `watchdog_thresh` from the kit's
 /// System.map when the profile lacks it.
-fn hang_layout(image: &builder::RepairImage) -> Result<HangLayout> {
+fn hang_layout(image: &builder::RepairImage, kernel: Kernel) -> Result<HangLayout> {
     let mut layout = HangLayout::from_image(image, 0)?;
     if layout.watchdog_thresh.is_none() {
-        let map = harness::Kit::locate().ok().and_then(|k| k.system_map(Kernel::Lkdtm).ok());
+        let map = harness::Kit::locate().ok().and_then(|k| k.system_map(kernel).ok());
         let text = map.and_then(|m| std::fs::read_to_string(m).ok()).unwrap_or_default();
         layout.watchdog_thresh = text.lines().find_map(|l| {
             let mut f = l.split_whitespace();
@@ -395,10 +414,14 @@ fn hang_layout(image: &builder::RepairImage) -> Result<HangLayout> {
 /// Runs the campaign.
 pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
     let start = Instant::now();
-    let image = crate::kit::kit_image(Kernel::Lkdtm)?;
-    let layout = hang_layout(&image)?;
+    let image = crate::kit::kit_image(cfg.kernel)?;
+    let layout = hang_layout(&image, cfg.kernel)?;
     let mut report = Report {
         kernel: image.kernel.release.clone(),
+        kernel_config: match cfg.kernel {
+            Kernel::Lkdtm612 => "linux-source-6.12, tinyconfig + guest/lkdtm.config + guest/lkdtm-6.12.config: Debian 6.12's hardening, debug and preemption options".into(),
+            _ => "linux-source-6.1, tinyconfig + guest/lkdtm.config".into(),
+        },
         cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
         hang_policy: cfg.hang.policy,
         hang_kill_after: String::new(),
@@ -811,7 +834,7 @@ pub fn markdown(rep: &Report) -> String {
     let mut s = String::new();
     let count = |c: Class| rep.types.iter().filter(|t| t.class == c).count();
     let _ = writeln!(s, "# The crash catalogue: every LKDTM type, measured\n");
-    let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` under QEMU TCG (`-cpu {}`), 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.cpu, rep.cmdline);
+    let _ = writeln!(s, "Generated by `{}` ({:.0} s, {} guest boots). Kernel: the guest kit's LKDTM kernel `{}` ({}) under QEMU TCG (`-cpu {}`), 2 vCPUs, 512 MiB, KASLR on; command line `{}`.\n", rep.command, rep.wall_s, rep.boots, rep.kernel, rep.kernel_config, rep.cpu, rep.cmdline);
     let _ = writeln!(s, "Each type is written to `/sys/kernel/debug/provoke-crash/DIRECT` by a new child of the guest's init while the watcher is attached (hardware breakpoint at `panic`) and the hang sampler reads guest RAM every {:.0} ms (threshold {:.0} ms; no-progress time counted in CPU time of the vCPU threads, found by {}). Hang policy: {}.\n", rep.hang_period_ms, rep.hang_threshold_ms, rep.vcpu_threads, match rep.hang_policy {
         HangPolicy::WhenCertain => format!("report at detection, act only when certain (IRQs off for the threshold, or no progress for the kill-after of {} while the kernel stack cycles)", rep.hang_kill_after),
         HangPolicy::AtDetection => "act at detection".to_string(),
@@ -877,6 +900,11 @@ pub fn markdown(rep: &Report) -> String {
 /// `repair-guest campaign`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CampaignArgs {
+    /// The kit's LKDTM kernel: `lkdtm` (6.1, tinyconfig) or `lkdtm-6.12`
+    /// (6.12 with the hardening, debug and preemption options of Debian's
+    /// 6.12 cloud config).
+    #[arg(long, default_value = "lkdtm", value_parser = ["lkdtm", "lkdtm-6.12"])]
+    pub kernel: String,
     /// Types to trigger (comma-separated); default: every LKDTM type.
     #[arg(long, value_delimiter = ',')]
     pub types: Vec<String>,
@@ -930,6 +958,10 @@ pub struct CampaignArgs {
 /// Runs `repair-guest campaign`.
 pub fn cli(a: &CampaignArgs) -> Result<()> {
     let mut cfg = CampaignConfig::default();
+    if a.kernel == "lkdtm-6.12" {
+        cfg.kernel = Kernel::Lkdtm612;
+        cfg.types = lkdtm_types(cfg.kernel);
+    }
     if a.quick {
         cfg.types = QUICK_TYPES.iter().map(|s| s.to_string()).collect();
     } else if a.hangs {
@@ -1029,8 +1061,8 @@ pub fn busy_false_positives(secs: u64, cfg: &CampaignConfig) -> Result<BusyRepor
 /// command channel) with the watcher and the sampler attached; reports
 /// every hang the sampler raised and what was done about it.
 pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opts: &WorkloadOptions) -> Result<BusyReport> {
-    let image = crate::kit::kit_image(Kernel::Lkdtm)?;
-    let layout = hang_layout(&image)?;
+    let image = crate::kit::kit_image(cfg.kernel)?;
+    let layout = hang_layout(&image, cfg.kernel)?;
     let mut l = Live::boot(1, cfg, &image, &layout, opts.act)?;
     // The events are taken on another thread while the command runs.
     let (_keep, dummy) = channel();

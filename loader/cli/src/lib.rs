@@ -7,13 +7,17 @@
 //! - [`hangs`]: the hang watch (sampler and policy) of `watch --hangs` and the campaign.
 //! - [`replay`]: `repair-guest replay`, and a crash captured at the trap.
 //! - [`render`]: `diagnose`'s report as text.
+//! - [`libvirt`]: `--libvirt DOMAIN`, a guest reached through libvirt alone.
+//! - [`daemon`]: `repair-guest daemon`, one watcher per opted-in guest of a host.
 //! - [`restart`]: `restart-vmm`, a warm restart of QEMU (CPR).
 //! - [`rollback`]: the checkpoint and rollback options of `watch`.
 
 pub mod campaign;
+pub mod daemon;
 pub mod demo;
 pub mod hangs;
 pub mod kit;
+pub mod libvirt;
 pub mod render;
 pub mod replay;
 pub mod restart;

@@ -48,7 +48,7 @@ struct Cli {
 }
 
 #[derive(clap::Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("reach").args(["gdb", "qmp"]).required(true).multiple(true)))]
+#[command(group(clap::ArgGroup::new("reach").args(["gdb", "qmp", "libvirt"]).required(true).multiple(true)))]
 struct Attach {
     /// The guest's gdbstub: unix:PATH or tcp:HOST:PORT. Without it, --qmp is
     /// needed: the gdbstub is then opened through QMP on a private socket and
@@ -56,8 +56,11 @@ struct Attach {
     /// (/proc/PID/mem) unless --ram-file is given.
     #[arg(long, value_name = "ADDR")]
     gdb: Option<String>,
-    /// The repair image built for the guest's kernel (build-repair-image).
-    #[arg(long, value_name = "IMAGE")]
+    /// The repair image built for the guest's kernel (build-repair-image),
+    /// or `auto`: built now from the running guest's own BTF and kallsyms
+    /// (no vmlinux needed; the kernel needs CONFIG_DEBUG_INFO_BTF) and
+    /// cached by build-id in ~/.cache/crash-repair/images.
+    #[arg(long, value_name = "IMAGE|auto")]
     image: PathBuf,
     /// QEMU's QMP socket (unix:PATH or tcp:HOST:PORT): run states, events, the
     /// RAM size; alone (no --gdb), also the way to the gdbstub and to RAM.
@@ -87,6 +90,20 @@ struct Attach {
     /// gdbstub's address.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// A libvirt domain, reached through libvirt alone (no change to its
+    /// XML): QMP through libvirt's monitor passthrough, run-state events
+    /// from libvirt's own (virsh suspend stays a pause, virsh reset
+    /// re-arms), the gdbstub opened at run time, RAM through QEMU's memfd
+    /// or file when the domain's RAM is shared. Needs virsh.
+    #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["gdb", "qmp"])]
+    libvirt: Option<String>,
+    /// The libvirt connection URI for --libvirt (default: virsh's own,
+    /// qemu:///system for root).
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    connect: Option<String>,
+    /// QEMU's pid when known otherwise than from QMP (--libvirt).
+    #[arg(skip)]
+    qemu_pid: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,7 +123,8 @@ enum Command {
         /// spins in the kernel as a crash there would be. Needs --ram-file,
         /// and --qmp (QEMU's vCPU threads, so a host that starves QEMU is
         /// not taken for a hang; run states, so a paused guest is not).
-        #[arg(long, requires_all = ["ram_file", "qmp"])]
+        /// (With --libvirt: the domain's RAM must be shared, memfd or file.)
+        #[arg(long)]
         hangs: bool,
         /// How long a CPU (or a task in uninterruptible sleep) may go
         /// without progress before it is reported as a hang.
@@ -128,12 +146,22 @@ enum Command {
         /// removes the trap and resumes the guest if the stop was ours.
         #[arg(long, value_name = "N", default_value_t = 5)]
         restarts: u32,
+        /// Wait up to SECS for the guest's kernel to come up before
+        /// attaching (and, with --libvirt, for the domain to run): for a
+        /// watcher started with the guest (the libvirt hook, the daemon).
+        #[arg(long, value_name = "SECS")]
+        wait_boot: Option<u64>,
         /// Internal: this process is the supervised worker.
         #[arg(long, hide = true)]
         supervised: bool,
         #[command(flatten)]
         rollback: repair_guest::rollback::RollbackArgs,
     },
+    /// Watch every opted-in guest of a host: libvirt domains (--libvirt)
+    /// or QEMUs whose sockets are in a directory (--sockets), each in its
+    /// own supervised watcher; picks up guests that start, drops those
+    /// that go.
+    Daemon(repair_guest::daemon::DaemonArgs),
     /// One-shot repair of a guest stopped at a crash (forensic mode).
     Repair {
         #[command(flatten)]
@@ -149,7 +177,9 @@ enum Command {
         #[command(flatten)]
         attach: Attach,
         /// The guest kernel's vmlinux, to name backtrace frames with
-        /// function+offset and file:line.
+        /// function+offset and file:line. Without it, an image built from
+        /// BTF (build-repair-image --kernel, --image auto) names them from
+        /// the guest's own kallsyms (function+offset/size, no file:line).
         #[arg(long, value_name = "PATH")]
         vmlinux: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -218,7 +248,7 @@ fn parse_hex(s: &str) -> Result<u64> {
 impl Attach {
     /// The guest's address for messages: the gdbstub's, else QMP's.
     fn addr(&self) -> &str {
-        self.gdb.as_deref().or(self.qmp.as_deref()).unwrap_or("?")
+        self.libvirt.as_deref().or(self.gdb.as_deref()).or(self.qmp.as_deref()).unwrap_or("?")
     }
 
     fn gdb_endpoint(&self) -> Result<Option<Endpoint>> {
@@ -266,7 +296,8 @@ fn load_image(path: &Path) -> Result<builder::RepairImage> {
 /// the repair flow. From the connection on, every way out (an error, a
 /// panic) resumes the guest if the stop is ours: `GdbGuest`'s Drop.
 fn attach(a: &Attach) -> Result<(Attached, Session)> {
-    let image = load_image(&a.image)?;
+    let auto = a.image.as_os_str() == "auto";
+    let image = if auto { None } else { Some(load_image(&a.image)?) };
     let cfg = flow_config(a)?;
     let spec = QemuGuest {
         gdb: a.gdb_endpoint()?,
@@ -277,6 +308,10 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
     if a.ram_file.is_none() {
         eprintln!("repair-guest: guest memory through {}", attached.backend.memory_path());
     }
+    let image = match image {
+        Some(image) => image,
+        None => auto_image(&mut attached)?,
+    };
     let mut session = attached
         .session(image, cfg)
         .with_context(|| format!("attaching to the guest at {} with image {}", a.addr(), a.image.display()))?;
@@ -292,6 +327,31 @@ fn attach(a: &Attach) -> Result<(Attached, Session)> {
         eprintln!("repair-guest: healthy snapshot of {} pages staged for text repair", stats.pages);
     }
     Ok((attached, session))
+}
+
+/// `--image auto`: the image of the running kernel, from the cache or
+/// built from its memory (the guest is stopped: our gdbstub connection
+/// stopped it, and every way out resumes it if that stop was ours).
+fn auto_image(attached: &mut Attached) -> Result<builder::RepairImage> {
+    let ram_end = match attached.ram_end {
+        Some(e) => e,
+        None => loader::guestmem::probe_ram_end(attached.guest())?,
+    };
+    let cache = loader::autoimage::cache_dir();
+    let (image, stats) = loader::autoimage::image_from_guest(attached.guest(), ram_end, Some(&cache))
+        .context("building the repair image from the running guest (--image auto)")?;
+    match &stats.cached {
+        Some(p) => eprintln!("repair-guest: image of {} (build-id {}) from the cache: {}", stats.release, stats.build_id, p.display()),
+        None => eprintln!(
+            "repair-guest: image of {} built from the guest's BTF and kallsyms ({} MiB read in {:.2} s, built in {:.2} s){}",
+            stats.release,
+            stats.read_bytes >> 20,
+            stats.read_time.as_secs_f64(),
+            stats.build_time.as_secs_f64(),
+            stats.saved.as_ref().map(|p| format!(", cached as {}", p.display())).unwrap_or_default()
+        ),
+    }
+    Ok(image)
 }
 
 fn main() {
@@ -428,7 +488,24 @@ fn supervise(a: &Attach, events: &str, restarts: u32, stop: &AtomicBool) -> Resu
     Ok(code)
 }
 
-fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
+fn run(mut cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
+    // --libvirt: the domain resolved to QMP (served from libvirt), its RAM
+    // and QEMU's pid; kept for the whole run.
+    let _libvirt = match &mut cli.command {
+        Command::Watch { attach, hangs, wait_boot, .. } => {
+            let wait = wait_boot.map(std::time::Duration::from_secs);
+            let link = libvirt_link(attach, wait, &stop)?;
+            if *hangs && (attach.ram_file.is_none() || attach.qmp.is_none()) {
+                eprintln!("repair-guest: error: --hangs needs --ram-file and --qmp (with --libvirt: a domain with shared RAM)");
+                return Ok(exit::BAD_INPUT);
+            }
+            link
+        }
+        Command::Repair { attach, .. } | Command::Diagnose { attach, .. } | Command::Snapshot { attach, .. } => {
+            libvirt_link(attach, None, &stop)?
+        }
+        _ => None,
+    };
     match cli.command {
         Command::Watch { attach: a, events, restarts, supervised: false, .. } => supervise(&a, &events, restarts, &stop),
         Command::Watch {
@@ -439,10 +516,11 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             hang_threshold_ms,
             hang_kill_after_ms,
             hang_kill_at_detection,
+            wait_boot,
             rollback,
             ..
         } => loop {
-            let (mut attached, mut session) = attach(&a)?;
+            let (mut attached, mut session) = attach_when_up(&a, wait_boot, &stop)?;
             let policy = HangPolicyArgs {
                 threshold: std::time::Duration::from_millis(hang_threshold_ms),
                 kill_after: hang_kill_after_ms.map(std::time::Duration::from_millis),
@@ -516,8 +594,10 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", repair_guest::render::render_text(&report));
-                if vmlinux.is_none() {
+                if vmlinux.is_none() && report.backtrace.iter().all(|f| f.function.is_none()) {
                     println!("(pass --vmlinux PATH to name the backtrace's frames)");
+                } else if vmlinux.is_none() {
+                    println!("(frames named from the guest's kallsyms; pass --vmlinux PATH for file:line)");
                 }
             }
             // Leaving: the guest goes back to the run state we found it in
@@ -550,7 +630,40 @@ fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         Command::Demo { crashes } => repair_guest::demo::run(crashes).map(|()| 0),
         Command::Replay { dump, image, json } => repair_guest::replay::run(&dump, &image, json).map(|()| 0),
         Command::Campaign(args) => repair_guest::campaign::cli(&args).map(|()| 0),
+        Command::Daemon(args) => repair_guest::daemon::run(&args, &stop),
         Command::RestartVmm(args) => repair_guest::restart::run(&args).map(|()| 0),
+    }
+}
+
+/// `--libvirt`: links the domain and points the attach at it.
+fn libvirt_link(a: &mut Attach, wait: Option<std::time::Duration>, stop: &AtomicBool) -> Result<Option<repair_guest::libvirt::Link>> {
+    let Some(dom) = a.libvirt.clone() else { return Ok(None) };
+    let link = repair_guest::libvirt::link(&dom, a.connect.as_deref(), wait, stop)?;
+    a.qmp = Some(link.qmp_addr());
+    if a.ram_file.is_none() {
+        a.ram_file = link.ram_file.clone();
+    }
+    a.name.get_or_insert(dom);
+    a.qemu_pid = Some(link.pid);
+    Ok(Some(link))
+}
+
+/// [`attach`], tried again while the guest's kernel is not up yet, for up
+/// to `wait_boot` seconds.
+fn attach_when_up(a: &Attach, wait_boot: Option<u64>, stop: &AtomicBool) -> Result<(Attached, Session)> {
+    let deadline = wait_boot.map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
+    loop {
+        match attach(a) {
+            Err(e)
+                if deadline.is_some_and(|d| std::time::Instant::now() < d)
+                    && !stop.load(Ordering::Relaxed)
+                    && repair_guest::libvirt::kernel_not_up(&e) =>
+            {
+                tracing::info!("the guest's kernel is not up yet ({e:#}); trying again");
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -570,7 +683,7 @@ fn hang_watch(a: &Attach, session: &Session, attached: &mut Attached, p: HangPol
     use repair_guest::hangs;
     let path = a.ram_file.clone().context("--hangs needs --ram-file")?;
     let qmp = attached.qmp.as_mut().context("--hangs needs --qmp")?;
-    let pid = qmp.peer_pid();
+    let pid = a.qemu_pid.or_else(|| qmp.peer_pid());
     let (vcpu_threads, _) = hangs::vcpu_threads(qmp, pid, session.nr_vcpus);
     if vcpu_threads.is_none() {
         eprintln!(

@@ -58,7 +58,13 @@ fn parse_cpu_line(line: &str) -> Option<(u32, u32, String)> {
     let rest = line.strip_prefix("CPU: ")?;
     let mut words = rest.split_whitespace();
     let cpu = words.next()?.parse().ok()?;
-    if words.next()? != "PID:" {
+    let mut w = words.next()?;
+    // 6.11+ prints the task's UID between: `CPU: 0 UID: 0 PID: 184 Comm: sh`.
+    if w == "UID:" {
+        words.next()?;
+        w = words.next()?;
+    }
+    if w != "PID:" {
         return None;
     }
     let pid = words.next()?.parse().ok()?;
@@ -137,6 +143,12 @@ mod tests {
         assert_eq!(p.message, "Fatal exception");
         assert_eq!((p.cpu, p.pid, p.comm.as_str()), (0, 77, "sh"));
         assert_eq!(p.call_trace, ["lkdtm_do_action"]);
+    }
+
+    #[test]
+    fn cpu_line_with_the_uid_of_6_11_and_later() {
+        let l = "[    9.584638] CPU: 0 UID: 0 PID: 184 Comm: sh Not tainted 7.2.13+deb14-cloud-amd64 #1 PREEMPT(lazy)";
+        assert_eq!(last_cpu_line(l), Some((0, 184, "sh".to_string())));
     }
 
     #[test]

@@ -18,9 +18,10 @@
 
 mod console;
 mod kit;
+pub mod libvirt;
 
 pub use console::{last_cpu_line, parse_panic, PanicInfo};
-pub use kit::{Kernel, Kit};
+pub use kit::{Kernel, Kit, Series};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

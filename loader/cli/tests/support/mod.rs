@@ -13,7 +13,7 @@ pub fn bin() -> Command {
 
 /// The kit kernel's repair image, written into `dir`.
 pub fn image_file(kernel: Kernel, dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join(format!("{}.img", kernel.dir_name()));
+    let path = dir.join(format!("{}.img", kernel.dir_name().replace('/', "-")));
     repair_guest::kit::kit_image(kernel).unwrap().write(&path).unwrap();
     path
 }
