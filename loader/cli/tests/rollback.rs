@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn lkdtm() -> GuestConfig {
-    GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file().with_second_qmp()
+    let mut cfg = GuestConfig::new(Kernel::Lkdtm).append("oops=panic").with_ram_file().with_second_qmp();
+    // Three guests and their snapshots on two loaded cores: boots slow.
+    cfg.boot_timeout = Duration::from_secs(300);
+    cfg
 }
 
 fn count(events: &std::path::Path, what: &str) -> usize {
@@ -70,13 +73,13 @@ fn proc_state(guest: &mut Guest, pid: u32) -> Option<String> {
     r.output.first().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// The bystander's pid, from the init's ready line.
-fn bystander_pid(guest: &Guest) -> u32 {
-    let c = guest.console();
-    c.lines()
-        .find_map(|l| l.split("bystander=").nth(1))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("the ready line names the bystander")
+/// The bystander's pid: the guest's only awk (its ready line on the
+/// console may be cut by kernel messages).
+fn bystander_pid(guest: &mut Guest) -> u32 {
+    let r = guest.run("pidof awk", Duration::from_secs(60)).unwrap();
+    let pids: Vec<u32> = r.output.iter().flat_map(|l| l.split_whitespace()).map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 1, "one awk, the bystander: {r:?}");
+    pids[0]
 }
 
 /// Where `task_struct.files` of process `pid` sits in guest-physical
@@ -166,7 +169,7 @@ fn exhaust_stack_is_recovered_by_rollback_and_quarantine_of_its_child() {
 #[test]
 fn a_transient_fault_is_rolled_back_with_no_process_lost_when_rollback_is_preferred() {
     let mut guest = Guest::boot(&lkdtm()).unwrap();
-    let victim = bystander_pid(&guest);
+    let victim = bystander_pid(&mut guest);
     let (gpa, comm) = files_pointer_gpa(&guest, victim);
     assert_eq!(comm, "awk");
     let events = guest.dir().join("events.jsonl");

@@ -23,6 +23,7 @@ fn the_guest_moves_to_a_new_qemu_without_noticing_and_the_watcher_follows() {
         .with_ram_file()
         .with_second_qmp();
     cfg.qemu_args.extend(["-machine".to_string(), "aux-ram-share=on".to_string()]);
+    cfg.boot_timeout = Duration::from_secs(300);
     let mut guest = Guest::boot(&cfg).unwrap();
     let events = guest.dir().join("events.jsonl");
     let mut watcher = start_watch(&guest, &events, &[]);
