@@ -1072,7 +1072,7 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     if !a.side_by_side.is_empty() {
         let mut reports = Vec::new();
         for spec in &a.side_by_side {
-            let (label, path) = spec.split_once('=').with_context(|| format!("--side-by-side {spec:?}: expected LABEL=FILE.json"))?;
+            let (label, path) = spec.rsplit_once('=').with_context(|| format!("--side-by-side {spec:?}: expected LABEL=FILE.json"))?;
             let text = std::fs::read_to_string(path).with_context(|| format!("reading the campaign report {path}"))?;
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{path} is not a campaign's JSON report"))?;
             reports.push((label.to_string(), v));
