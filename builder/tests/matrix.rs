@@ -24,6 +24,7 @@ fn text_vs_booted(series: Series) -> (usize, usize, Vec<String>) {
         .unwrap_or_else(|e| panic!("{series}: building the image: {e}"));
     let mut cfg = GuestConfig::new(kernel).append("nokaslr");
     cfg.cpus = 1;
+    cfg.boot_timeout = std::time::Duration::from_secs(300); // a loaded host
     let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("{series}: {e}"));
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("text.bin");

@@ -8,7 +8,8 @@
 //! kills it, hangs it, corrupts the heap, or is declined gets a fresh guest
 //! for the next type, so every row is measured on a sound guest.
 //!
-//! The output is a Markdown table and JSON (`docs/crash-catalogue.{md,json}`).
+//! The output is a Markdown table and JSON (`docs/crash-catalogue-<kernel>.{md,json}`);
+//! `--side-by-side` renders several runs as one table (`docs/crash-catalogue.md`).
 
 use crate::hangs;
 use loader::access::Endpoint;
@@ -998,7 +999,7 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "|---|{}", "---|".repeat(reports.len()));
-    let classes = ["recovered", "hang: recovered", "declined", "hang: declined", "hang: detected, finished by itself", "no crash"];
+    let classes = ["recovered", "hang: recovered", "declined", "hang: declined", "hang: detected, finished by itself", "no crash", "collateral kills"];
     for c in classes.iter().copied().chain(std::iter::once("other")) {
         let _ = write!(s, "| {c} |");
         for (_, r) in reports {
@@ -1060,6 +1061,7 @@ fn class_label(t: &serde_json::Value) -> String {
         "hang_declined" => "hang: declined",
         "hang_self_resolved" => "hang: detected, finished by itself",
         "not_crashing" => "no crash",
+        "collateral" => "collateral kills",
         other => return other.replace('_', " "),
     }
     .to_string()
@@ -1070,7 +1072,7 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     if !a.side_by_side.is_empty() {
         let mut reports = Vec::new();
         for spec in &a.side_by_side {
-            let (label, path) = spec.split_once('=').with_context(|| format!("--side-by-side {spec:?}: expected LABEL=FILE.json"))?;
+            let (label, path) = spec.rsplit_once('=').with_context(|| format!("--side-by-side {spec:?}: expected LABEL=FILE.json"))?;
             let text = std::fs::read_to_string(path).with_context(|| format!("reading the campaign report {path}"))?;
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{path} is not a campaign's JSON report"))?;
             reports.push((label.to_string(), v));

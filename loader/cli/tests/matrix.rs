@@ -72,7 +72,9 @@ fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
 /// its bystander's data, a new process.
 fn repairs_on(series: Series) {
     let kernel = Kernel::Matrix(series);
-    let mut guest = Guest::boot(&GuestConfig::new(kernel).append("oops=panic").with_ram_file())
+    let mut cfg = GuestConfig::new(kernel).append("oops=panic").with_ram_file();
+    cfg.boot_timeout = Duration::from_secs(300); // a loaded host
+    let mut guest = Guest::boot(&cfg)
         .unwrap_or_else(|e| panic!("{series}: {e}"));
     inject_faults(&guest, kernel);
     let ev = guest.dir().join("events.jsonl");
@@ -202,7 +204,9 @@ fn wait_gone(guest: &mut Guest, pid: i64) -> bool {
 /// (message, CPU, pid, comm, the crashing function in the backtrace).
 fn diagnosis_is_the_guests(series: Series) {
     let kernel = Kernel::Matrix(series);
-    let mut guest = Guest::boot(&GuestConfig::new(kernel)).unwrap_or_else(|e| panic!("{series}: {e}"));
+    let mut cfg = GuestConfig::new(kernel);
+    cfg.boot_timeout = Duration::from_secs(300); // a loaded host
+    let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("{series}: {e}"));
     let image = support::image_file(kernel, guest.dir());
     let vmlinux = Kit::locate().unwrap().vmlinux(kernel).unwrap();
     let mut diag = support::bin()
