@@ -93,6 +93,11 @@ pub struct CampaignConfig {
     pub cpu: String,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// Rollback mode: the watch keeps a checkpoint every this long, and
+    /// each type is triggered by a child that exists before a checkpoint
+    /// (its trigger delayed past one), on a fresh guest; what the crash
+    /// comes to is recorded in [`TypeRecord::rollback`].
+    pub checkpoint_every: Option<Duration>,
 }
 
 impl Default for CampaignConfig {
@@ -108,6 +113,7 @@ impl Default for CampaignConfig {
             fresh_each: false,
             cpu: "qemu64,+smep,+smap".into(),
             verbose: true,
+            checkpoint_every: None,
         }
     }
 }
@@ -214,6 +220,33 @@ pub struct TypeRecord {
     /// guest's oops/panic headline.
     pub console: Vec<String>,
     pub notes: Vec<String>,
+    /// Rollback mode only: what rollback and quarantine made of the crash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackRecord>,
+}
+
+/// What came of one type in rollback mode (`campaign --checkpoint-every`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RollbackRecord {
+    /// `rolled back + quarantined`, `declined for good after one
+    /// rollback`, `rolled back, not recovered`, `recovered by a kill`,
+    /// `not rolled back`.
+    pub outcome: String,
+    /// Why, in the watch's words (the decline's reason, the quarantine's
+    /// message, or what was seen instead).
+    pub reason: Option<String>,
+    /// Seconds from the child's start to its trigger.
+    pub trigger_delay_s: f64,
+    /// Checkpoints taken while the type ran, and the longest pause one
+    /// cost the guest, ms.
+    pub checkpoints: u32,
+    pub checkpoint_pause_max_ms: Option<f64>,
+    /// The rollback: guest time lost, and how long loading held the guest, ms.
+    pub lost_ms: Option<f64>,
+    pub rollback_pause_ms: Option<f64>,
+    pub quarantined_pid: Option<i32>,
+    /// The child was gone from the guest's /proc (or a zombie) afterwards.
+    pub child_gone: Option<bool>,
 }
 
 impl TypeRecord {
@@ -248,6 +281,7 @@ impl TypeRecord {
             boot,
             console: Vec::new(),
             notes: Vec::new(),
+            rollback: None,
         }
     }
 
@@ -326,13 +360,22 @@ impl Live {
             layout: Some(layout.clone()),
         };
         let hang_watch = hangs::hang_watch(spec, act, Some(kill_after.clone()));
+        let rollback = match cfg.checkpoint_every {
+            Some(every) => {
+                let file = std::env::temp_dir().join(format!("repair-guest-ckpt-campaign-{}.qcow2", guest.qemu_pid()));
+                let store = loader::checkpoint::Checkpoints::open(&mut qmp, &file)
+                    .with_context(|| format!("opening the checkpoint store {}", file.display()))?;
+                Some(loader::checkpoint::Rollback::new(store, every, loader::checkpoint::Prefer::Kill))
+            }
+            None => None,
+        };
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let watch = {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut sink = EventSink::channel(tx.clone());
-                let wc = WatchConfig { qmp: Some(qmp), hangs: Some(hang_watch), crash_context: false, ..WatchConfig::default() };
+                let wc = WatchConfig { qmp: Some(qmp), hangs: Some(hang_watch), crash_context: false, rollback, ..WatchConfig::default() };
                 if let Err(e) = watch(&mut g, &mut session, &mut sink, stop, wc) {
                     let _ = tx.send(Event { event: WATCH_ENDED, message: Some(e.to_string()), ..Event::default() });
                 }
@@ -456,7 +499,10 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             }
         }
         let l = live.as_mut().expect("live guest");
-        let rec = run_type(l, name, cfg);
+        let rec = match cfg.checkpoint_every {
+            Some(every) => run_rollback_type(l, name, cfg, every),
+            None => run_type(l, name, cfg),
+        };
         if cfg.verbose {
             eprintln!(
                 "[{:>3}/{}] {:<32} {:<22} {} {}",
@@ -469,6 +515,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             );
         }
         let keep = !cfg.fresh_each
+            && cfg.checkpoint_every.is_none()
             && l.watching()
             && matches!(rec.class, Class::Recovered | Class::NotCrashing | Class::HangSelfResolved)
             && rec.alive == Some(true)
@@ -794,6 +841,153 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     r
 }
 
+/// The process `pid` is gone from the guest or a zombie (None: the guest
+/// did not answer).
+fn child_gone(guest: &mut Guest, pid: u32) -> Option<bool> {
+    let r = guest.run(&format!("cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null"), Duration::from_secs(60)).ok()?;
+    let st = r.output.first().map(|s| s.trim().to_string()).unwrap_or_default();
+    Some(st.is_empty() || st == "Z")
+}
+
+/// Rollback mode: triggers `name` from a child that sleeps past a
+/// checkpoint first, so the newest checkpoint holds the offender, and
+/// records what the watch's rollback and quarantine made of the crash.
+fn run_rollback_type(l: &mut Live, name: &str, cfg: &CampaignConfig, every: Duration) -> TypeRecord {
+    let mut r = TypeRecord::new(name, l.boot);
+    let mut rb = RollbackRecord::default();
+    while l.rx.try_recv().is_ok() {}
+    let con0 = l.guest.console_len();
+    // Long enough for a checkpoint begun after the child exists to be
+    // taken under load (each pauses the guest up to ~1.5 s under TCG).
+    let delay = (every.as_secs_f64() * 4.0 + 12.0).ceil().max(20.0);
+    rb.trigger_delay_s = delay;
+    let cmd = format!("(sleep {delay}; echo {name} > /sys/kernel/debug/provoke-crash/DIRECT) >/dev/null 2>&1 & echo $!");
+    let child = match l.guest.run(&cmd, Duration::from_secs(60)).map(|o| o.output.first().and_then(|p| p.trim().parse::<u32>().ok())) {
+        Ok(Some(pid)) => pid,
+        other => {
+            r.notes.push(format!("trigger failed: {other:?}"));
+            r.alive = Some(false);
+            rb.outcome = "campaign error".into();
+            r.rollback = Some(rb);
+            return r;
+        }
+    };
+    r.child_pid = Some(child);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(delay) + cfg.type_timeout + Duration::from_secs(180);
+    let (mut rolled, mut quarantined, mut verdict, mut gone, mut hang_why) = (false, false, None::<Event>, None::<String>, None::<String>);
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        while let Ok(e) = l.rx.try_recv() {
+            match e.event {
+                "crash" if r.panic_message.is_none() => r.panic_message = e.message.clone(),
+                "checkpoint" => {
+                    rb.checkpoints += 1;
+                    rb.checkpoint_pause_max_ms = match (rb.checkpoint_pause_max_ms, e.pause_ms) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                "rolled-back" => {
+                    rolled = true;
+                    r.crashed = true;
+                    r.detected = Some("panic trap".into());
+                    rb.lost_ms = e.lost_ms;
+                    rb.rollback_pause_ms = e.pause_ms;
+                    r.crash_kind = e.kind.clone();
+                    r.reason_code = e.reason_code.clone();
+                    r.reason = e.reason.clone();
+                    r.offender_pid = e.pid;
+                    r.offender_comm = e.comm.clone();
+                    r.action = Some("rollback".into());
+                    rb.reason = e.reason.clone();
+                }
+                "quarantined" => {
+                    quarantined = true;
+                    rb.quarantined_pid = e.pid;
+                    quiet_since = Some(Instant::now());
+                }
+                _ if is_verdict(&e) && verdict.is_none() => {
+                    r.crashed = true;
+                    r.detected = Some("panic trap".into());
+                    r.take_verdict(&e);
+                    verdict = Some(e);
+                }
+                "hang" => {
+                    if let Some(h) = e.hang {
+                        if let Some(why) = hang_declined_reason(&h) {
+                            r.crashed = true;
+                            r.detected = Some(format!("hang: {:?}", h.kind));
+                            hang_why = Some(why);
+                        }
+                    }
+                }
+                "error" => r.notes.push(e.message.unwrap_or_default()),
+                WATCH_ENDED | "detached" | "reset" => gone = Some(e.message.unwrap_or_default()),
+                _ => {}
+            }
+        }
+        // Done: a verdict, the guest gone, a hang declined at detection,
+        // or a quarantine followed by 10 s without a recurrence.
+        if verdict.is_some() || gone.is_some() || hang_why.is_some() || quiet_since.is_some_and(|q| q.elapsed() > Duration::from_secs(10)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    r.console = lkdtm_lines(l.guest.console().get(con0..).unwrap_or(""));
+    let declined = verdict.as_ref().is_some_and(|e| e.event == "declined");
+    if gone.is_none() && !declined {
+        // The quarantined child dies at its wake-up: give it time.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            rb.child_gone = child_gone(&mut l.guest, child);
+            if rb.child_gone != Some(false) || Instant::now() > until || !rolled {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let ping = l.guest.ping(Duration::from_secs(15));
+        r.alive = Some(ping.is_ok());
+        if ping.is_ok() {
+            r.bystander_ok = Some(l.guest.verify_bystander().map(|v| v.ok).unwrap_or(false));
+            r.spawn_ok = Some(l.guest.run("echo alive", Duration::from_secs(15)).map(|x| x.output == ["alive"]).unwrap_or(false));
+        }
+    } else {
+        r.alive = Some(false);
+    }
+    let healthy = r.alive == Some(true) && r.bystander_ok == Some(true) && r.spawn_ok == Some(true);
+    let (outcome, class) = match (&verdict, rolled) {
+        (Some(e), true) if e.event == "declined" => ("declined for good after one rollback", Class::Declined),
+        (Some(e), false) if e.event == "declined" => ("declined, not rolled back", Class::Declined),
+        (Some(_), _) if healthy => ("recovered by a kill", Class::Recovered),
+        (Some(_), _) => ("kill, not recovered", Class::RepairFailed),
+        (None, true) if quarantined && healthy && rb.child_gone == Some(true) => ("rolled back + quarantined", Class::Recovered),
+        (None, true) => ("rolled back, not recovered", Class::RepairFailed),
+        (None, false) if hang_why.is_some() => ("hang: declined, not rolled back", Class::HangDeclined),
+        (None, false) if gone.is_some() => ("guest lost", Class::GuestLost),
+        (None, false) => ("no outcome", Class::NoOutcome),
+    };
+    rb.outcome = outcome.into();
+    r.class = class;
+    if let Some(e) = &verdict {
+        rb.reason = e.reason.clone();
+    } else if let Some(why) = &hang_why {
+        r.reason = Some(format!("hang declined: {why}"));
+        rb.reason = Some(format!("{why}; the watch rolls back only a crash trapped at panic, and a hang declined at detection is not one"));
+    } else if class != Class::Recovered {
+        rb.reason = rb.reason.take().or_else(|| gone.clone()).or_else(|| r.notes.first().cloned());
+    }
+    if let Some(g) = gone {
+        r.notes.push(format!("guest gone: {}", g.lines().next().unwrap_or("")));
+    }
+    r.rollback = Some(rb);
+    r
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map_or("".into(), |x| format!("{x:.0}"))
 }
@@ -960,6 +1154,19 @@ pub struct CampaignArgs {
     /// reason of a decline.
     #[arg(long, value_name = "LABEL=JSON", value_delimiter = ',')]
     pub side_by_side: Vec<String>,
+    /// Rollback mode: the watch keeps a checkpoint every SECS seconds
+    /// (`watch --checkpoint-every`, `--prefer kill`), and each type runs on
+    /// a fresh guest, triggered by a child that sleeps past a checkpoint
+    /// first (20 s or more), so the checkpoint holds the offender. The
+    /// report records, per type, whether the crash was rolled back and its
+    /// offender quarantined, or declined for good, with the reason.
+    #[arg(long, value_name = "SECS")]
+    pub checkpoint_every: Option<f64>,
+    /// The types an earlier campaign's JSON report found declined (crash
+    /// or hang), as the type list (with --checkpoint-every: what the
+    /// repair kernel declines, tried with rollback).
+    #[arg(long, value_name = "JSON", conflicts_with = "types")]
+    pub declined_from: Option<std::path::PathBuf>,
 }
 
 /// Renders campaign reports (their JSON) side by side: one row per type
@@ -992,6 +1199,9 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
         );
     }
     let _ = writeln!(s, "\nEach cell: outcome, and for a repair the time from trap to resume in ms; a decline's reason follows the table. `-`: not run in that campaign.\n");
+    if reports.iter().any(|(_, r)| r["types"].as_array().into_iter().flatten().any(|t| t["rollback"].is_object())) {
+        let _ = writeln!(s, "A rollback column (`campaign --checkpoint-every`) runs each type on a fresh guest with the watch keeping checkpoints, from a child that sleeps past one first: **rolled back + quarantined** means the repair kernel declined the crash, the VM went back to the newest checkpoint (the guest time lost and the load's pause follow), the offender got a pending SIGKILL there and died at its wake-up, and the guest answered, its bystander's records verified and a new process ran; **declined for good after one rollback** means the crash came back after the rollback and its panic completed.\n");
+    }
     let _ = writeln!(s, "## Summary\n");
     let _ = write!(s, "| outcome |");
     for (label, _) in reports {
@@ -999,7 +1209,18 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "|---|{}", "---|".repeat(reports.len()));
-    let classes = ["recovered", "hang: recovered", "declined", "hang: declined", "hang: detected, finished by itself", "no crash", "collateral kills"];
+    let classes = [
+        "recovered",
+        "hang: recovered",
+        "declined",
+        "hang: declined",
+        "hang: detected, finished by itself",
+        "no crash",
+        "collateral kills",
+        "rolled back + quarantined",
+        "declined for good after one rollback",
+        "hang: declined, not rolled back",
+    ];
     for c in classes.iter().copied().chain(std::iter::once("other")) {
         let _ = write!(s, "| {c} |");
         for (_, r) in reports {
@@ -1031,11 +1252,16 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
                 None => "-".to_string(),
                 Some(t) => {
                     let c = class_label(t);
+                    let rb = &t["rollback"];
                     if c.contains("declined") {
-                        declines.push(format!("- {n}, {label}: {}", t["reason"].as_str().unwrap_or("?")));
+                        let why = rb["reason"].as_str().or(t["reason"].as_str()).unwrap_or("?");
+                        declines.push(format!("- {n}, {label}: {why}"));
                     }
-                    match t["repair_ms"].as_f64() {
-                        Some(ms) if c.contains("recovered") => format!("{c}, {ms:.0} ms"),
+                    match (t["repair_ms"].as_f64(), rb["lost_ms"].as_f64()) {
+                        (_, Some(lost)) if c.starts_with("rolled back") => {
+                            format!("{c}, {lost:.0} ms of guest time lost, {:.0} ms to load", rb["rollback_pause_ms"].as_f64().unwrap_or(f64::NAN))
+                        }
+                        (Some(ms), _) if c.contains("recovered") => format!("{c}, {ms:.0} ms"),
                         _ => c,
                     }
                 }
@@ -1054,6 +1280,9 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
 }
 
 fn class_label(t: &serde_json::Value) -> String {
+    if let Some(o) = t["rollback"]["outcome"].as_str() {
+        return o.to_string();
+    }
     match t["class"].as_str().unwrap_or("?") {
         "recovered" => "recovered",
         "declined" => "declined",
@@ -1100,6 +1329,26 @@ pub fn cli(a: &CampaignArgs) -> Result<()> {
     }
     if !a.types.is_empty() {
         cfg.types = a.types.clone();
+    }
+    if let Some(path) = &a.declined_from {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--declined-from: reading the campaign report {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--declined-from: {} is not a campaign's JSON report", path.display()))?;
+        cfg.types = v["types"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| matches!(t["class"].as_str(), Some("declined" | "hang_declined")))
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .collect();
+        if cfg.types.is_empty() {
+            anyhow::bail!("--declined-from {}: the report has no declined type", path.display());
+        }
+    }
+    if let Some(secs) = a.checkpoint_every {
+        if !(secs.is_finite() && secs >= 0.1) {
+            anyhow::bail!("--checkpoint-every {secs}: give an interval of at least 0.1 seconds");
+        }
+        cfg.checkpoint_every = Some(Duration::from_secs_f64(secs));
     }
     cfg.append = a.append.clone();
     cfg.type_timeout = Duration::from_secs_f64(a.timeout);
