@@ -1555,3 +1555,33 @@ pub fn run_workload(workload: &str, timeout: Duration, cfg: &CampaignConfig, opt
     l.shutdown();
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollback report's types get their own outcome labels, counted in
+    /// the summary, with the guest time lost in the cell and the reason of
+    /// a decline for good after the table.
+    #[test]
+    fn side_by_side_renders_the_rollback_column() {
+        let plain = serde_json::json!({"types": [
+            {"name": "EXHAUST_STACK", "class": "declined", "reason": "NMI context"},
+            {"name": "PANIC", "class": "recovered", "repair_ms": 11.2},
+        ]});
+        let rb = serde_json::json!({"types": [
+            {"name": "EXHAUST_STACK", "class": "recovered", "reason": "NMI context",
+             "rollback": {"outcome": "rolled back + quarantined", "lost_ms": 1909.1, "rollback_pause_ms": 63.9}},
+            {"name": "IRQ_THING", "class": "declined",
+             "rollback": {"outcome": "declined for good after one rollback", "reason": "came back after the rollback"}},
+        ]});
+        let md = side_by_side(&[("6.1".into(), plain), ("6.1 rollback".into(), rb)]);
+        assert!(md.contains("| EXHAUST_STACK | declined | rolled back + quarantined, 1909 ms of guest time lost, 64 ms to load |"), "{md}");
+        assert!(md.contains("| PANIC | recovered, 11 ms | - |"), "{md}");
+        assert!(md.contains("| rolled back + quarantined | 0 | 1 |"), "{md}");
+        assert!(md.contains("| declined for good after one rollback | 0 | 1 |"), "{md}");
+        assert!(md.contains("| other | 0 | 0 |"), "{md}");
+        assert!(md.contains("- IRQ_THING, 6.1 rollback: came back after the rollback"), "{md}");
+        assert!(md.contains("A rollback column"), "{md}");
+    }
+}
