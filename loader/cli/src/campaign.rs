@@ -1088,6 +1088,29 @@ pub fn markdown(rep: &Report) -> String {
             cell
         );
     }
+    let rolled: Vec<(&TypeRecord, &RollbackRecord)> = rep.types.iter().filter_map(|t| t.rollback.as_ref().map(|r| (t, r))).collect();
+    if !rolled.is_empty() {
+        let _ = writeln!(s, "\n## Rollback and quarantine\n");
+        let _ = writeln!(s, "Run with `--checkpoint-every`: each type on a fresh guest whose watch keeps a checkpoint at that interval; the child sleeps past a checkpoint before its trigger. Columns: checkpoints taken while the type ran and the longest pause one cost; guest time the rollback lost; how long loading the checkpoint held the guest; the quarantined pid; the child gone afterwards.\n");
+        let _ = writeln!(s, "| type | rollback outcome | trigger delay s | checkpoints | longest checkpoint pause ms | lost ms | load ms | quarantined | child gone | reason |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        for (t, r) in rolled {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                t.name,
+                r.outcome,
+                r.trigger_delay_s,
+                r.checkpoints,
+                opt_ms(r.checkpoint_pause_max_ms),
+                opt_ms(r.lost_ms),
+                opt_ms(r.rollback_pause_ms),
+                r.quarantined_pid.map_or("".into(), |p| p.to_string()),
+                yn(r.child_gone),
+                r.reason.clone().unwrap_or_default().replace('|', "\\|")
+            );
+        }
+    }
     s.push_str(NOTES);
     s
 }
