@@ -628,7 +628,13 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
             return Ok(false);
         }
         if let Some(q) = &mut self.cfg.qmp {
-            if q.query_status()? != "running" {
+            // `debug` while we believe the guest running: our gdbstub
+            // stopped it (a vCPU reached the trap) and its stop reply is on
+            // the way; the pause below reads it (QEMU ignores the 0x03 of a
+            // stopped VM), so the trap is seen, not mistaken for a pause of
+            // someone else's.
+            let status = q.query_status()?;
+            if status != "running" && status != "debug" {
                 self.guest.assume_stopped();
                 return Ok(false);
             }
