@@ -63,6 +63,16 @@ pub fn report(image: &RepairImage, info: &FileInfo) -> String {
         8 * image.layout.values.len(),
         absent
     );
+    for (i, spec) in repair_kernel::layout::ITEMS.iter().enumerate() {
+        if spec.kind != repair_kernel::layout::Kind::CallFrame {
+            continue;
+        }
+        let rule = match repair_kernel::frame::FrameRule::unpack(image.layout.values[i]) {
+            Some(r) => r.to_string(),
+            None => "absent (no such call in this kernel, or no .debug_frame rule the repair kernel can follow)".into(),
+        };
+        let _ = writeln!(s, "call frame:       {} calling {}: {rule}", spec.ty, spec.member);
+    }
     let _ = writeln!(
         s,
         "page hashes:      {} pages of text + rodata ({} covered)",

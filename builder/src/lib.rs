@@ -24,6 +24,7 @@
 //! `cargo build` yields a self-contained `build-repair-image`.
 
 pub mod elf;
+pub mod frames;
 pub mod image;
 pub mod inspect;
 pub mod layout;
@@ -98,6 +99,9 @@ pub fn build_from_profile(
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| vm_err(e.to_string()))?;
     let symbols = skips::elf_symbols(&map);
     snapshot_from_elf(&mut image, &map, &symbols, &profile, opts).map_err(vm_err)?;
+    // Optional items: a rule the vmlinux cannot give stays absent, and the
+    // repair kernel says so where it needed it.
+    let _absent = frames::fill_call_frames(&mut image.layout, &map, &profile);
     Ok(image)
 }
 

@@ -28,6 +28,8 @@ pub fn wanted() -> WantedList {
             Kind::Symbol | Kind::SymbolSize => w.symbol(spec.ty, optional),
             Kind::PerCpu => w.percpu(spec.ty, optional),
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
+            // Read from the vmlinux's call-frame information by the builder.
+            Kind::CallFrame => continue,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of
