@@ -73,6 +73,14 @@ pub fn report(image: &RepairImage, info: &FileInfo) -> String {
         };
         let _ = writeln!(s, "call frame:       {} calling {}: {rule}", spec.ty, spec.member);
     }
+    match image.layout.get(repair_kernel::layout::Item::TifSigpending) {
+        Some(bit) => {
+            let _ = writeln!(s, "TIF_SIGPENDING:   bit {bit} (read from signal_wake_up_state's code)");
+        }
+        None => {
+            let _ = writeln!(s, "TIF_SIGPENDING:   unknown (signal_wake_up_state's code did not show it): no pending SIGKILL can be given");
+        }
+    }
     let _ = writeln!(
         s,
         "page hashes:      {} pages of text + rodata ({} covered)",

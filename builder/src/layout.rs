@@ -41,6 +41,7 @@ fn describe(kind: Kind, ty: &str, member: &str) -> String {
         Kind::MemberSize => format!("size of {ty}.{member}"),
         Kind::SymbolSize => format!("size of symbol {ty}"),
         Kind::CallFrame => format!("call-frame rule of {ty} calling {member}"),
+        Kind::ThreadFlagBit => format!("the thread flag {ty} sets"),
     }
 }
 
@@ -76,7 +77,7 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
             Kind::SymbolSize => profile.symbols.get(spec.ty).map(|s| s.size).filter(|&s| s != 0),
             // Filled from the vmlinux's call-frame information
             // (`crate::frames`), which a profile does not carry.
-            Kind::CallFrame => None,
+            Kind::CallFrame | Kind::ThreadFlagBit => None,
         };
         match value {
             Some(v) => layout.values[i] = v,
@@ -111,7 +112,7 @@ mod tests {
             };
             for spec in ITEMS {
                 let ok = match spec.kind {
-                    Kind::Symbol | Kind::SymbolSize => has(w.symbols, spec.ty, spec.required),
+                    Kind::Symbol | Kind::SymbolSize | Kind::ThreadFlagBit => has(w.symbols, spec.ty, spec.required),
                     Kind::PerCpu => has(w.percpu, spec.ty, spec.required),
                     Kind::CallFrame => continue,
                     _ => w.types.iter().any(|(t, members)| {

@@ -175,3 +175,55 @@ fn matrix_6_12() {
 fn matrix_7() {
     rules_match_binutils("matrix/7");
 }
+
+/// The `lock or $imm,disp(%rdi)` (objdump's words) at `addr`, or in the
+/// first function it calls that has one (the -Os kernels call a constant-
+/// propagated `set_ti_thread_flag` clone): the bit it sets.
+fn objdump_flag_bit(vmlinux: &Path, addr: u64, depth: u32) -> Option<u32> {
+    let text = run(Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(format!("--start-address={addr:#x}"))
+        .arg(format!("--stop-address={:#x}", addr + 0x60))
+        .arg(vmlinux));
+    let mut calls = Vec::new();
+    for l in text.lines() {
+        if let Some(rest) = l.split("lock or").nth(1) {
+            if let Some(mem) = rest.trim_end().strip_suffix("(%rdi)") {
+                let (imm, disp) = mem.split_once(',')?;
+                let imm = u64::from_str_radix(imm.split('$').nth(1)?.trim_start_matches("0x"), 16).ok()?;
+                let disp = if disp.is_empty() { 0 } else { u64::from_str_radix(disp.trim_start_matches("0x"), 16).ok()? };
+                return Some(disp as u32 * 8 + imm.trailing_zeros());
+            }
+        }
+        if l.contains("call") && !l.contains("__fentry__") {
+            if let Some(t) = l.split_whitespace().rev().nth(1).and_then(|a| u64::from_str_radix(a, 16).ok()) {
+                calls.push(t);
+            }
+        }
+        if l.trim_end().ends_with("ret") || l.contains("__x86_return_thunk") {
+            break;
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    calls.into_iter().find_map(|t| objdump_flag_bit(vmlinux, t, depth - 1))
+}
+
+fn tif_sigpending_matches_objdump(dir: &str) {
+    let vmlinux = kit_file(&format!("{dir}/vmlinux"));
+    let image = build_from_vmlinux(&vmlinux, &BuildOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let ours = image.layout.get(repair_kernel::layout::Item::TifSigpending);
+    let (_, addr, _) = symbols(&vmlinux, &["signal_wake_up_state".to_owned()])[0].clone();
+    let want = objdump_flag_bit(&vmlinux, addr, 1).map(u64::from);
+    assert!(want.is_some(), "{dir}: objdump shows no lock or in signal_wake_up_state");
+    assert_eq!(ours, want, "{dir}: TIF_SIGPENDING");
+    eprintln!("{dir}: TIF_SIGPENDING is bit {}", want.unwrap());
+}
+
+#[test]
+fn tif_sigpending_of_every_kit_kernel() {
+    for dir in ["lkdtm", "lkdtm-6.12", "matrix/5.10", "matrix/6.1", "matrix/6.12", "matrix/7"] {
+        tif_sigpending_matches_objdump(dir);
+    }
+}

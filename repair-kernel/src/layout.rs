@@ -34,6 +34,10 @@ pub enum Kind {
     /// from the vmlinux's call-frame information; absent where the vmlinux
     /// has none (a BTF-only image) or the call sites' rules differ.
     CallFrame,
+    /// The bit of `thread_info.flags` the function `ty` sets first (a
+    /// preprocessor constant, read by the builder from the function's
+    /// machine code: `builder::codefacts`).
+    ThreadFlagBit,
 }
 
 /// One entry of the table: what to look up, and whether the repair kernel can
@@ -211,6 +215,9 @@ items! {
     SymCheckPanicOnWarnColdSize = SymbolSize("check_panic_on_warn.cold"), optional;
     FramePanicCallsVpanic = CallFrame("panic", "vpanic"), optional;
     FrameWarnCallsPanic = CallFrame("check_panic_on_warn", "panic"), optional;
+    // `TIF_SIGPENDING`: 2 on x86 up to 6.x, 1 with the generic TIF bits
+    // (7.x); what `signal_wake_up_state` sets.
+    TifSigpending = ThreadFlagBit("signal_wake_up_state"), optional;
 }
 
 /// Number of items in the table.

@@ -99,7 +99,7 @@ pub fn run_with<M: PhysMem + ?Sized>(
         use core::fmt::Write;
         let done = match (&ctx.current, input.read_only != 0) {
             (_, true) => Ok(()),
-            (Ok(cur), false) => warn::make_sigkill_pending(&mut k, cur.task),
+            (Ok(cur), false) => task::make_sigkill_pending(&mut k, cur.task),
             (Err(e), false) => Err(*e),
         };
         if let Err(e) = done {

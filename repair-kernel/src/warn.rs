@@ -30,7 +30,6 @@ use crate::kmem::Kernel;
 use crate::layout::Item;
 use crate::mem::{Error, Gva, PhysMem};
 use crate::contract::CpuState;
-use crate::task::Task;
 
 /// Used when the layout lacks `check_panic_on_warn`'s size: the function
 /// is a few dozen bytes in every build seen.
@@ -106,23 +105,4 @@ pub fn warning_return<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -
         return Err(WarnError::Unexpected("check_panic_on_warn's return address is not in kernel text", f.rip));
     }
     Ok(f)
-}
-
-/// `SIGKILL`'s bit in the first word of a `sigset_t`.
-const SIGKILL_BIT: u64 = 1 << (9 - 1);
-/// x86's `TIF_SIGPENDING`.
-const TIF_SIGPENDING: u64 = 1 << 2;
-
-/// Makes SIGKILL pending for `t` as `send_signal` + `signal_wake_up` would
-/// (`sigaddset(&t->pending.signal, SIGKILL)`, then `TIF_SIGPENDING`): the
-/// task dies at its next return to user mode, after the kernel code it is
-/// in has finished and released what it holds. Only for the crashed CPU's
-/// current task, stopped with every other vCPU: nothing else runs it.
-pub fn make_sigkill_pending<M: PhysMem + ?Sized>(k: &mut Kernel<'_, M>, t: Task) -> Result<(), Error> {
-    let sig = k.member(t.0, Item::TaskPendingSignal)?;
-    let flags = k.member(t.0, Item::TaskThreadInfoFlags)?;
-    let s = k.read_u64(sig)?;
-    let f = k.read_u64(flags)?;
-    k.write(sig, &(s | SIGKILL_BIT).to_le_bytes())?;
-    k.write(flags, &(f | TIF_SIGPENDING).to_le_bytes())
 }

@@ -25,7 +25,7 @@ fn items(p: &Profile) -> Vec<(String, Option<u64>)> {
                 Kind::Offset => p.offset(item.ty, item.member),
                 Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
                 // From the call-frame information, by the builder: not in a profile.
-                Kind::CallFrame => None,
+                Kind::CallFrame | Kind::ThreadFlagBit => None,
             };
             (format!("{:?} {} {}", item.kind, item.ty, item.member), value)
         })

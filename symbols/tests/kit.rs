@@ -47,7 +47,7 @@ fn check_kernel(dir: &str) {
             Kind::Offset => p.offset(item.ty, item.member),
             Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
             // From the call-frame information, by the builder, not the profile.
-            Kind::CallFrame => continue,
+            Kind::CallFrame | Kind::ThreadFlagBit => continue,
         };
         assert!(
             value.is_some() || !item.required,
