@@ -28,6 +28,8 @@ pub fn wanted() -> WantedList {
             Kind::Symbol | Kind::SymbolSize => w.symbol(spec.ty, optional),
             Kind::PerCpu => w.percpu(spec.ty, optional),
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
+            // Not from the profile's symbol or type scan: see [`units`].
+            Kind::UnitRange => &mut w,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of
@@ -35,4 +37,13 @@ pub fn wanted() -> WantedList {
     w.member("alt_instr", "instrlen", true);
     w.member("paravirt_patch_site", "len", true);
     w
+}
+
+/// The compile units whose code ranges the layout carries
+/// ([`Kind::UnitRange`] items), read from the vmlinux's DWARF with
+/// `symbols::unit_ranges_from_vmlinux`.
+pub fn units() -> Vec<&'static str> {
+    let mut u: Vec<&'static str> = ITEMS.iter().filter(|s| s.kind == Kind::UnitRange).map(|s| s.ty).collect();
+    u.dedup();
+    u
 }

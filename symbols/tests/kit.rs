@@ -46,6 +46,7 @@ fn check_kernel(dir: &str) {
             Kind::Size => p.size(item.ty),
             Kind::Offset => p.offset(item.ty, item.member),
             Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
+                Kind::UnitRange => p.units.get(item.ty).map(|r| r.len() as u64),
         };
         assert!(
             value.is_some() || !item.required,
