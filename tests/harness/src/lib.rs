@@ -640,7 +640,7 @@ impl Guest {
         loop {
             let text = self.console();
             if let Some(rest) = text.get(from..) {
-                if let Some(line) = rest.lines().find(|l| l.contains(pattern)) {
+                if let Some(line) = complete_lines(rest).find(|l| l.contains(pattern)) {
                     return Ok(line.to_string());
                 }
             }
@@ -777,12 +777,9 @@ impl Guest {
     /// command channel, whichever comes first. A guest trapped right after
     /// the announcement sends no more command-channel bytes.
     fn wait_crash_announcement(&mut self, id: u64) -> Result<u32> {
-        let marker = format!("GUEST-KIT crash {id} pid ");
         let start = Instant::now();
         loop {
-            let console = self.console();
-            let on_console = console.lines().find_map(|l| l.split(&marker).nth(1)).and_then(|p| p.trim().parse().ok());
-            if let Some(pid) = on_console {
+            if let Some(pid) = announced_pid(&self.console(), id) {
                 return Ok(pid);
             }
             match self.read_reply(id, Duration::from_millis(100), |l| l.starts_with("crashing pid ")) {
@@ -867,9 +864,41 @@ impl Drop for Guest {
     }
 }
 
+/// The console's complete lines (without their line ends). QEMU writes the
+/// serial console to the file byte by byte as the guest sends it, the guest
+/// running between bytes: the last line may be half out, and on a loaded
+/// host stay so for a while. `pid 1` read from a line that will say
+/// `pid 123` is not a pid.
+pub(crate) fn complete_lines(console: &str) -> impl Iterator<Item = &str> {
+    console.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| l.trim_end_matches(['\r', '\n']))
+}
+
+/// The pid a crash child announced on the console for command `id`
+/// (`GUEST-KIT crash <id> pid <pid>`), from complete lines only.
+pub(crate) fn announced_pid(console: &str, id: u64) -> Option<u32> {
+    let marker = format!("GUEST-KIT crash {id} pid ");
+    complete_lines(console).find_map(|l| l.split(&marker).nth(1)).and_then(|p| p.trim().parse().ok())
+}
+
 /// A crash in flight: the command it came from and the crashing child's pid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrashHandle {
     pub id: u64,
     pub pid: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_half_written_announcement_is_not_read_as_a_pid() {
+        let done = "[    3.1] GUEST-KIT READY kernel=6.1\r\n[   12.5] GUEST-KIT crash 7 pid 123\r\n";
+        assert_eq!(announced_pid(done, 7), Some(123));
+        assert_eq!(announced_pid(done, 17), None);
+        // The same console read while the guest is between `1` and `23`.
+        let half = "[    3.1] GUEST-KIT READY kernel=6.1\r\n[   12.5] GUEST-KIT crash 7 pid 1";
+        assert_eq!(announced_pid(half, 7), None);
+        assert_eq!(complete_lines(half).collect::<Vec<_>>(), ["[    3.1] GUEST-KIT READY kernel=6.1"]);
+    }
 }
