@@ -17,7 +17,11 @@
 //! could not be made. Any fault in that code counts, whatever its cause:
 //! the allocator dereferences its own metadata and the pointers callers
 //! hand it (`kfree` of a wild pointer faults there too), and in both cases
-//! the heap's state is no longer known.
+//! the heap's state is no longer known. The one exception is a `BUG()` of
+//! the allocator itself (`ud2` at the faulting RIP): a check that caught a
+//! bad call before it changed anything (LKDTM's SLAB_FREE_DOUBLE on a
+//! hardened freelist); the caller is the culprit and is killed, as the
+//! kernel does without `panic_on_oops`.
 //!
 //! The oops's registers are the `pt_regs` the exception entry pushed on the
 //! task's stack and gave `oops_end`; at `panic`'s entry they are further up
@@ -36,6 +40,10 @@ use crate::verdict::{Reason, Verdict};
 
 /// `__KERNEL_CS`: the code segment of a fault in kernel mode.
 pub const KERNEL_CS: u64 = 0x10;
+/// `__KERNEL_DS`: a kernel stack segment (a null selector is the other).
+pub const KERNEL_DS: u64 = 0x18;
+/// `ud2`, the instruction of `BUG()`: the allocator's own check fired.
+pub const UD2: [u8; 2] = [0x0f, 0x0b];
 /// RFLAGS bit 1 is always set; bits 22 and up are always clear.
 const RFLAGS_FIXED_ONE: u64 = 1 << 1;
 const RFLAGS_RESERVED_HIGH: u64 = !((1 << 22) - 1);
@@ -63,19 +71,27 @@ pub enum AllocatorCheck {
     Outside { rip: Gva },
     /// The oops faulted inside the allocator's code, frame at `regs`.
     Inside { rip: Gva, regs: Gva },
+    /// A `BUG()` of the allocator itself fired (`ud2` at `rip`): a check
+    /// that caught a bad call (the naive double-free detection of
+    /// `set_freepointer`) before it changed the heap; the caller is the
+    /// culprit, and the oops kills it without `panic_on_oops`.
+    OwnCheck { rip: Gva },
 }
 
 /// The exception frame (`struct pt_regs`) of a kernel-mode fault nearest
 /// above `rsp`, below `stack_top` (or within one stack's worth of words):
-/// `cs` is `__KERNEL_CS`, `flags` a possible RFLAGS, `ip` in kernel text,
-/// and the interrupted `sp` is where the CPU's push started (the frame's
-/// end, aligned down to 16 bytes). Returns the frame's address and `ip`.
+/// `cs` is `__KERNEL_CS`, `flags` a possible RFLAGS, `ss` (pushed right
+/// above `sp`) a kernel stack selector (0 or `__KERNEL_DS`), and the
+/// interrupted `sp` is where the CPU's push started (the frame's end,
+/// aligned down to 16 bytes). `ip` may be anything: an oops executing data
+/// or user memory faults there. Returns the frame's address and `ip`.
 /// Bounded by [`MAX_SCAN_WORDS`]; stops at an unreadable word.
 pub fn oops_regs<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, rsp: Gva, stack_top: Option<Gva>) -> Option<(Gva, Gva)> {
     let size = k.opt(Item::PtRegsSize)?;
     let (ip_off, cs_off, fl_off, sp_off) =
         (k.opt(Item::PtRegsIp)?, k.opt(Item::PtRegsCs)?, k.opt(Item::PtRegsFlags)?, k.opt(Item::PtRegsSp)?);
-    if size == 0 || size > 4096 || [ip_off, cs_off, fl_off, sp_off].iter().any(|&o| o.saturating_add(8) > size) {
+    let ss_off = sp_off.saturating_add(8);
+    if size == 0 || size > 4096 || [ip_off, cs_off, fl_off, ss_off].iter().any(|&o| o.saturating_add(8) > size) {
         return None;
     }
     let mut a = rsp.0 & !7;
@@ -88,9 +104,9 @@ pub fn oops_regs<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, rsp: Gva, stack_top: Op
         // The cs slot first: unreadable ends the scan, a mismatch moves on.
         let cs = word(cs_off).ok()?;
         if cs == KERNEL_CS {
-            let (ip, fl, sp) = (word(ip_off).ok()?, word(fl_off).ok()?, word(sp_off).ok()?);
+            let (ip, fl, sp, ss) = (word(ip_off).ok()?, word(fl_off).ok()?, word(sp_off).ok()?, word(ss_off).ok()?);
             let plausible_flags = fl & RFLAGS_FIXED_ONE != 0 && fl & RFLAGS_RESERVED_HIGH == 0;
-            if plausible_flags && sp & !15 == end && k.is_kernel_text(Gva(ip)) {
+            if plausible_flags && sp & !15 == end && (ss == 0 || ss == KERNEL_DS) {
                 return Some((Gva(a), Gva(ip)));
             }
         }
@@ -132,7 +148,14 @@ pub fn check<M: PhysMem + ?Sized>(
     match in_allocator(k, rip) {
         None => AllocatorCheck::NoRanges { rip },
         Some(false) => AllocatorCheck::Outside { rip },
-        Some(true) => AllocatorCheck::Inside { rip, regs: frame },
+        Some(true) => {
+            let mut insn = [0u8; 2];
+            if k.read(rip, &mut insn).is_ok() && insn == UD2 {
+                AllocatorCheck::OwnCheck { rip }
+            } else {
+                AllocatorCheck::Inside { rip, regs: frame }
+            }
+        }
     }
 }
 
@@ -163,6 +186,10 @@ pub fn apply(check: AllocatorCheck, v: Verdict, pid: i32, comm: &str, why: &mut 
         }
         AllocatorCheck::NoFrame => {
             let _ = write!(why, "; slab allocator check not made (no exception frame found)");
+            v
+        }
+        AllocatorCheck::OwnCheck { .. } => {
+            let _ = write!(why, "; a BUG() check in mm/slub.c caught the bad call");
             v
         }
         AllocatorCheck::NotAnOops | AllocatorCheck::Outside { .. } => v,

@@ -52,6 +52,8 @@ fn oops_at(ip: u64, cs: u64) -> Guest {
     // The CPU pushed the frame below the interrupted rsp, aligned to 16.
     g.w64(frame + R_SP, frame + R_SIZE + 8);
     g.w64(frame + R_SP + 8, 0x18);
+    // A load through a corrupt freelist pointer: `mov (%rsi),%rax`.
+    g.wbytes(rt(ip), &[0x48, 0x8b, 0x06]);
     g
 }
 
@@ -78,6 +80,27 @@ fn an_oops_in_the_allocator_is_declined_with_the_reason() {
         assert_eq!(out.resume, g.regs);
         assert_eq!(out.pid, 73);
     }
+}
+
+#[test]
+fn the_allocators_own_bug_check_kills_the_caller_and_says_so() {
+    // SLAB_FREE_DOUBLE on a hardened freelist: set_freepointer's BUG_ON.
+    let mut g = oops_at(SLUB.0 + 0x80, 0x10);
+    with_slub_ranges(&mut g);
+    g.wbytes(rt(SLUB.0 + 0x80), &repair_kernel::slab::UD2);
+    let (action, reason, why) = verdict(&g.run());
+    assert_eq!((action, reason), (Some(Action::Kill), Some(Reason::KillAfterOops)), "{why}");
+    assert!(why.contains("a BUG() check in mm/slub.c caught the bad call"), "{why}");
+}
+
+#[test]
+fn an_oops_executing_data_has_its_frame_found() {
+    // EXEC_DATA: the faulting ip is not text; the frame is still the oops's.
+    let mut g = oops_at(KBASE_LINK + 0x90_0000, 0x10);
+    with_slub_ranges(&mut g);
+    let (action, reason, why) = verdict(&g.run());
+    assert_eq!((action, reason), (Some(Action::Kill), Some(Reason::KillAfterOops)), "{why}");
+    assert!(!why.contains("allocator"), "{why}");
 }
 
 #[test]
@@ -125,6 +148,13 @@ fn frames_the_cpu_could_not_have_pushed_are_not_taken_for_the_oops() {
     let mut g = oops_at(SLUB.0 + 0x40, 0x10);
     with_slub_ranges(&mut g);
     g.w64(frame + R_FLAGS, 0xdead_0000_0000_0246);
+    let (action, _, why) = verdict(&g.run());
+    assert_eq!(action, Some(Action::Kill), "{why}");
+
+    // A user stack selector above sp.
+    let mut g = oops_at(SLUB.0 + 0x40, 0x10);
+    with_slub_ranges(&mut g);
+    g.w64(frame + R_SP + 8, 0x2b);
     let (action, _, why) = verdict(&g.run());
     assert_eq!(action, Some(Action::Kill), "{why}");
 }
