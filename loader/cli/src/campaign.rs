@@ -466,7 +466,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             Kernel::Lkdtm612 => "linux-source-6.12, tinyconfig + guest/lkdtm.config + guest/lkdtm-6.12.config: Debian 6.12's hardening, debug and preemption options".into(),
             _ => "linux-source-6.1, tinyconfig + guest/lkdtm.config".into(),
         },
-        cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
+        cmdline: format!("console=ttyS0,115200 rdinit=/init {} oops=panic {}", harness::BASE_APPEND.join(" "), cfg.append.join(" ")).trim().to_string(),
         hang_policy: cfg.hang.policy,
         hang_kill_after: String::new(),
         vcpu_threads: String::new(),

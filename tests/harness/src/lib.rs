@@ -62,6 +62,21 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Kernel command-line words every harness guest gets after `console=` and
+/// `rdinit=` (QEMU, libvirt, the campaign's and the demo's guests alike):
+/// - `panic=0`: a panic that completes halts the guest instead of rebooting it,
+///   so the test sees what the kernel did.
+/// - `no_timer_check`: the x86 kernel's own switch for virtual machines
+///   (`__setup("no_timer_check")` in arch/x86/kernel/apic/io_apic.c, in every
+///   kit vmlinux). Without it `check_timer()` busy-waits ten ticks with
+///   `mdelay()` and requires jiffies to have advanced by more than four; under
+///   TCG on a loaded host the guest's TSC-calibrated delay and its timer ticks
+///   drift apart, the check fails on every route, and the kernel panics with
+///   "IO-APIC + timer doesn't work!" before any test (or our tool) runs, as
+///   the 6.12 LKDTM campaign saw on SPINLOCKUP. The routing QEMU emulates is
+///   correct, so skipping the probe changes nothing else.
+pub const BASE_APPEND: &[&str] = &["panic=0", "no_timer_check"];
+
 /// How to boot a guest.
 #[derive(Clone, Debug)]
 pub struct GuestConfig {
@@ -311,8 +326,8 @@ impl Guest {
         let mut append = vec![
             "console=ttyS0,115200".to_string(),
             if cfg.distro { "rdinit=/sbin/init" } else { "rdinit=/init" }.to_string(),
-            "panic=0".to_string(),
         ];
+        append.extend(BASE_APPEND.iter().map(|w| w.to_string()));
         append.extend(cfg.append.iter().cloned());
 
         let qemu = match &cfg.qemu {

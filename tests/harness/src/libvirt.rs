@@ -129,7 +129,8 @@ impl LibvirtGuest {
         let dir = tempfile::Builder::new().prefix("libvirt-guest-").tempdir()?;
         let console_path = dir.path().join("console.log");
         let cmd_sock = dir.path().join("cmd.sock");
-        let mut append = vec!["console=ttyS0,115200".to_string(), "rdinit=/init".into(), "panic=0".into()];
+        let mut append = vec!["console=ttyS0,115200".to_string(), "rdinit=/init".into()];
+        append.extend(crate::BASE_APPEND.iter().map(|w| w.to_string()));
         append.extend(cfg.append.iter().cloned());
         let memory_backing = if cfg.memfd {
             "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
