@@ -651,13 +651,23 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     let t0 = Instant::now();
     // SPINLOCKUP takes lkdtm's lock and returns holding it: the second
     // trigger is the one that spins.
+    // The first trigger may itself crash the kernel: with panic_on_warn,
+    // its child's exit with the lock held is "scheduling while atomic".
+    // Then that crash, and the watch's verdict on it, are the type's.
+    let mut first_crashed = None;
     if TWICE.contains(&name) {
-        match l.guest.crash(name).and_then(|c| l.guest.wait_crash_exit(&c, cfg.type_timeout)) {
-            Ok(s) => r.notes.push(format!("first trigger returned ({s}) holding the lock; the second spins")),
+        match l.guest.crash(name) {
+            Ok(c) => match l.guest.wait_crash_exit(&c, cfg.type_timeout) {
+                Ok(s) => r.notes.push(format!("first trigger returned ({s}) holding the lock; the second spins")),
+                Err(e) => {
+                    r.notes.push(format!("first trigger did not return: {}", e.to_string().lines().next().unwrap_or("")));
+                    first_crashed = Some(c);
+                }
+            },
             Err(e) => r.notes.push(format!("first trigger: {e}")),
         }
     }
-    let crash = match l.guest.crash(name) {
+    let crash = match first_crashed.map_or_else(|| l.guest.crash(name), Ok) {
         Ok(c) => c,
         Err(e) => {
             r.notes.push(format!("trigger failed: {e}"));
