@@ -42,6 +42,39 @@ fn describe(kind: Kind, ty: &str, member: &str) -> String {
         Kind::SymbolSize => format!("size of symbol {ty}"),
         Kind::CallFrame => format!("call-frame rule of {ty} calling {member}"),
         Kind::ThreadFlagBit => format!("the thread flag {ty} sets"),
+        Kind::UnitRange => format!("code range {member} of compile unit {ty}"),
+    }
+}
+
+/// Two code ranges of one unit closer than this are one: only a function's
+/// alignment padding (16 bytes on x86_64, the padding of 6.12's call-depth
+/// tracking included) lies between them.
+pub const UNIT_RANGE_GAP: u64 = 16;
+
+/// A unit's code ranges as the layout carries them: merged where at most
+/// [`UNIT_RANGE_GAP`] bytes separate them, largest first.
+pub fn merged_unit_ranges(ranges: &[symbols::Range]) -> Vec<symbols::Range> {
+    let mut sorted: Vec<symbols::Range> = ranges.iter().copied().filter(|r| r.end > r.start).collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut out: Vec<symbols::Range> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(UNIT_RANGE_GAP) => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out.sort_by_key(|r| std::cmp::Reverse(r.end - r.start));
+    out
+}
+
+/// The `N.start` / `N.end` item of unit `ty`'s merged ranges.
+fn unit_range(profile: &Profile, ty: &str, member: &str) -> Option<u64> {
+    let (n, which) = member.split_once('.')?;
+    let r = *merged_unit_ranges(profile.units.get(ty)?).get(n.parse::<usize>().ok()?)?;
+    match which {
+        "start" => Some(r.start),
+        "end" => Some(r.end),
+        _ => None,
     }
 }
 
@@ -78,6 +111,7 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
             // Filled from the vmlinux's call-frame information
             // (`crate::frames`), which a profile does not carry.
             Kind::CallFrame | Kind::ThreadFlagBit => None,
+            Kind::UnitRange => unit_range(profile, spec.ty, spec.member),
         };
         match value {
             Some(v) => layout.values[i] = v,
@@ -115,6 +149,7 @@ mod tests {
                     Kind::Symbol | Kind::SymbolSize | Kind::ThreadFlagBit => has(w.symbols, spec.ty, spec.required),
                     Kind::PerCpu => has(w.percpu, spec.ty, spec.required),
                     Kind::CallFrame => continue,
+                    Kind::UnitRange => crate::wanted::units().contains(&spec.ty),
                     _ => w.types.iter().any(|(t, members)| {
                         has(&[t], spec.ty, spec.required)
                             && (spec.member.is_empty() || has(members, spec.member, spec.required))
@@ -144,6 +179,23 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("task_struct"), "{err}");
+    }
+
+    #[test]
+    fn unit_ranges_merge_across_padding_and_fill_the_slub_items_largest_first() {
+        let r = |start, end| symbols::Range { start, end };
+        // As the 6.12 LKDTM vmlinux has mm/slub.c: the text, then init
+        // functions 16 bytes apart (their padding).
+        let raw = vec![r(0x1a7b050, 0x1a7b08c), r(0x118e756, 0x1195f21), r(0x1a7af08, 0x1a7b040), r(0x1a7b09c, 0x1a7b0e8)];
+        assert_eq!(merged_unit_ranges(&raw), vec![r(0x118e756, 0x1195f21), r(0x1a7af08, 0x1a7b0e8)]);
+        // Farther apart: separate.
+        assert_eq!(merged_unit_ranges(&[r(0x100, 0x200), r(0x211, 0x300)]).len(), 2);
+        let mut p = Profile::default();
+        p.units.insert("mm/slub.c".into(), raw);
+        assert_eq!(unit_range(&p, "mm/slub.c", "0.start"), Some(0x118e756));
+        assert_eq!(unit_range(&p, "mm/slub.c", "1.end"), Some(0x1a7b0e8));
+        assert_eq!(unit_range(&p, "mm/slub.c", "2.start"), None);
+        assert_eq!(unit_range(&p, "mm/other.c", "0.start"), None);
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub enum BuildError {
 /// Extracts the profile the repair kernel needs from a vmlinux (missing
 /// items are reported by [`layout_from_profile`], not here).
 pub fn profile_from_vmlinux(vmlinux: &Path) -> Result<Profile, BuildError> {
-    let (profile, _missing) = wanted::wanted().with(|w| Profile::from_vmlinux_lenient(vmlinux, w))?;
+    let (mut profile, _missing) = wanted::wanted().with(|w| Profile::from_vmlinux_lenient(vmlinux, w))?;
+    profile.units = symbols::unit_ranges_from_vmlinux(vmlinux, &wanted::units())?;
     Ok(profile)
 }
 

@@ -30,6 +30,8 @@ pub fn wanted() -> WantedList {
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
             // Read from the vmlinux's call-frame information by the builder.
             Kind::CallFrame => continue,
+            // Not from the profile's symbol or type scan: see [`units`].
+            Kind::UnitRange => &mut w,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of
@@ -37,4 +39,13 @@ pub fn wanted() -> WantedList {
     w.member("alt_instr", "instrlen", true);
     w.member("paravirt_patch_site", "len", true);
     w
+}
+
+/// The compile units whose code ranges the layout carries
+/// ([`Kind::UnitRange`] items), read from the vmlinux's DWARF with
+/// `symbols::unit_ranges_from_vmlinux`.
+pub fn units() -> Vec<&'static str> {
+    let mut u: Vec<&'static str> = ITEMS.iter().filter(|s| s.kind == Kind::UnitRange).map(|s| s.ty).collect();
+    u.dedup();
+    u
 }

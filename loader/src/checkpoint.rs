@@ -299,12 +299,31 @@ impl Rollback {
         // A kill, or a warning resumed (with its task's SIGKILL pending): the
         // repair kernel's own remedy, the ladder's first rung.
         let killable = o.action().resumes();
-        self.policy.decide(Signature::of(o), killable, o.applied, self.store.latest().is_some())
+        let d = self.policy.decide(Signature::of(o), killable, o.applied, self.store.latest().is_some());
+        spare_heap_victim(d, o.out.reason_code)
     }
 
     /// Guest time a rollback to the newest checkpoint loses now.
     pub fn lost(&self) -> Option<Duration> {
         self.store.latest().map(|c| c.resumed_at.elapsed())
+    }
+}
+
+/// A crash declined because its oops faulted inside the slab allocator
+/// (`Reason::DeclineSlabCorrupt`) is rolled back with no quarantine: the
+/// task that trapped allocated after someone else corrupted the heap; it is
+/// the victim, not the cause, and nothing healthy is killed. The rollback
+/// alone undoes the corruption when the checkpoint predates it; when it
+/// does not, the crash comes back and climbs the ladder to a decline for
+/// good, as any recurring crash does.
+pub fn spare_heap_victim(d: Decision, reason_code: u32) -> Decision {
+    match d {
+        Decision::Rollback { quarantine: Some(_) }
+            if reason_code == repair_kernel::verdict::Reason::DeclineSlabCorrupt as u32 =>
+        {
+            Decision::Rollback { quarantine: None }
+        }
+        d => d,
     }
 }
 
@@ -410,6 +429,25 @@ mod tests {
         let e = snapshot_disks(&raw).unwrap_err().to_string();
         assert!(e.contains("vd0 (raw, writable)") && e.contains("qcow2"), "{e}");
         assert!(snapshot_disks(&json!([])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_heaps_victim_is_rolled_back_but_not_quarantined() {
+        use repair_kernel::verdict::Reason;
+        let slab = Reason::DeclineSlabCorrupt as u32;
+        let mut p = Policy::new(Prefer::Kill);
+        let d = p.decide(sig(55, "Fatal exception"), false, false, true);
+        assert_eq!(d, Decision::Rollback { quarantine: Some(55) });
+        assert_eq!(spare_heap_victim(d, slab), Decision::Rollback { quarantine: None });
+        // Any other decline keeps its quarantine; other decisions pass.
+        assert_eq!(
+            spare_heap_victim(Decision::Rollback { quarantine: Some(55) }, Reason::DeclineHardirq as u32),
+            Decision::Rollback { quarantine: Some(55) }
+        );
+        assert_eq!(spare_heap_victim(Decision::Verdict, slab), Decision::Verdict);
+        // It comes back (the corruption predates the checkpoint): declined
+        // for good, not looped on.
+        assert!(matches!(p.decide(sig(57, "Fatal exception"), false, false, true), Decision::DeclineForGood(_)));
     }
 
     #[test]

@@ -915,6 +915,16 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                     ..Event::simple("error", format!("not quarantined: {e}; the rollback stands"))
                 }),
             }
+        } else if o.out.reason_code == repair_kernel::verdict::Reason::DeclineSlabCorrupt as u32 {
+            // checkpoint::spare_heap_victim: the corrupt heap's victim.
+            self.events.emit(&Event {
+                pid: Some(o.out.pid),
+                comm: Some(o.comm().to_string()),
+                ..Event::simple(
+                    "not-quarantined",
+                    format!("pid {} ({}) faulted in the slab allocator on a heap someone else corrupted: it is not the cause and is not killed", o.out.pid, o.comm()),
+                )
+            });
         }
         self.start_sampler()
     }

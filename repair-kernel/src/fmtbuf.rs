@@ -34,6 +34,11 @@ impl<'a> FmtBuf<'a> {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+    /// Drops what was written (a verdict that changes its mind rewrites
+    /// its explanation).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
 }
 
 impl fmt::Write for FmtBuf<'_> {

@@ -38,6 +38,13 @@ pub enum Kind {
     /// preprocessor constant, read by the builder from the function's
     /// machine code: `builder::codefacts`).
     ThreadFlagBit,
+    /// Link-time address bounding one code range of a compile unit, from
+    /// DWARF (`DW_AT_low_pc`/`DW_AT_high_pc` or `DW_AT_ranges` of the unit
+    /// DIE): `ty` is the unit's source name (`mm/slub.c`), `member` is
+    /// `N.start` or `N.end` (half open) of its N-th range, largest first,
+    /// ranges that only padding separates merged. BTF has no compile
+    /// units: absent from a BTF-only image.
+    UnitRange,
 }
 
 /// One entry of the table: what to look up, and whether the repair kernel can
@@ -218,6 +225,19 @@ items! {
     // `TIF_SIGPENDING`: 2 on x86 up to 6.x, 1 with the generic TIF bits
     // (7.x); what `signal_wake_up_state` sets.
     TifSigpending = ThreadFlagBit("signal_wake_up_state"), optional;
+    // --- the slab allocator's own code (repair-kernel/src/slab.rs): an oops
+    // whose faulting RIP is in it means a corrupt heap, which killing the
+    // task that allocated next cannot repair. The code ranges of the unit
+    // mm/slub.c: its text, its cold and its init parts (three ranges on
+    // every kit kernel); a fourth slot for a build that splits further ---
+    SlubCode0Start = UnitRange("mm/slub.c", "0.start"), optional;
+    SlubCode0End = UnitRange("mm/slub.c", "0.end"), optional;
+    SlubCode1Start = UnitRange("mm/slub.c", "1.start"), optional;
+    SlubCode1End = UnitRange("mm/slub.c", "1.end"), optional;
+    SlubCode2Start = UnitRange("mm/slub.c", "2.start"), optional;
+    SlubCode2End = UnitRange("mm/slub.c", "2.end"), optional;
+    SlubCode3Start = UnitRange("mm/slub.c", "3.start"), optional;
+    SlubCode3End = UnitRange("mm/slub.c", "3.end"), optional;
 }
 
 /// Number of items in the table.

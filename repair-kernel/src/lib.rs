@@ -27,6 +27,7 @@ pub mod mem;
 pub mod panic;
 pub mod percpu;
 pub mod printk;
+pub mod slab;
 pub mod task;
 pub mod verdict;
 pub mod warn;
@@ -94,7 +95,8 @@ pub fn run_with<M: PhysMem + ?Sized>(
     }
     let mut why = [0u8; contract::REASON_LEN];
     let mut w = FmtBuf::new(&mut why);
-    let mut v = verdict::decide(&ctx, &mut w);
+    let v = verdict::decide(&ctx, &mut w);
+    let mut v = allocator_check(&k, &ctx, v, &mut w);
     if v.reason == verdict::Reason::WarningResumedKill {
         use core::fmt::Write;
         let done = match (&ctx.current, input.read_only != 0) {
@@ -122,6 +124,15 @@ pub fn run_with<M: PhysMem + ?Sized>(
     out.reason_code = v.reason as u32;
     out.resume = if matches!(v.action, Action::Kill | Action::ResumeWarning) { v.resume } else { regs };
     out.status = RunStatus::Done as u32;
+}
+
+/// The oops behind a kill faulted inside the slab allocator: the heap is
+/// corrupt, the kill is declined (`slab.rs`).
+fn allocator_check<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, ctx: &CrashContext, v: verdict::Verdict, why: &mut FmtBuf<'_>) -> verdict::Verdict {
+    let Ok(cur) = &ctx.current else { return v };
+    let top = panic::task_stack_top(k, cur.task, Gva(ctx.regs.rsp));
+    let check = slab::check(k, ctx.from_oops_end, &ctx.regs, top);
+    slab::apply(check, v, cur.pid, cur.comm_str(), why)
 }
 
 /// What the panic path left on this CPU that the kill abandons, undone

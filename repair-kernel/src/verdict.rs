@@ -140,6 +140,10 @@ pub enum Reason {
     DeclineCorruptKernel = 29,
     /// The repair kernel itself faulted (set by the unikernel).
     DeclineFaulted = 30,
+    /// The oops faulted inside the slab allocator's own code: the heap is
+    /// corrupt, and the task that allocated next is its victim, not its
+    /// cause (`slab.rs`).
+    DeclineSlabCorrupt = 31,
 }
 
 impl Reason {
@@ -153,6 +157,7 @@ impl Reason {
             22 => DeclineSoftirq, 23 => DeclineBhDisabled, 24 => DeclineIdleTask,
             25 => DeclineInit, 26 => DeclineKernelThread, 27 => DeclineExiting,
             28 => DeclineTaskListCorrupt, 29 => DeclineCorruptKernel, 30 => DeclineFaulted,
+            31 => DeclineSlabCorrupt,
             _ => return Option::None,
         })
     }
@@ -181,6 +186,7 @@ impl fmt::Display for Reason {
             Reason::DeclineTaskListCorrupt => "decline: task list corrupt",
             Reason::DeclineCorruptKernel => "decline: kernel text/rodata corrupt",
             Reason::DeclineFaulted => "decline: repair kernel faulted",
+            Reason::DeclineSlabCorrupt => "decline: oops in the slab allocator (heap corrupt)",
         })
     }
 }

@@ -19,7 +19,11 @@ fn main() -> ExitCode {
     };
     let out = args.next();
     let start = std::time::Instant::now();
-    match repair_kernel::wanted().with(|w| symbols::Profile::from_vmlinux(path.as_ref(), w)) {
+    let profile = repair_kernel::wanted().with(|w| symbols::Profile::from_vmlinux(path.as_ref(), w)).and_then(|mut p| {
+        p.units = symbols::unit_ranges_from_vmlinux(path.as_ref(), &repair_kernel::units())?;
+        Ok(p)
+    });
+    match profile {
         Ok(p) => {
             let json = p.to_json();
             eprintln!(

@@ -19,7 +19,7 @@ use gimli::{
     constants, Abbreviations, AttributeValue, EndianSlice, RunTimeEndian, UnitHeader, UnitOffset,
 };
 
-use crate::profile::{Member, TypeLayout};
+use crate::profile::{Member, Range, TypeLayout};
 
 pub(crate) type R<'a> = EndianSlice<'a, RunTimeEndian>;
 
@@ -28,6 +28,9 @@ const RELEASE_STEP: usize = 8 << 20;
 
 /// Most members (at all nesting levels) visited for one struct.
 const MAX_MEMBERS: usize = 1 << 16;
+
+/// Most address ranges recorded for one compile unit.
+pub const MAX_UNIT_RANGES: usize = 64;
 
 /// Longest typedef/qualifier chain or anonymous-member nesting followed.
 const MAX_HOPS: usize = 64;
@@ -163,6 +166,48 @@ impl<'a> Scanner<'a> {
             .zip(found)
             .filter_map(|(w, f)| f.map(|f| (w.name.to_owned(), f)))
             .collect())
+    }
+
+    /// The code address ranges of the compile units named in `names`
+    /// (`"mm/slub.c"`; a unit's `DW_AT_name` matches when it is the name
+    /// or ends with `/` and the name, as an out-of-tree build writes it),
+    /// from `DW_AT_low_pc`/`DW_AT_high_pc` or `DW_AT_ranges`, sorted, empty
+    /// ranges dropped. Looks at the unit DIE only, at most `max_units`
+    /// units and [`MAX_UNIT_RANGES`] ranges a unit; stops when every name
+    /// is found. A name no unit has is left out.
+    pub fn unit_ranges(&self, names: &[&str], max_units: usize) -> BTreeMap<String, Vec<Range>> {
+        let mut found: BTreeMap<String, Vec<Range>> = BTreeMap::new();
+        let mut units = self.dwarf.units();
+        for _ in 0..max_units {
+            if found.len() == names.len() {
+                break;
+            }
+            let Ok(Some(header)) = units.next() else { break };
+            let Ok(unit) = self.dwarf.unit(header) else { continue };
+            let Some(name) = unit.name.map(|n| n.slice()) else { continue };
+            let Some(&wanted) = names.iter().find(|w| {
+                let w = w.as_bytes();
+                name == w || (name.ends_with(w) && name[..name.len() - w.len()].ends_with(b"/"))
+            }) else {
+                continue;
+            };
+            if found.contains_key(wanted) {
+                continue;
+            }
+            let Ok(mut it) = self.dwarf.unit_ranges(&unit) else { continue };
+            let mut ranges = Vec::new();
+            while let Ok(Some(r)) = it.next() {
+                if ranges.len() == MAX_UNIT_RANGES {
+                    break;
+                }
+                if r.end > r.begin {
+                    ranges.push(Range { start: r.begin, end: r.end });
+                }
+            }
+            ranges.sort_by_key(|r| r.start);
+            found.insert(wanted.to_owned(), ranges);
+        }
+        found
     }
 
     /// The `DW_AT_producer` of the first compiled-C unit (assembler units,

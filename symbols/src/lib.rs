@@ -81,7 +81,7 @@ pub use kernel::{
     BtfSources, KernelElf,
 };
 pub use profile::{
-    from_bytes_strict, producer_has_gcc_randstruct_plugin, read_build_id, read_identity, Identity,
+    from_bytes_strict, producer_has_gcc_randstruct_plugin, read_build_id, read_identity, unit_ranges_from_vmlinux, Identity,
     Member, Profile, Range, Symbol, TypeLayout,
 };
 pub use system_map::parse_system_map;

@@ -72,6 +72,31 @@ pub struct Profile {
     /// [`Profile::dwarf_layouts_randomized_after_the_fact`].
     #[serde(default)]
     pub producer: String,
+    /// Code address ranges (link-time, half open) of compile units by
+    /// source name (`"mm/slub.c"`), from DWARF; only those asked for with
+    /// [`unit_ranges_from_vmlinux`]. Empty for a BTF profile: BTF has no
+    /// compile units.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, Vec<Range>>,
+}
+
+/// The code address ranges of the compile units `names` (`"mm/slub.c"`)
+/// from the vmlinux's DWARF (see [`Profile::units`]); a name no unit has is
+/// left out. A file without `.debug_info` is [`Error::NoDebugInfo`].
+pub fn unit_ranges_from_vmlinux(path: &Path, names: &[&str]) -> Result<BTreeMap<String, Vec<Range>>, Error> {
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: as in `from_vmlinux_lenient`: read-only map, dropped on return.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let elf = Elf::parse(&map, path)?;
+    if !elf.has_section(".debug_info") {
+        return Err(Error::NoDebugInfo { path: path.to_owned(), section: ".debug_info" });
+    }
+    let endian = if elf.little_endian() { gimli::RunTimeEndian::Little } else { gimli::RunTimeEndian::Big };
+    let sections = gimli::DwarfSections::load(|id| elf.dwarf_section(id.name(), path))?;
+    let dwarf = sections.borrow(|s| R::new(s, endian));
+    // A kernel has a few thousand units; the cap only bounds a corrupt file.
+    Ok(Scanner::new(dwarf, endian).unit_ranges(names, 1 << 20))
 }
 
 /// Symbols every profile reads for its identity and ranges.

@@ -48,6 +48,7 @@ fn check_kernel(dir: &str) {
             Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
             // From the call-frame information, by the builder, not the profile.
             Kind::CallFrame | Kind::ThreadFlagBit => continue,
+            Kind::UnitRange => p.units.get(item.ty).map(|r| r.len() as u64),
         };
         assert!(
             value.is_some() || !item.required,

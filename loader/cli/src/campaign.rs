@@ -466,7 +466,7 @@ pub fn run(cfg: &CampaignConfig, command: &str) -> Result<Report> {
             Kernel::Lkdtm612 => "linux-source-6.12, tinyconfig + guest/lkdtm.config + guest/lkdtm-6.12.config: Debian 6.12's hardening, debug and preemption options".into(),
             _ => "linux-source-6.1, tinyconfig + guest/lkdtm.config".into(),
         },
-        cmdline: format!("console=ttyS0,115200 rdinit=/init panic=0 oops=panic {}", cfg.append.join(" ")).trim().to_string(),
+        cmdline: format!("console=ttyS0,115200 rdinit=/init {} oops=panic {}", harness::BASE_APPEND.join(" "), cfg.append.join(" ")).trim().to_string(),
         hang_policy: cfg.hang.policy,
         hang_kill_after: String::new(),
         vcpu_threads: String::new(),
@@ -651,13 +651,23 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     let t0 = Instant::now();
     // SPINLOCKUP takes lkdtm's lock and returns holding it: the second
     // trigger is the one that spins.
+    // The first trigger may itself crash the kernel: with panic_on_warn,
+    // its child's exit with the lock held is "scheduling while atomic".
+    // Then that crash, and the watch's verdict on it, are the type's.
+    let mut first_crashed = None;
     if TWICE.contains(&name) {
-        match l.guest.crash(name).and_then(|c| l.guest.wait_crash_exit(&c, cfg.type_timeout)) {
-            Ok(s) => r.notes.push(format!("first trigger returned ({s}) holding the lock; the second spins")),
+        match l.guest.crash(name) {
+            Ok(c) => match l.guest.wait_crash_exit(&c, cfg.type_timeout) {
+                Ok(s) => r.notes.push(format!("first trigger returned ({s}) holding the lock; the second spins")),
+                Err(e) => {
+                    r.notes.push(format!("first trigger did not return: {}", e.to_string().lines().next().unwrap_or("")));
+                    first_crashed = Some(c);
+                }
+            },
             Err(e) => r.notes.push(format!("first trigger: {e}")),
         }
     }
-    let crash = match l.guest.crash(name) {
+    let crash = match first_crashed.map_or_else(|| l.guest.crash(name), Ok) {
         Ok(c) => c,
         Err(e) => {
             r.notes.push(format!("trigger failed: {e}"));
@@ -765,6 +775,10 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
     // Liveness, when the guest should be alive.
     let declined = seen.outcome.as_ref().is_some_and(|(e, _)| !applied(e));
     let mut late: Vec<String> = Vec::new();
+    // A later crash the repair kernel declined (the heap's victim, whose
+    // oops faulted in the allocator): the type's verdict, with its reason.
+    let mut late_declined: Option<(String, Option<String>)> = None;
+    let mut late_killed = false;
     if seen.gone.is_none() && seen.flow_err.is_none() && !declined {
         // A child still running (a blocked or spinning task) may keep a CPU:
         // a shorter wait then.
@@ -785,7 +799,13 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
         while let Ok(e) = l.rx.try_recv() {
             if is_verdict(&e) {
                 let what = if applied(&e) { "killed" } else { "declined" };
-                late.push(format!("pid {} ({}) {what}", e.pid.unwrap_or(0), e.comm.unwrap_or_default()));
+                let who = format!("pid {} ({})", e.pid.unwrap_or(0), e.comm.clone().unwrap_or_default());
+                if applied(&e) {
+                    late_killed = true;
+                } else if late_declined.is_none() {
+                    late_declined = Some((format!("a later crash, in {who}: {}", e.reason.clone().unwrap_or_default()), e.reason_code.clone()));
+                }
+                late.push(format!("{who} {what}"));
             }
         }
     } else {
@@ -817,6 +837,14 @@ fn run_type(l: &mut Live, name: &str, cfg: &CampaignConfig) -> TypeRecord {
         (None, Some(_)) => Class::HangDeclined,
         (None, None) if seen.flow_err.is_some() => Class::Declined,
         (None, None) if seen.gone.is_some() => Class::GuestLost,
+        (None, None) if r.child_status.is_some() && !late.is_empty() && !late_killed && late_declined.is_some() => {
+            if let Some((why, code)) = late_declined.take() {
+                r.action = Some("decline".into());
+                r.reason = Some(why);
+                r.reason_code = code;
+            }
+            Class::Declined
+        }
         (None, None) if r.child_status.is_some() && !late.is_empty() => Class::Collateral,
         (None, None) if r.child_status.is_some() => Class::NotCrashing,
         (None, None) => Class::NoOutcome,
@@ -1008,7 +1036,7 @@ const NOTES: &str = r#"
 - **hang: recovered**: the sampler (guest RAM, no stop) saw a CPU run the same non-idle task with no context switch and no user time for the threshold (counted in CPU time QEMU's vCPU thread really got: a starved or paused guest is never hung) and reported it at once, not certain; the hang became certain when no timer tick landed for the threshold of vCPU time (IRQs off: HARDLOCKUP) or after the kill-after without progress (the guest's own soft-lockup limit, 2 x `watchdog_thresh` = 20 s) while the task's kernel stack kept cycling through a few states (a spin); only then the watcher paused the guest, made the stuck vCPU look as if it had called `panic()` where it spins (return address and message pushed below its stack pointer) and ran the repair kernel with the usual verdict (interrupt context, init, kernel thread, preempt count): the kill is what an oops at that instruction does without `panic_on_oops`. SPINLOCKUP is triggered twice (the first call takes LKDTM's lock and returns holding it); after its repair that lock stays held, which only LKDTM uses.
 - **hang: detected, finished by itself**: reported within a second (no switch, no user time), never certain: the task's kernel stack changed at most samples (ATOMIC_TIMING and REFCOUNT_TIMING count to INT_MAX in a stack variable: 60-95 s of vCPU time under TCG, past the 20 s soft-lockup limit, so a rule on time alone would kill them), so nothing was killed and the task finished by itself. Before the certainty policy both were killed at 500 ms.
 - **no crash**: the kernel did not panic: a WARN (WARNING*, REFCOUNT_* saturation, UNSET_SMEP's pinned-CR4 WARN, SLAB_FREE_CROSS), an XFAIL (DOUBLE_FAULT is ia32-only, CORRUPT_PAC arm64-only, WRITE_OPD needs function descriptors, UNALIGNED_LOAD_STORE_WRITE), or a protection this kernel does not have (FORTIFY_SOURCE, CFI, STACKLEAK, UBSAN for OVERFLOW_*/ARRAY_BOUNDS, INIT_ON_ALLOC, KASAN/slub_debug for the heap types). These are honest outcomes of this kernel build, not misses of the watcher: there is nothing to repair at the moment of the trigger.
-- The heap types that corrupt silently (WRITE_AFTER_FREE, SLAB_FREE_DOUBLE, ...) may crash *other* processes later; one run of WRITE_AFTER_FREE did (four innocent processes trapped and killed, the class `collateral kills`). Every type from heap.c gets a fresh guest for the next type, so such damage never leaks into another row.
+- The heap types that corrupt silently (WRITE_AFTER_FREE, SLAB_FREE_DOUBLE, ...) may crash *other* processes later; one run of WRITE_AFTER_FREE did (four innocent processes trapped and killed, the class `collateral kills`). Such a later oops that faults inside the slab allocator's own code (`mm/slub.c`) is now declined, not killed (the heap's victim is not its cause): the type is then `declined`, its reason the later crash's. Every type from heap.c gets a fresh guest for the next type, so such damage never leaks into another row.
 - Variants: `docs/crash-catalogue-rodata-off.md` (`--append rodata=off --fresh-each`: WRITE_KERN really overwrites kernel text) and `docs/crash-catalogue-slub-debug.md` (`--append slub_debug=FZPU --append page_poison=1 --append init_on_free=1`: SLUB checks catch the heap types at free time and report them without a crash; SLAB_FREE_PAGE oopses in process context and is recovered).
 
 ## Text repair

@@ -129,7 +129,8 @@ impl LibvirtGuest {
         let dir = tempfile::Builder::new().prefix("libvirt-guest-").tempdir()?;
         let console_path = dir.path().join("console.log");
         let cmd_sock = dir.path().join("cmd.sock");
-        let mut append = vec!["console=ttyS0,115200".to_string(), "rdinit=/init".into(), "panic=0".into()];
+        let mut append = vec!["console=ttyS0,115200".to_string(), "rdinit=/init".into()];
+        append.extend(crate::BASE_APPEND.iter().map(|w| w.to_string()));
         append.extend(cfg.append.iter().cloned());
         let memory_backing = if cfg.memfd {
             "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
@@ -265,7 +266,7 @@ impl LibvirtGuest {
     pub fn wait_for_console(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
         let start = Instant::now();
         loop {
-            if let Some(l) = self.console().lines().find(|l| l.contains(pattern)) {
+            if let Some(l) = crate::complete_lines(&self.console()).find(|l| l.contains(pattern)) {
                 return Ok(l.to_string());
             }
             if start.elapsed() > timeout {
@@ -325,10 +326,9 @@ impl LibvirtGuest {
     /// returns the command id and the child's pid.
     pub fn crash(&mut self, kind: &str) -> Result<(u64, u32)> {
         let id = self.send(&format!("crash {kind}"))?;
-        let marker = format!("GUEST-KIT crash {id} pid ");
         let start = Instant::now();
         loop {
-            if let Some(pid) = self.console().lines().find_map(|l| l.split(&marker).nth(1)).and_then(|p| p.trim().parse().ok()) {
+            if let Some(pid) = crate::announced_pid(&self.console(), id) {
                 return Ok((id, pid));
             }
             match self.read_reply(id, Duration::from_millis(100), |l| l.starts_with("crashing pid ")) {
