@@ -70,7 +70,7 @@ fn main() {
         library.join("Cargo.toml"),
         root.join("Cargo.toml"),
     ] {
-        println!("cargo:rerun-if-changed={}", p.display());
+        rerun_if_changed(&p);
     }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=REPAIR_KERNEL_ELF");
@@ -120,6 +120,20 @@ fn main() {
     }
     let built = target_dir.join(TARGET).join("release").join("repair-unikernel");
     copy(&built, &dest);
+}
+
+/// `rerun-if-changed` for `path` and, for a directory, for every file under
+/// it: a directory alone is not enough (a merge that edits files in place
+/// left a stale repair kernel embedded, whose contract no longer matched).
+fn rerun_if_changed(path: &Path) {
+    println!("cargo:rerun-if-changed={}", path.display());
+    if let Ok(entries) = std::fs::read_dir(path) {
+        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            rerun_if_changed(&p);
+        }
+    }
 }
 
 /// The standard library for the target must be in the sysroot.

@@ -106,11 +106,17 @@ fn repairs_with_btf_images(kernel: Kernel) {
     let kit = harness::Kit::locate().unwrap();
     let dwarf = builder::profile_from_vmlinux(&kit.vmlinux(kernel).unwrap()).unwrap_or_else(|e| panic!("{e}"));
     let live = symbols::Profile::from_json(&auto.profile_json).unwrap();
-    let dwarf_layout = builder::layout_from_profile(&dwarf).unwrap();
+    // The whole DWARF image: the profile's items, and those the builder
+    // reads from the vmlinux's code (TIF_SIGPENDING) and call frames.
+    let dwarf_layout = builder::build_from_vmlinux(&kit.vmlinux(kernel).unwrap(), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .layout;
     for (i, spec) in repair_kernel::layout::ITEMS.iter().enumerate() {
-        if spec.kind == repair_kernel::layout::Kind::UnitRange {
-            // Compile units (the slab allocator's code ranges) are DWARF's
-            // alone: absent from a BTF image, whose kills say so.
+        use repair_kernel::layout::Kind;
+        if matches!(spec.kind, Kind::UnitRange | Kind::CallFrame) {
+            // Compile units (the slab allocator's code ranges) and
+            // call-frame rules (.debug_frame) are DWARF's alone: absent
+            // from a BTF image, whose verdicts say so.
             assert_eq!(auto.layout.values[i], u64::MAX, "{spec:?} in an image from guest memory");
             continue;
         }
