@@ -25,11 +25,13 @@ pub fn wanted() -> WantedList {
     for spec in ITEMS {
         let optional = !spec.required;
         match spec.kind {
-            Kind::Symbol | Kind::SymbolSize => w.symbol(spec.ty, optional),
+            Kind::Symbol | Kind::SymbolSize | Kind::ThreadFlagBit => w.symbol(spec.ty, optional),
             Kind::PerCpu => w.percpu(spec.ty, optional),
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
-            // Not from the profile's symbol or type scan: see [`units`].
-            Kind::UnitRange => &mut w,
+            // Read from the vmlinux's call-frame information by the builder.
+            Kind::CallFrame => continue,
+            // From the vmlinux's compile units by the builder: see [`units`].
+            Kind::UnitRange => continue,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of

@@ -24,6 +24,8 @@ fn items(p: &Profile) -> Vec<(String, Option<u64>)> {
                 Kind::Size => p.size(item.ty),
                 Kind::Offset => p.offset(item.ty, item.member),
                 Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
+                // From the call-frame information, by the builder: not in a profile.
+                Kind::CallFrame | Kind::ThreadFlagBit => None,
                 Kind::UnitRange => p.units.get(item.ty).map(|r| r.len() as u64),
             };
             (format!("{:?} {} {}", item.kind, item.ty, item.member), value)
