@@ -30,8 +30,8 @@ pub fn wanted() -> WantedList {
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
             // Read from the vmlinux's call-frame information by the builder.
             Kind::CallFrame => continue,
-            // Not from the profile's symbol or type scan: see [`units`].
-            Kind::UnitRange => &mut w,
+            // From the vmlinux's compile units by the builder: see [`units`].
+            Kind::UnitRange => continue,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of

@@ -95,8 +95,8 @@ pub fn run_with<M: PhysMem + ?Sized>(
     }
     let mut why = [0u8; contract::REASON_LEN];
     let mut w = FmtBuf::new(&mut why);
-    let v = verdict::decide(&ctx, &mut w);
-    let mut v = allocator_check(&k, &ctx, v, &mut w);
+    let mut v = verdict::decide(&ctx, &mut w);
+    v = allocator_check(&k, &ctx, v, &mut w);
     if v.reason == verdict::Reason::WarningResumedKill {
         use core::fmt::Write;
         let done = match (&ctx.current, input.read_only != 0) {

@@ -48,7 +48,8 @@ fn check_kernel(dir: &str) {
             Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
             // From the call-frame information, by the builder, not the profile.
             Kind::CallFrame | Kind::ThreadFlagBit => continue,
-            Kind::UnitRange => p.units.get(item.ty).map(|r| r.len() as u64),
+            // From the vmlinux's compile units, by the builder, not the profile.
+            Kind::UnitRange => continue,
         };
         assert!(
             value.is_some() || !item.required,
