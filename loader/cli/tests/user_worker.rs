@@ -1,6 +1,10 @@
 //! Crashes from a worker thread of a user process (`PF_USER_WORKER`,
-//! `PF_IO_WORKER`: io_uring's `iou-wrk-*`), on Debian's stock 6.12 cloud
-//! kernel (the matrix's, `CONFIG_IO_URING=y`). The guest runs
+//! `PF_IO_WORKER`: io_uring's `iou-wrk-*`), on Debian's stock cloud kernels
+//! of the matrix (`CONFIG_IO_URING=y`): 6.12 and 7.x, whose workers are
+//! `PF_IO_WORKER | PF_USER_WORKER`, and 5.10 and 6.1, whose workers are
+//! `PF_IO_WORKER` only (Debian's 5.10 has 5.15's io_uring, io threads
+//! included: the vmlinux's `kernel_clone_args.io_thread` says so, its
+//! version number would not). The guest runs
 //! `guest/uring-crash.c`, built static here, which submits one
 //! `IORING_OP_WRITE` with `IOSQE_ASYNC` so that an io-wq worker performs it.
 //!
@@ -36,8 +40,8 @@ fn uring_crash(dir: &Path) -> PathBuf {
     out
 }
 
-fn boot(dir: &Path, oops_panic: bool) -> Guest {
-    let mut cfg = GuestConfig::new(KERNEL).with_ram_file().with_file(uring_crash(dir), "/bin/uring-crash");
+fn boot(kernel: Kernel, dir: &Path, oops_panic: bool) -> Guest {
+    let mut cfg = GuestConfig::new(kernel).with_ram_file().with_file(uring_crash(dir), "/bin/uring-crash");
     if oops_panic {
         cfg = cfg.append("oops=panic");
     }
@@ -63,36 +67,55 @@ fn start_uring_crash(guest: &mut Guest, path: &str, data: &str) -> i64 {
 /// verdict declines, naming the worker and its process, and the panic goes
 /// on exactly as it would have; the guest's own report names the same
 /// task, an `iou-wrk-<owner>` thread of the owner's thread group.
-#[test]
-fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes() {
+fn declined_on(series: Series) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut guest = boot(tmp.path(), false);
+    let mut guest = boot(Kernel::Matrix(series), tmp.path(), false);
     let ev = guest.dir().join("events.jsonl");
     let mut watcher = start_watch(&guest, &ev, &[]);
     let from = guest.console_len();
     let owner = start_uring_crash(&mut guest, "/proc/sysrq-trigger", "c");
     wait_event(&ev, "\"declined\"", 1, LONG, Some(&mut watcher));
     let e = events(&ev).into_iter().find(|e| e["event"] == "declined").unwrap();
-    let p = guest.wait_panic(LONG).unwrap_or_else(|err| panic!("{err}\n{e}\n{}", guest.console_tail(40)));
+    let p = guest.wait_panic(LONG).unwrap_or_else(|err| panic!("{series}: {err}\n{e}\n{}", guest.console_tail(40)));
     let console = guest.console().get(from..).unwrap_or_default().to_string();
-    assert!(console.contains(&format!("uring-crash pid {owner}")), "{console}");
+    assert!(console.contains(&format!("uring-crash pid {owner}")), "{series}: {console}");
     // The guest's own report: the write ran in the owner's io-wq worker.
-    assert_eq!(p.message, "sysrq triggered crash", "{console}");
-    assert_eq!(p.comm, format!("iou-wrk-{owner}"), "{console}");
-    assert!(p.call_trace.iter().any(|f| f == "sysrq_handle_crash"), "{:?}", p.call_trace);
-    assert!(p.call_trace.iter().any(|f| f.starts_with("io_wq_") || f.starts_with("io_worker")), "{:?}", p.call_trace);
+    assert_eq!(p.message, "sysrq triggered crash", "{series}: {console}");
+    assert_eq!(p.comm, format!("iou-wrk-{owner}"), "{series}: {console}");
+    assert!(p.call_trace.iter().any(|f| f == "sysrq_handle_crash"), "{series}: {:?}", p.call_trace);
+    assert!(p.call_trace.iter().any(|f| f.starts_with("io_wq_") || f.starts_with("io_worker")), "{series}: {:?}", p.call_trace);
     // Our event is that report, and says why it let it go on.
-    assert_eq!((e["pid"].as_i64(), e["comm"].as_str()), (Some(p.pid as i64), Some(p.comm.as_str())), "{e}\n{console}");
-    assert_eq!(e["action"], "decline", "{e}");
+    assert_eq!((e["pid"].as_i64(), e["comm"].as_str()), (Some(p.pid as i64), Some(p.comm.as_str())), "{series}: {e}\n{console}");
+    assert_eq!(e["action"], "decline", "{series}: {e}");
     let why = e["reason"].as_str().unwrap();
     assert!(
         why.starts_with(&format!("{} (pid {}) is an io_uring worker (PF_IO_WORKER) of process {owner}", p.comm, p.pid)),
-        "{why}"
+        "{series}: {why}"
     );
-    assert!(why.contains("io_worker_exit") && why.ends_with("letting the panic complete"), "{why}");
+    assert!(why.contains("io_worker_exit") && why.ends_with("letting the panic complete"), "{series}: {why}");
     assert!(!events(&ev).iter().any(|e| e["event"] == "repaired" || e["event"] == "error"), "{:#?}", events(&ev));
     support::kill(watcher.id(), libc::SIGINT);
     let _ = support::wait_exit(&mut watcher, 60);
+}
+
+#[test]
+fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes_5_10() {
+    declined_on(Series::V5_10);
+}
+
+#[test]
+fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes_6_1() {
+    declined_on(Series::V6_1);
+}
+
+#[test]
+fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes_6_12() {
+    declined_on(Series::V6_12);
+}
+
+#[test]
+fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes_7() {
+    declined_on(Series::V7);
 }
 
 /// The kernel's own behaviour that the decline rests on, seen in the guest
@@ -105,7 +128,7 @@ fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes() {
 #[test]
 fn without_us_an_oops_in_an_io_uring_worker_leaves_its_owner_unable_to_exit() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut guest = boot(tmp.path(), false);
+    let mut guest = boot(KERNEL, tmp.path(), false);
     inject_ud2(&guest, "sysrq_handle_loglevel");
     let from = guest.console_len();
     let owner = start_uring_crash(&mut guest, "/proc/sysrq-trigger", "9");
