@@ -375,7 +375,9 @@ fn rt_bottom_halves(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Option<Verdict>
 /// function's exit bookkeeping: io_uring's `io_worker_exit` (the worker
 /// stays on its io-wq's lists with a dangling task pointer, the in-flight
 /// request never completes, `worker_refs` never drops) and vhost's
-/// `complete(&vtsk->exited)`. The owner then never finishes its exit
+/// `complete(&vtsk->exited)`; the SQPOLL thread's unlock of `sqd->lock`,
+/// which it holds while it runs (`io_sq_thread_stop` takes it).
+/// The owner then never finishes its exit
 /// (`io_uring_cancel_generic` waits on the request, `io_wq_exit_workers`
 /// wakes the freed task and waits on `worker_done`; `vhost_task_stop`
 /// waits on `exited`), and killing the owner as well ends the same way.
@@ -386,7 +388,9 @@ fn user_worker(ctx: &CrashContext, cur: &TaskInfo, why: &mut FmtBuf<'_>) -> Opti
         return None;
     }
     let (kind, exit) = if f & PF_IO_WORKER != 0 {
-        ("an io_uring worker (PF_IO_WORKER)", "io_worker_exit")
+        // io-wq's workers and the SQPOLL thread (`io_sq_thread`, which
+        // runs holding `sqd->lock`, taken by its owner's exit) alike.
+        ("an io_uring thread (PF_IO_WORKER)", "its exit bookkeeping (io_worker_exit; SQPOLL's unlock of sqd->lock)")
     } else {
         debug_assert!(f & PF_USER_WORKER != 0);
         ("a user worker (PF_USER_WORKER)", "its thread function's exit")

@@ -264,7 +264,7 @@ fn user_workers_are_declined_where_the_kernel_has_them() {
     let out = g.run();
     check(&out, Action::Decline, Reason::DeclineUserWorker);
     let why = str_of(&out.reason);
-    assert!(why.starts_with("iou-wrk-73 (pid 74) is an io_uring worker (PF_IO_WORKER) of process 73"), "{why}");
+    assert!(why.starts_with("iou-wrk-73 (pid 74) is an io_uring thread (PF_IO_WORKER) of process 73"), "{why}");
     assert!(why.contains("io_worker_exit"), "{why}");
     // A vhost worker: PF_USER_WORKER only.
     let mut g = scene();

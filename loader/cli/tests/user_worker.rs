@@ -95,7 +95,7 @@ fn declined_on(series: Series) {
     assert_eq!(e["action"], "decline", "{series}: {e}");
     let why = e["reason"].as_str().unwrap();
     assert!(
-        why.starts_with(&format!("{} (pid {}) is an io_uring worker (PF_IO_WORKER) of process {owner}", p.comm, p.pid)),
+        why.starts_with(&format!("{} (pid {}) is an io_uring thread (PF_IO_WORKER) of process {owner}", p.comm, p.pid)),
         "{series}: {why}"
     );
     assert!(why.contains("io_worker_exit") && why.ends_with("letting the panic complete"), "{series}: {why}");
