@@ -184,3 +184,10 @@ fn inject_ud2(guest: &Guest, function: &str) {
     assert_eq!(back, [0x0f, 0x0b]);
     drop(g);
 }
+
+/// The same on Debian's PREEMPT_RT kernel, whose workers are the same
+/// threads: the user-worker decline comes before any RT note.
+#[test]
+fn a_crash_in_an_io_uring_worker_is_declined_and_the_panic_completes_6_12_rt() {
+    declined_on(Series::V6_12Rt);
+}
