@@ -1,7 +1,7 @@
 /*
  * uring-crash: write DATA to PATH from an io_uring worker thread.
  *
- *   uring-crash PATH DATA
+ *   uring-crash PATH DATA [DELAY_S]
  *
  * One IORING_OP_WRITE with IOSQE_ASYNC, so the kernel never tries the
  * write inline: an io-wq worker of this process (`iou-wrk-<pid>`, a
@@ -9,7 +9,9 @@
  * /proc/sysrq-trigger (or an LKDTM type to .../provoke-crash/DIRECT) then
  * crashes the kernel from that worker rather than from a process.
  *
- * Before submitting, it says its pid on stdout and in the kernel log
+ * With DELAY_S it sets the ring up, says its pid, then sleeps that long
+ * before it submits (a test's checkpoint can then hold the process before
+ * its request exists). Before submitting, it says its pid on stdout and in the kernel log
  * ("uring-crash pid N"); after the completion it prints "uring-crash res R".
  * Raw system calls only (no liburing), built static by the real-guest test:
  *   gcc -static -O2 -o uring-crash guest/uring-crash.c
@@ -40,8 +42,8 @@ int main(int argc, char **argv)
 	int ring, fd, kmsg;
 	char line[64];
 
-	if (argc != 3) {
-		fprintf(stderr, "usage: uring-crash PATH DATA\n");
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: uring-crash PATH DATA [DELAY_S]\n");
 		return 2;
 	}
 	fd = open(argv[1], O_WRONLY);
@@ -86,6 +88,8 @@ int main(int argc, char **argv)
 		(void)!write(kmsg, line, strlen(line));
 		close(kmsg);
 	}
+	if (argc == 4)
+		sleep(atoi(argv[3]));
 	if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
 		return die("io_uring_enter");
 	while (__atomic_load_n(cq_tail, __ATOMIC_ACQUIRE) == *cq_head)

@@ -55,6 +55,62 @@ fn boot(kernel: Kernel, dir: &Path, oops_panic: bool) -> Guest {
     Guest::boot(&cfg).unwrap_or_else(|e| panic!("{e}"))
 }
 
+fn count(events: &Path, what: &str) -> usize {
+    std::fs::read_to_string(events).unwrap_or_default().lines().filter(|l| l.contains(what)).count()
+}
+
+/// With checkpoints (`watch --checkpoint-every`), the declined crash of a
+/// worker is rolled back and its *process* is quarantined: the owner exists
+/// at the checkpoint (it sleeps before it submits), dies there of the
+/// pending SIGKILL before its request exists, and the crash never comes
+/// back. Judged by the guest's process table, its bystander, QEMU's run
+/// state through a second QMP, and the absence of a panic on its console.
+#[test]
+fn with_checkpoints_a_worker_crash_is_rolled_back_and_its_process_quarantined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = GuestConfig::new(KERNEL)
+        .with_ram_file()
+        .with_second_qmp()
+        .with_file(uring_crash(tmp.path()), "/bin/uring-crash")
+        .append("no_timer_check");
+    cfg.boot_timeout = Duration::from_secs(300);
+    let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let ev = guest.dir().join("events.jsonl");
+    let mut watcher = start_watch(&guest, &ev, &["--checkpoint-every", "2"]);
+    let owner = start_uring_crash(&mut guest, "/proc/sysrq-trigger", "c 20");
+    // A checkpoint begun after the owner started holds it asleep.
+    let n = count(&ev, "\"checkpoint\"");
+    wait_event(&ev, "\"checkpoint\"", n + 2, Duration::from_secs(180), Some(&mut watcher));
+    let text = wait_event(&ev, "\"quarantined\"", 1, LONG, Some(&mut watcher));
+    let all = events(&ev);
+    let rb = all.iter().find(|e| e["event"] == "rolled-back").unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(rb["comm"], format!("iou-wrk-{owner}"), "{text}");
+    assert!(rb["reason"].as_str().unwrap().contains("io_uring thread (PF_IO_WORKER)"), "{text}");
+    let q = all.iter().find(|e| e["event"] == "quarantined").unwrap();
+    assert_eq!(q["pid"], owner, "the owner, not its worker, is quarantined: {text}");
+    // The owner dies at its wake-up, before it submits again.
+    let start = Instant::now();
+    loop {
+        let r = guest.run(&format!("cut -d' ' -f3 /proc/{owner}/stat 2>/dev/null"), LONG).unwrap();
+        match r.output.first().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
+            None => break,
+            Some(st) if st == "Z" => break,
+            Some(st) => assert!(start.elapsed() < Duration::from_secs(120), "owner {owner} still there ({st})"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(25)); // past the owner's delay
+    let all = events(&ev);
+    assert_eq!(all.iter().filter(|e| e["event"] == "rolled-back").count(), 1, "{all:#?}");
+    assert!(!all.iter().any(|e| e["event"] == "declined" || e["event"] == "error"), "{all:#?}");
+    assert!(guest.verify_bystander().unwrap().ok);
+    assert_eq!(guest.run("echo a new process", LONG).unwrap().status, 0);
+    assert_eq!(support::status(&mut support::qmp2(&guest)), "running");
+    assert!(!guest.console().contains("end Kernel panic"), "{}", guest.console_tail(40));
+    support::kill(watcher.id(), libc::SIGINT);
+    assert!(support::wait_exit(&mut watcher, 60).success());
+}
+
 fn events(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
