@@ -63,6 +63,24 @@ pub fn report(image: &RepairImage, info: &FileInfo) -> String {
         8 * image.layout.values.len(),
         absent
     );
+    for (i, spec) in repair_kernel::layout::ITEMS.iter().enumerate() {
+        if spec.kind != repair_kernel::layout::Kind::CallFrame {
+            continue;
+        }
+        let rule = match repair_kernel::frame::FrameRule::unpack(image.layout.values[i]) {
+            Some(r) => r.to_string(),
+            None => "absent (no such call in this kernel, or no .debug_frame rule the repair kernel can follow)".into(),
+        };
+        let _ = writeln!(s, "call frame:       {} calling {}: {rule}", spec.ty, spec.member);
+    }
+    match image.layout.get(repair_kernel::layout::Item::TifSigpending) {
+        Some(bit) => {
+            let _ = writeln!(s, "TIF_SIGPENDING:   bit {bit} (read from signal_wake_up_state's code)");
+        }
+        None => {
+            let _ = writeln!(s, "TIF_SIGPENDING:   unknown (signal_wake_up_state's code did not show it): no pending SIGKILL can be given");
+        }
+    }
     let _ = writeln!(
         s,
         "page hashes:      {} pages of text + rodata ({} covered)",

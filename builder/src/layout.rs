@@ -40,6 +40,8 @@ fn describe(kind: Kind, ty: &str, member: &str) -> String {
         Kind::Offset => format!("{ty}.{member}"),
         Kind::MemberSize => format!("size of {ty}.{member}"),
         Kind::SymbolSize => format!("size of symbol {ty}"),
+        Kind::CallFrame => format!("call-frame rule of {ty} calling {member}"),
+        Kind::ThreadFlagBit => format!("the thread flag {ty} sets"),
     }
 }
 
@@ -73,6 +75,9 @@ pub fn layout_from_profile(profile: &Profile) -> Result<KernelLayout, LayoutErro
             Kind::Offset => profile.offset(spec.ty, spec.member),
             Kind::MemberSize => profile.member(spec.ty, spec.member).map(|m| m.size),
             Kind::SymbolSize => profile.symbols.get(spec.ty).map(|s| s.size).filter(|&s| s != 0),
+            // Filled from the vmlinux's call-frame information
+            // (`crate::frames`), which a profile does not carry.
+            Kind::CallFrame | Kind::ThreadFlagBit => None,
         };
         match value {
             Some(v) => layout.values[i] = v,
@@ -107,8 +112,9 @@ mod tests {
             };
             for spec in ITEMS {
                 let ok = match spec.kind {
-                    Kind::Symbol | Kind::SymbolSize => has(w.symbols, spec.ty, spec.required),
+                    Kind::Symbol | Kind::SymbolSize | Kind::ThreadFlagBit => has(w.symbols, spec.ty, spec.required),
                     Kind::PerCpu => has(w.percpu, spec.ty, spec.required),
+                    Kind::CallFrame => continue,
                     _ => w.types.iter().any(|(t, members)| {
                         has(&[t], spec.ty, spec.required)
                             && (spec.member.is_empty() || has(members, spec.member, spec.required))

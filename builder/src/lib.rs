@@ -23,7 +23,9 @@
 //! (`repair-kernel/unikernel`) and this crate embeds it, so one
 //! `cargo build` yields a self-contained `build-repair-image`.
 
+pub mod codefacts;
 pub mod elf;
+pub mod frames;
 pub mod image;
 pub mod inspect;
 pub mod layout;
@@ -98,6 +100,9 @@ pub fn build_from_profile(
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| vm_err(e.to_string()))?;
     let symbols = skips::elf_symbols(&map);
     snapshot_from_elf(&mut image, &map, &symbols, &profile, opts).map_err(vm_err)?;
+    // Optional items: a rule the vmlinux cannot give stays absent, and the
+    // repair kernel says so where it needed it.
+    let _absent = frames::fill_call_frames(&mut image.layout, &map, &profile);
     Ok(image)
 }
 
@@ -152,6 +157,11 @@ fn snapshot_from_elf(
     }
     let (skips, _tables) = skips::skip_sites_with(data, &pages, symbols, &skips::TableFormats::from_profile(profile));
     image.skips = skips;
+    // Constants only the code has (TIF_SIGPENDING); absent, the repair
+    // kernel says what it could not do.
+    let sym = |name: &str| symbols.iter().find(|(n, _, _)| n == name).map(|&(_, a, _)| a);
+    let read = |a: u64, n: usize| Some(pages.bytes(a, a.checked_add(n as u64)?));
+    let _absent = codefacts::fill_thread_flag_bits(&mut image.layout, &read, &sym);
     // Data written during boot is not "expected from the file".
     let excluded = skips::file_only_exclusions_with(data, symbols);
     let all = ranges

@@ -25,9 +25,11 @@ pub fn wanted() -> WantedList {
     for spec in ITEMS {
         let optional = !spec.required;
         match spec.kind {
-            Kind::Symbol | Kind::SymbolSize => w.symbol(spec.ty, optional),
+            Kind::Symbol | Kind::SymbolSize | Kind::ThreadFlagBit => w.symbol(spec.ty, optional),
             Kind::PerCpu => w.percpu(spec.ty, optional),
             Kind::Size | Kind::Offset | Kind::MemberSize => w.member(spec.ty, spec.member, optional),
+            // Read from the vmlinux's call-frame information by the builder.
+            Kind::CallFrame => continue,
         };
     }
     // Not read by the repair kernel: the builder's own, for the layouts of

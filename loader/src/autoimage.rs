@@ -179,6 +179,10 @@ pub fn image_from_guest<G: GuestAccess + ?Sized>(
     let path = Path::new("<guest memory>");
     let mut image = builder::image_for_profile(path, profile.clone(), &BuildOptions::default())?;
     image.snapshot_source = builder::SnapshotSource::LiveGuest;
+    // Constants only the code has (TIF_SIGPENDING), from the running text.
+    let read = |a: u64, n: usize| kernel.slice(a, a.checked_add(n as u64)?).map(<[u8]>::to_vec);
+    let sym = |name: &str| ks.address(name);
+    let _absent = builder::codefacts::fill_thread_flag_bits(&mut image.layout, &read, &sym);
     stats.release = image.kernel.release.clone();
     stats.build_id = profile.build_id.clone();
     stats.build_time = t.elapsed();

@@ -296,7 +296,9 @@ impl Rollback {
 
     /// Decides on a crash the repair kernel has looked at (`o`).
     pub fn decide(&mut self, o: &Outcome) -> Decision {
-        let killable = o.action() == repair_kernel::contract::Action::Kill;
+        // A kill, or a warning resumed (with its task's SIGKILL pending): the
+        // repair kernel's own remedy, the ladder's first rung.
+        let killable = o.action().resumes();
         self.policy.decide(Signature::of(o), killable, o.applied, self.store.latest().is_some())
     }
 

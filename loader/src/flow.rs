@@ -488,9 +488,10 @@ impl Session {
         restore_mem?;
         let kill = mode == Mode::Repair
             && out.status == RunStatus::Done as u32
-            && out.action == Action::Kill as u32;
+            && Action::from_u32(out.action).is_some_and(Action::resumes);
         let applied = if kill {
-            if let Err(e) = self.check_resume(&crashed, &out.resume) {
+            let action = Action::from_u32(out.action).unwrap_or(Action::None);
+            if let Err(e) = self.check_resume(action, &crashed, &out.resume) {
                 guest.set_regs(vcpu, &crashed)?;
                 self.clear_journal();
                 return Err(e);
@@ -566,13 +567,29 @@ impl Session {
     /// The loader trusts the repair kernel, not the guest memory it read: a
     /// kill may only send the vCPU to `rewind_stack_and_make_dead` with the
     /// crashed context's address space and CPU modes.
-    fn check_resume(&self, crashed: &CpuState, resume: &CpuState) -> Result<(), FlowError> {
-        let rewind = self.symbol(Item::SymRewindStackAndMakeDead)?;
-        if resume.rip != rewind.0 {
-            return Err(FlowError::UnsoundResume(format!(
-                "rip {:#x} is not rewind_stack_and_make_dead ({rewind})",
-                resume.rip
-            )));
+    fn check_resume(&self, action: Action, crashed: &CpuState, resume: &CpuState) -> Result<(), FlowError> {
+        if action == Action::ResumeWarning {
+            // The return into check_panic_on_warn's caller: kernel text, on
+            // the same stack a few frames above the trap.
+            let (stext, etext) = (self.symbol(Item::SymStext)?, self.symbol(Item::SymEtext)?);
+            if !(stext.0 <= resume.rip && resume.rip < etext.0) {
+                return Err(FlowError::UnsoundResume(format!("rip {:#x} is not kernel text", resume.rip)));
+            }
+            let up = resume.rsp.wrapping_sub(crashed.rsp);
+            if resume.rsp <= crashed.rsp || up > 3 * repair_kernel::frame::MAX_FRAME {
+                return Err(FlowError::UnsoundResume(format!(
+                    "rsp {:#x} is not a few frames above the trap's {:#x}",
+                    resume.rsp, crashed.rsp
+                )));
+            }
+        } else {
+            let rewind = self.symbol(Item::SymRewindStackAndMakeDead)?;
+            if resume.rip != rewind.0 {
+                return Err(FlowError::UnsoundResume(format!(
+                    "rip {:#x} is not rewind_stack_and_make_dead ({rewind})",
+                    resume.rip
+                )));
+            }
         }
         let same = |what: &str, a: u64, b: u64| {
             if a == b {

@@ -34,11 +34,6 @@ use repair_kernel::layout::Item;
 use repair_kernel::mem::{Error as MemError, Gva, PhysMem};
 use repair_kernel::task::{self, Task, TaskInfo};
 
-/// `SIGKILL` (9): bit 8 of the first word of a `sigset_t`.
-const SIGKILL_BIT: u64 = 1 << (9 - 1);
-/// x86's `TIF_SIGPENDING` (`arch/x86/include/asm/thread_info.h`: 2 since
-/// 2.6; the same on every kernel the profile can describe).
-const TIF_SIGPENDING: u64 = 1 << 2;
 /// `PF_KTHREAD`.
 const PF_KTHREAD: u32 = 0x0020_0000;
 /// `PF_EXITING`.
@@ -129,18 +124,10 @@ pub fn quarantine<G: GuestAccess + ?Sized>(guest: &mut G, session: &Session, pid
     if info.flags & PF_EXITING != 0 {
         return Ok(Quarantined { pid, comm, state, already_exiting: true, task: t.0 });
     }
-    set_bits(&mut k, t.0, Item::TaskPendingSignal, SIGKILL_BIT)?;
-    set_bits(&mut k, t.0, Item::TaskThreadInfoFlags, TIF_SIGPENDING)?;
+    // SIGKILL in the pending set, TIF_SIGPENDING (its bit read from the
+    // kernel's code by the builder: 2 up to 6.x, 1 on 7.x).
+    task::make_sigkill_pending(&mut k, t)?;
     Ok(Quarantined { pid, comm, state, already_exiting: false, task: t.0 })
-}
-
-/// `*(u64 *)(task + item) |= bits`: the guest is stopped, so no CPU of its
-/// own races the write.
-fn set_bits<M: PhysMem + ?Sized>(k: &mut Kernel<'_, M>, task: Gva, item: Item, bits: u64) -> Result<(), QuarantineError> {
-    let at = task.add(k.item(item)?);
-    let v = k.read_u64(at)?;
-    k.write(at, &(v | bits).to_le_bytes())?;
-    Ok(())
 }
 
 /// The process to quarantine for the crash `o` whose offender was `pid`:
@@ -158,16 +145,3 @@ pub fn process_of(o: &crate::flow::Outcome, pid: i32) -> i32 {
         pid
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bits_are_the_kernels() {
-        // include/uapi/asm-generic/signal.h: SIGKILL 9, sigset bit sig-1.
-        assert_eq!(SIGKILL_BIT, 0x100);
-        assert_eq!(TIF_SIGPENDING, 0x4);
-    }
-}
-

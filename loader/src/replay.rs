@@ -25,7 +25,7 @@ use crate::kvm::vcpu::MSR_KERNEL_GS_BASE;
 use crate::kvm::{Caps, EmbedConfig, GuestMemory, KvmError, KvmGuest, Repairer, StagingSlot};
 use crate::flow::{crash_kind_name, reason_name};
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs, KVM_MAX_CPUID_ENTRIES};
-use repair_kernel::contract::{Action, RunStatus};
+use repair_kernel::contract::RunStatus;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -513,12 +513,7 @@ impl Verdict {
                 Some(RunStatus::Faulted) => "faulted".into(),
                 None => format!("unknown ({})", o.out.status),
             },
-            action: match o.action() {
-                Action::Kill => "kill",
-                Action::Decline => "decline",
-                Action::None => "none",
-            }
-            .into(),
+            action: o.action().name().into(),
             reason_code: o.out.reason_code,
             reason_name: reason_name(o.out.reason_code),
             reason: o.reason().to_string(),

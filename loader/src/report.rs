@@ -137,11 +137,7 @@ pub fn diagnose<G: GuestAccess + ?Sized>(
         pid: out.pid,
         tgid: out.tgid,
         comm: field_str(&out.comm).to_string(),
-        verdict: match action {
-            Action::Kill => "kill".into(),
-            Action::Decline => "decline".into(),
-            Action::None => "none".into(),
-        },
+        verdict: action.name().into(),
         reason_code: reason_name(out.reason_code),
         reason: field_str(&out.reason).to_string(),
         backtrace,

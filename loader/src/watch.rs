@@ -9,7 +9,6 @@ use crate::kaslr::KaslrError;
 use crate::ram::RamFile;
 use crate::qmp::Qmp;
 use crate::supervise::TrapRecorder;
-use repair_kernel::contract::Action;
 use serde::Serialize;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,11 +113,7 @@ impl Event {
         timings.total += resume_ms;
         Event {
             event: if o.applied { "repaired" } else { "declined" },
-            action: Some(match o.action() {
-                Action::Kill => "kill".into(),
-                Action::Decline => "decline".into(),
-                Action::None => "none".into(),
-            }),
+            action: Some(o.action().name().into()),
             reason: Some(o.reason().to_string()),
             reason_code: Some(reason_name(o.out.reason_code)),
             pages_restored: (o.out.pages_restored > 0).then_some(o.out.pages_restored),

@@ -87,6 +87,11 @@ pub enum Action {
     Kill = 1,
     /// Leave the guest as it was: let its panic complete.
     Decline = 2,
+    /// Take a warning that `panic_on_warn` made fatal back to the warning
+    /// (`crate::warn`): resume with `ContractOut::resume`, at the return
+    /// from `check_panic_on_warn`; the offender, if any, has SIGKILL
+    /// pending.
+    ResumeWarning = 3,
 }
 
 impl Action {
@@ -95,8 +100,25 @@ impl Action {
             0 => Self::None,
             1 => Self::Kill,
             2 => Self::Decline,
+            3 => Self::ResumeWarning,
             _ => return None,
         })
+    }
+
+    /// The name events and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Kill => "kill",
+            Self::Decline => "decline",
+            Self::ResumeWarning => "resume-warning",
+        }
+    }
+
+    /// True when the verdict resumes the crashed vCPU with
+    /// `ContractOut::resume` instead of letting the panic complete.
+    pub fn resumes(self) -> bool {
+        matches!(self, Self::Kill | Self::ResumeWarning)
     }
 }
 
@@ -164,7 +186,8 @@ pub struct ContractOut {
     pub message: [u8; MESSAGE_LEN],
     /// The verdict's explanation for an operator (NUL-terminated unless full).
     pub reason: [u8; REASON_LEN],
-    /// The register state to resume the crashed vCPU with, for `Kill`.
+    /// The register state to resume the crashed vCPU with, for `Kill` and
+    /// `ResumeWarning`.
     pub resume: CpuState,
     /// The exception that ended the run, for `Faulted`.
     pub fault: Fault,

@@ -29,6 +29,15 @@ pub enum Kind {
     /// Size in bytes of a symbol (`st_size` of a function or object), named
     /// by `ty`.
     SymbolSize,
+    /// The frame rule ([`crate::frame::FrameRule`], packed) at every call
+    /// from the function `ty` to the function `member`, read by the builder
+    /// from the vmlinux's call-frame information; absent where the vmlinux
+    /// has none (a BTF-only image) or the call sites' rules differ.
+    CallFrame,
+    /// The bit of `thread_info.flags` the function `ty` sets first (a
+    /// preprocessor constant, read by the builder from the function's
+    /// machine code: `builder::codefacts`).
+    ThreadFlagBit,
 }
 
 /// One entry of the table: what to look up, and whether the repair kernel can
@@ -193,6 +202,22 @@ items! {
     // `signal_wake_up()` would; the repair kernel does not read them ---
     TaskPendingSignal = Offset("task_struct", "pending.signal"), optional;
     TaskThreadInfoFlags = Offset("task_struct", "thread_info.flags"), optional;
+    // --- a warning that panic_on_warn made fatal (crate::warn) ---
+    // `check_panic_on_warn(origin)` calls `panic` when `panic_on_warn` is
+    // set (or `warn_limit` is reached); returning from it into its caller
+    // (`__warn`, KASAN's, KFENCE's, UBSAN's reports) goes on as the kernel
+    // does without panic_on_warn. The frames in between are unwound with
+    // the vmlinux's own call-frame rules at those call sites.
+    SymCheckPanicOnWarn = Symbol("check_panic_on_warn"), optional;
+    SymCheckPanicOnWarnSize = SymbolSize("check_panic_on_warn"), optional;
+    // GCC's -O2 moves the unlikely panic calls to a separate `.cold` part.
+    SymCheckPanicOnWarnCold = Symbol("check_panic_on_warn.cold"), optional;
+    SymCheckPanicOnWarnColdSize = SymbolSize("check_panic_on_warn.cold"), optional;
+    FramePanicCallsVpanic = CallFrame("panic", "vpanic"), optional;
+    FrameWarnCallsPanic = CallFrame("check_panic_on_warn", "panic"), optional;
+    // `TIF_SIGPENDING`: 2 on x86 up to 6.x, 1 with the generic TIF bits
+    // (7.x); what `signal_wake_up_state` sets.
+    TifSigpending = ThreadFlagBit("signal_wake_up_state"), optional;
     // --- threads that are neither user processes nor kernel threads ---
     // `create_io_thread` (5.12+) sets `kernel_clone_args.io_thread`, which
     // makes the thread `PF_IO_WORKER`; since 6.4 `user_worker` makes io_uring

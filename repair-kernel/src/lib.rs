@@ -19,6 +19,7 @@
 pub mod arch;
 pub mod contract;
 pub mod fmtbuf;
+pub mod frame;
 pub mod integrity;
 pub mod kmem;
 pub mod layout;
@@ -28,6 +29,7 @@ pub mod percpu;
 pub mod printk;
 pub mod task;
 pub mod verdict;
+pub mod warn;
 
 use contract::{set_field, Action, ContractIn, ContractOut, RunStatus};
 use fmtbuf::FmtBuf;
@@ -92,7 +94,20 @@ pub fn run_with<M: PhysMem + ?Sized>(
     }
     let mut why = [0u8; contract::REASON_LEN];
     let mut w = FmtBuf::new(&mut why);
-    let v = verdict::decide(&ctx, &mut w);
+    let mut v = verdict::decide(&ctx, &mut w);
+    if v.reason == verdict::Reason::WarningResumedKill {
+        use core::fmt::Write;
+        let done = match (&ctx.current, input.read_only != 0) {
+            (_, true) => Ok(()),
+            (Ok(cur), false) => task::make_sigkill_pending(&mut k, cur.task),
+            (Err(e), false) => Err(*e),
+        };
+        if let Err(e) = done {
+            // The warning still goes on; the task is not killed.
+            let _ = write!(w, "; but SIGKILL could not be made pending ({e}): nobody is killed");
+            v.reason = verdict::Reason::WarningResumed;
+        }
+    }
     if v.action == Action::Kill {
         undo_panic_state(&mut k, &ctx, input.read_only != 0, &mut w);
         if !ctx.preempt_count_tracks_locks {
@@ -105,7 +120,7 @@ pub fn run_with<M: PhysMem + ?Sized>(
     set_field(&mut out.reason, &why[..n]);
     out.action = v.action as u32;
     out.reason_code = v.reason as u32;
-    out.resume = if v.action == Action::Kill { v.resume } else { regs };
+    out.resume = if matches!(v.action, Action::Kill | Action::ResumeWarning) { v.resume } else { regs };
     out.status = RunStatus::Done as u32;
 }
 
@@ -145,15 +160,21 @@ fn crash_context<M: PhysMem + ?Sized>(
     let mut msg_len = 0;
     let mut from_oops_end = false;
     let mut from_nmi_panic = false;
+    let mut from_warning = false;
     if at_panic_entry {
         let mut msg = [0u8; contract::MESSAGE_LEN];
         msg_len = panic::panic_message(k, &regs, &mut msg).unwrap_or(0);
         set_field(&mut out.message, &msg[..msg_len]);
         let caller = panic::panic_caller(k, &regs);
         from_oops_end = caller.as_ref().map(|&ret| panic::is_in_oops_end(k, ret)).unwrap_or(false);
-        from_nmi_panic = caller.map(|ret| panic::is_in_nmi_panic(k, ret)).unwrap_or(false);
+        from_nmi_panic = caller.as_ref().map(|&ret| panic::is_in_nmi_panic(k, ret)).unwrap_or(false);
+        from_warning = caller.map(|ret| warn::is_in_check_panic_on_warn(k, ret)).unwrap_or(false);
     }
-    let kind = CrashKind::classify(at_panic_entry, from_oops_end, &out.message[..msg_len]);
+    let kind = if from_warning {
+        CrashKind::PanicOnWarn
+    } else {
+        CrashKind::classify(at_panic_entry, from_oops_end, &out.message[..msg_len])
+    };
     let current = percpu::current_task(k, cpu).and_then(|t| TaskInfo::read(k, t));
     let softirq_disable_cnt = current.as_ref().ok().and_then(|c| task::task_softirq_disable_cnt(k, c.task));
     CrashContext {
@@ -172,6 +193,7 @@ fn crash_context<M: PhysMem + ?Sized>(
         corrupt_pages,
         user_worker_flags: task::user_worker_flags(k),
         softirq_disable_cnt,
+        warning: from_warning.then(|| warn::warning_return(k, &regs)),
     }
 }
 

@@ -55,7 +55,7 @@ pub fn at_panic_entry<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -
 }
 
 /// True when `regs` is stopped at the entry of `vpanic`.
-fn at_vpanic<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> bool {
+pub fn at_vpanic<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, regs: &CpuState) -> bool {
     k.sym(Item::SymVpanic).map(|p| p.0 == regs.rip).unwrap_or(false)
 }
 

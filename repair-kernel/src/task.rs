@@ -230,3 +230,26 @@ impl TaskInfo {
         task_state_to_char(self.state, self.exit_state) as char
     }
 }
+
+/// `SIGKILL`'s bit in the first word of a `sigset_t`.
+const SIGKILL_BIT: u64 = 1 << (9 - 1);
+
+/// Makes SIGKILL pending for `t` as `send_signal` + `signal_wake_up` would
+/// (`sigaddset(&t->pending.signal, SIGKILL)`, then `TIF_SIGPENDING`, whose
+/// bit the image read from `signal_wake_up_state`'s code): the
+/// task dies at its next return to user mode, after the kernel code it is
+/// in has finished and released what it holds. Only with every vCPU of the
+/// guest stopped: no CPU of its own races the writes.
+pub fn make_sigkill_pending<M: PhysMem + ?Sized>(k: &mut Kernel<'_, M>, t: Task) -> Result<(), Error> {
+    let sig = k.member(t.0, Item::TaskPendingSignal)?;
+    let flags = k.member(t.0, Item::TaskThreadInfoFlags)?;
+    // TIF_SIGPENDING: bit 2 up to 6.x, 1 with the generic TIF bits (7.x).
+    let bit = k.item(Item::TifSigpending)?;
+    if bit >= 64 {
+        return Err(Error::Absurd("TIF_SIGPENDING bit", bit));
+    }
+    let s = k.read_u64(sig)?;
+    let f = k.read_u64(flags)?;
+    k.write(sig, &(s | SIGKILL_BIT).to_le_bytes())?;
+    k.write(flags, &(f | 1 << bit).to_le_bytes())
+}

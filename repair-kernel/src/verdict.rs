@@ -16,6 +16,8 @@ use crate::mem::{Error, Gva};
 use crate::percpu::{HARDIRQ_MASK, NMI_MASK, SOFTIRQ_MASK, SOFTIRQ_OFFSET, PREEMPT_MASK};
 use crate::task::{TaskInfo, PF_EXITING, PF_IDLE, PF_IO_WORKER, PF_KTHREAD, PF_USER_WORKER};
 use crate::arch::x86_64::RFLAGS_IF;
+use crate::frame::Frame;
+use crate::warn::WarnError;
 
 /// `SIGKILL`.
 pub const SIGKILL: u64 = 9;
@@ -40,6 +42,9 @@ pub enum CrashKind {
     SoftLockup = 6,
     /// The hung-task detector's panic (`hung_task_panic`).
     HungTask = 7,
+    /// A warning made fatal: the panic was called by `check_panic_on_warn`
+    /// (`panic_on_warn`, or `kernel.warn_limit` reached).
+    PanicOnWarn = 8,
 }
 
 impl CrashKind {
@@ -48,6 +53,7 @@ impl CrashKind {
         Some(match v {
             0 => Unknown, 1 => NotAtPanic, 2 => OopsPanic, 3 => OopsInInterrupt,
             4 => DirectPanic, 5 => SysrqCrash, 6 => SoftLockup, 7 => HungTask,
+            8 => PanicOnWarn,
             _ => return None,
         })
     }
@@ -85,6 +91,7 @@ impl fmt::Display for CrashKind {
             CrashKind::SysrqCrash => "sysrq-c crash",
             CrashKind::SoftLockup => "soft lockup panic",
             CrashKind::HungTask => "hung task panic",
+            CrashKind::PanicOnWarn => "warning with panic_on_warn",
         })
     }
 }
@@ -100,6 +107,13 @@ pub enum Reason {
     KillAfterOops = 1,
     /// A direct panic in process context (sysrq-c, a driver's `panic()`).
     KillDirectPanic = 2,
+    /// A warning made fatal by `panic_on_warn`, taken back to the warning;
+    /// the task that warned gets SIGKILL, acted on at its return to user
+    /// mode.
+    WarningResumedKill = 3,
+    /// The same, with nobody killed: the warning came from interrupt
+    /// context, a kernel thread, init or the idle task.
+    WarningResumed = 4,
     /// The contract or the kernel layout is unusable.
     DeclineBadInput = 16,
     /// The vCPU was not stopped at `panic`'s entry.
@@ -137,6 +151,7 @@ impl Reason {
         use Reason::*;
         Some(match v {
             0 => None, 1 => KillAfterOops, 2 => KillDirectPanic,
+            3 => WarningResumedKill, 4 => WarningResumed,
             16 => DeclineBadInput, 17 => DeclineNotAtPanic, 18 => DeclineUnreadable,
             19 => DeclinePanicInProgress, 20 => DeclineNmi, 21 => DeclineHardirq,
             22 => DeclineSoftirq, 23 => DeclineBhDisabled, 24 => DeclineIdleTask,
@@ -154,6 +169,8 @@ impl fmt::Display for Reason {
             Reason::None => "no verdict",
             Reason::KillAfterOops => "kill: oops in process context",
             Reason::KillDirectPanic => "kill: panic in process context",
+            Reason::WarningResumedKill => "warning resumed: SIGKILL at return to user mode",
+            Reason::WarningResumed => "warning resumed: nobody killed",
             Reason::DeclineBadInput => "decline: unusable input",
             Reason::DeclineNotAtPanic => "decline: not at panic entry",
             Reason::DeclineUnreadable => "decline: crashed context unreadable",
@@ -209,6 +226,10 @@ pub struct CrashContext {
     /// PREEMPT_RT: the crashed task's `softirq_disable_cnt`, or why not;
     /// `None` where the kernel has no such member (not RT).
     pub softirq_disable_cnt: Option<Result<u32, Error>>,
+    /// The panic was called by `check_panic_on_warn`: the state at the
+    /// return into its caller, or why it could not be found. `None` for any
+    /// other panic.
+    pub warning: Option<Result<Frame, WarnError>>,
 }
 
 /// The decision.
@@ -226,17 +247,69 @@ impl Verdict {
     }
 }
 
+/// A warning made fatal by `panic_on_warn`, with the state at the return
+/// into the warning path found ([`crate::warn`]): resume there, as the
+/// kernel does without panic_on_warn, and give the task that warned a
+/// SIGKILL it acts on at its return to user mode, when it is a user task
+/// in process context (an interrupt's warning is not the interrupted
+/// task's doing; init's death panics; a kernel thread never returns to
+/// user mode).
+fn decide_warning(ctx: &CrashContext, frame: &Frame, why: &mut FmtBuf<'_>) -> Verdict {
+    let resume = frame.apply(&ctx.regs);
+    let _ = write!(why, "a warning made fatal by panic_on_warn: resuming it as the kernel does without panic_on_warn (check_panic_on_warn returns to {:#x})", frame.rip);
+    let interrupt = [(NMI_MASK, "NMI"), (HARDIRQ_MASK, "hardirq"), (SOFTIRQ_OFFSET, "softirq")];
+    let no_kill = match (&ctx.preempt_count, &ctx.current) {
+        (Err(e), _) => Some(Err(*e)),
+        (_, Err(e)) => Some(Err(*e)),
+        (Ok(pc), Ok(cur)) => {
+            if let Some((_, name)) = interrupt.iter().find(|(m, _)| pc & m != 0) {
+                let _ = write!(why, "; nobody is killed: it fired in {name} context (preempt_count={pc:#x}), not by the interrupted task");
+                Some(Ok(()))
+            } else if cur.pid == 0 || cur.flags & PF_IDLE != 0 {
+                let _ = write!(why, "; nobody is killed: it fired in the idle task");
+                Some(Ok(()))
+            } else if cur.tgid == 1 {
+                let _ = write!(why, "; nobody is killed: it fired in init (pid {}), whose death panics", cur.pid);
+                Some(Ok(()))
+            } else if cur.flags & PF_KTHREAD != 0 {
+                let _ = write!(why, "; nobody is killed: it fired in kernel thread {} (pid {}), which never returns to user mode", cur.comm_str(), cur.pid);
+                Some(Ok(()))
+            } else if cur.flags & PF_EXITING != 0 {
+                let _ = write!(why, "; nobody is killed: pid {} ({}) is already exiting", cur.pid, cur.comm_str());
+                Some(Ok(()))
+            } else {
+                let _ = write!(why, "; pid {} ({}) gets SIGKILL, acted on when it returns to user mode", cur.pid, cur.comm_str());
+                None
+            }
+        }
+    };
+    let reason = match no_kill {
+        None => Reason::WarningResumedKill,
+        Some(Err(e)) => {
+            let _ = write!(why, "; nobody is killed: the crashed context is unreadable ({e})");
+            Reason::WarningResumed
+        }
+        Some(Ok(())) => Reason::WarningResumed,
+    };
+    Verdict { action: Action::ResumeWarning, reason, resume }
+}
+
 /// Decides, writing the operator's explanation into `why`.
 pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     let r = &ctx.regs;
-    let Some(rewind) = ctx.rewind else {
-        let _ = write!(why, "the kernel layout lacks rewind_stack_and_make_dead: rebuild the repair image with a complete profile; letting the panic complete");
-        return Verdict::decline(Reason::DeclineBadInput);
-    };
     if !ctx.at_panic_entry {
         let _ = write!(why, "vCPU {} is at rip {:#x}, not at the entry of panic(): the repair kernel only repairs a trapped panic; the guest is left as it was", ctx.cpu, r.rip);
         return Verdict::decline(Reason::DeclineNotAtPanic);
     }
+    // No other panic in progress (that one may be stopping the CPUs).
+    let no_other_panic = matches!(ctx.panic_cpu, None | Some(Ok(-1)));
+    if let (Some(Ok(frame)), true, 0) = (&ctx.warning, no_other_panic, ctx.corrupt_pages) {
+        return decide_warning(ctx, frame, why);
+    }
+    let Some(rewind) = ctx.rewind else {
+        let _ = write!(why, "the kernel layout lacks rewind_stack_and_make_dead: rebuild the repair image with a complete profile; letting the panic complete");
+        return Verdict::decline(Reason::DeclineBadInput);
+    };
     let pc = match ctx.preempt_count {
         Ok(pc) => pc,
         Err(e) => {
@@ -336,6 +409,9 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     }
     if ctx.softirq_disable_cnt.is_some() {
         let _ = write!(why, "; PREEMPT_RT: a held spinlock (an rt_mutex, not in preempt_count) cannot be ruled out");
+    }
+    if let Some(Err(e)) = &ctx.warning {
+        let _ = write!(why, "; could not return into the warning instead: {e}");
     }
     // A function entry: rewind_stack_and_make_dead switches to the task's
     // stack top itself, so every other register stays as at the trap.

@@ -181,13 +181,13 @@ fn read_only_run_decides_but_writes_nothing() {
 
 #[test]
 fn explanations_fit_and_codes_have_words() {
-    for v in [0, 1, 2, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+    for v in [0, 1, 2, 3, 4, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
         let r = Reason::from_u32(v).unwrap();
         assert_eq!(r as u32, v);
         assert!(!r.to_string().is_empty());
     }
-    assert!(Reason::from_u32(3).is_none());
-    for v in 0..8 {
+    assert!(Reason::from_u32(5).is_none());
+    for v in 0..9 {
         assert!(!CrashKind::from_u32(v).unwrap().to_string().is_empty());
     }
 }
@@ -310,4 +310,119 @@ fn preempt_rt_bottom_halves_come_from_the_task_and_the_kill_says_what_it_cannot_
     let out = g.run();
     check(&out, Action::Kill, Reason::KillDirectPanic);
     assert!(!str_of(&out.reason).contains("PREEMPT_RT"), "{}", str_of(&out.reason));
+}
+
+// --- a warning made fatal by panic_on_warn (repair_kernel::warn) ---------
+
+const CHECK_PANIC_ON_WARN: u64 = KBASE_LINK + 0x10_1000;
+const WARN_CALLER: u64 = KBASE_LINK + 0x10_2000;
+const T_PENDING: u64 = 0x800;
+
+/// `check_panic_on_warn` at +0x1c calls `panic`: the trap at panic's entry,
+/// with check_panic_on_warn's frame above it (CFA = rsp + 0x18 at the call,
+/// rbx saved at CFA-16), returning into `__warn` at WARN_CALLER + 0x50.
+fn warning_scene() -> Guest {
+    let mut g = scene();
+    g.layout.set(Item::SymCheckPanicOnWarn, CHECK_PANIC_ON_WARN);
+    g.layout.set(Item::SymCheckPanicOnWarnSize, 0x40);
+    let rule = repair_kernel::frame::FrameRule { cfa_reg: 7, cfa_words: 3, saved: [2, 0, 0, 0, 0, 0] };
+    g.layout.set(Item::FrameWarnCallsPanic, rule.pack());
+    g.layout.set(Item::TaskPendingSignal, T_PENDING);
+    g.layout.set(Item::TaskThreadInfoFlags, 0);
+    g.layout.set(Item::TifSigpending, 2);
+    let t = g.tasks[4];
+    let origin = g.rodata_str("kernel");
+    g.crash_at(t, CHECK_PANIC_ON_WARN + 0x21, "%s: panic_on_warn set ...\n", &[origin]);
+    let rsp = g.regs.rsp;
+    // After panic's return address: check_panic_on_warn's frame.
+    g.w64(rsp + 8 + 0x10, rt(WARN_CALLER + 0x50)); // CFA - 8
+    g.w64(rsp + 8 + 0x08, 0x1111_2222); // rbx at CFA - 16
+    g.regs.rbx = 0xbad;
+    g
+}
+
+#[test]
+fn a_panic_on_warn_warning_resumes_into_the_warning_and_sigkills_the_task() {
+    let mut g = warning_scene();
+    let regs = g.regs;
+    let t = g.tasks[4];
+    let out = g.run();
+    check(&out, Action::ResumeWarning, Reason::WarningResumedKill);
+    assert_eq!(CrashKind::from_u32(out.crash_kind), Some(CrashKind::PanicOnWarn));
+    assert_eq!(str_of(&out.message), "kernel: panic_on_warn set ...");
+    let mut expect = regs;
+    expect.rip = rt(WARN_CALLER + 0x50);
+    expect.rsp = regs.rsp + 8 + 0x18;
+    expect.rbx = 0x1111_2222;
+    assert_eq!(out.resume, expect);
+    // SIGKILL pending (sigset bit 8), TIF_SIGPENDING (the image's bit 2).
+    assert_eq!(g.r64(t + T_PENDING), 0x100);
+    assert_eq!(g.r64(t) & 0x4, 0x4);
+    assert!(str_of(&out.reason).contains("pid 73 (crasher) gets SIGKILL"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn a_warning_in_a_kernel_thread_resumes_with_nobody_killed() {
+    let mut g = warning_scene();
+    let k = g.tasks[5];
+    g.set_percpu(0, PCPU_CURRENT_TASK, k);
+    let out = g.run();
+    check(&out, Action::ResumeWarning, Reason::WarningResumed);
+    assert_eq!(g.r64(k + T_PENDING), 0);
+    assert!(str_of(&out.reason).contains("kernel thread kthreadd"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn a_warning_in_hardirq_context_resumes_with_nobody_killed() {
+    let mut g = warning_scene();
+    let area = g.percpu_area(0);
+    g.w32(area + PCPU_PREEMPT_COUNT, 0x8001_0000);
+    let t = g.tasks[4];
+    let out = g.run();
+    check(&out, Action::ResumeWarning, Reason::WarningResumed);
+    assert_eq!(g.r64(t + T_PENDING), 0);
+    assert!(str_of(&out.reason).contains("hardirq"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn without_a_frame_rule_the_warning_task_is_killed_as_before() {
+    let mut g = warning_scene();
+    g.layout.set(Item::FrameWarnCallsPanic, u64::MAX);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(str_of(&out.reason).contains("could not return into the warning"), "{}", str_of(&out.reason));
+    assert_eq!(out.resume.rip, rt(REWIND));
+}
+
+#[test]
+fn a_hostile_return_address_is_not_resumed_into() {
+    // check_panic_on_warn's return address outside kernel text.
+    let mut g = warning_scene();
+    let rsp = g.regs.rsp;
+    g.w64(rsp + 8 + 0x10, 0x4141_4141_4141);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(str_of(&out.reason).contains("not in kernel text"), "{}", str_of(&out.reason));
+    // A frame rule that points below the stack pointer, or a mile above.
+    for rule in [
+        repair_kernel::frame::FrameRule { cfa_reg: 6, cfa_words: 2, saved: [0; 6] },
+        repair_kernel::frame::FrameRule { cfa_reg: 7, cfa_words: 255, saved: [255, 0, 0, 0, 0, 0] },
+    ] {
+        let mut g = warning_scene();
+        g.regs.rbp = 8; // rbp-based: far below rsp
+        g.layout.set(Item::FrameWarnCallsPanic, rule.pack());
+        let out = g.run();
+        assert_ne!(Action::from_u32(out.action), Some(Action::ResumeWarning), "{rule:?}: {}", str_of(&out.reason));
+    }
+}
+
+#[test]
+fn without_the_sigpending_bit_the_warning_resumes_and_nobody_is_killed() {
+    let mut g = warning_scene();
+    g.layout.set(Item::TifSigpending, u64::MAX);
+    let t = g.tasks[4];
+    let out = g.run();
+    check(&out, Action::ResumeWarning, Reason::WarningResumed);
+    assert_eq!(g.r64(t + T_PENDING), 0);
+    assert!(str_of(&out.reason).contains("SIGKILL could not be made pending"), "{}", str_of(&out.reason));
 }

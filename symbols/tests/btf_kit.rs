@@ -24,6 +24,8 @@ fn items(p: &Profile) -> Vec<(String, Option<u64>)> {
                 Kind::Size => p.size(item.ty),
                 Kind::Offset => p.offset(item.ty, item.member),
                 Kind::MemberSize => p.member(item.ty, item.member).map(|m| m.size),
+                // From the call-frame information, by the builder: not in a profile.
+                Kind::CallFrame | Kind::ThreadFlagBit => None,
             };
             (format!("{:?} {} {}", item.kind, item.ty, item.member), value)
         })

@@ -293,7 +293,7 @@ impl TypeRecord {
         self.reason = e.reason.clone();
         self.offender_pid = e.pid;
         self.offender_comm = e.comm.clone();
-        self.action = Some(if e.event == "repaired" { "kill" } else { "decline" }.into());
+        self.action = e.action.clone().or_else(|| Some(if e.event == "repaired" { "kill" } else { "decline" }.into()));
         self.repair_ms = e.timings_ms.as_ref().map(|t| t.total);
     }
 }
@@ -1004,7 +1004,7 @@ fn yn(v: Option<bool>) -> &'static str {
 const NOTES: &str = r#"
 ## Reading the table
 
-- **recovered**: trapped at `panic`, the repair kernel's verdict was a kill, the crashing child died with SIGKILL (137), the guest answered, the bystander's checksummed records verified, and a new process ran.
+- **recovered**: trapped at `panic`, the repair kernel's verdict was a kill (or, for a warning that `panic_on_warn` made fatal, the warning resumed as without panic_on_warn and the warning task given a pending SIGKILL: `resume-warning`), the crashing child died with SIGKILL (137), the guest answered, the bystander's checksummed records verified, and a new process ran.
 - **hang: recovered**: the sampler (guest RAM, no stop) saw a CPU run the same non-idle task with no context switch and no user time for the threshold (counted in CPU time QEMU's vCPU thread really got: a starved or paused guest is never hung) and reported it at once, not certain; the hang became certain when no timer tick landed for the threshold of vCPU time (IRQs off: HARDLOCKUP) or after the kill-after without progress (the guest's own soft-lockup limit, 2 x `watchdog_thresh` = 20 s) while the task's kernel stack kept cycling through a few states (a spin); only then the watcher paused the guest, made the stuck vCPU look as if it had called `panic()` where it spins (return address and message pushed below its stack pointer) and ran the repair kernel with the usual verdict (interrupt context, init, kernel thread, preempt count): the kill is what an oops at that instruction does without `panic_on_oops`. SPINLOCKUP is triggered twice (the first call takes LKDTM's lock and returns holding it); after its repair that lock stays held, which only LKDTM uses.
 - **hang: detected, finished by itself**: reported within a second (no switch, no user time), never certain: the task's kernel stack changed at most samples (ATOMIC_TIMING and REFCOUNT_TIMING count to INT_MAX in a stack variable: 60-95 s of vCPU time under TCG, past the 20 s soft-lockup limit, so a rule on time alone would kill them), so nothing was killed and the task finished by itself. Before the certainty policy both were killed at 500 ms.
 - **no crash**: the kernel did not panic: a WARN (WARNING*, REFCOUNT_* saturation, UNSET_SMEP's pinned-CR4 WARN, SLAB_FREE_CROSS), an XFAIL (DOUBLE_FAULT is ia32-only, CORRUPT_PAC arm64-only, WRITE_OPD needs function descriptors, UNALIGNED_LOAD_STORE_WRITE), or a protection this kernel does not have (FORTIFY_SOURCE, CFI, STACKLEAK, UBSAN for OVERFLOW_*/ARRAY_BOUNDS, INIT_ON_ALLOC, KASAN/slub_debug for the heap types). These are honest outcomes of this kernel build, not misses of the watcher: there is nothing to repair at the moment of the trigger.
