@@ -87,3 +87,8 @@ fn v6_12_text_snapshot_is_the_booted_text() {
 fn v7_text_snapshot_is_the_booted_text() {
     snapshot_matches(Series::V7);
 }
+
+#[test]
+fn v6_12_rt_text_snapshot_is_the_booted_text() {
+    snapshot_matches(Series::V6_12Rt);
+}

@@ -129,3 +129,19 @@ pub fn quarantine<G: GuestAccess + ?Sized>(guest: &mut G, session: &Session, pid
     task::make_sigkill_pending(&mut k, t)?;
     Ok(Quarantined { pid, comm, state, already_exiting: false, task: t.0 })
 }
+
+/// The process to quarantine for the crash `o` whose offender was `pid`:
+/// the crashed task's thread group (`tgid`) when the verdict declined it as
+/// a worker thread of a user process (an io_uring or vhost worker runs its
+/// owner's request; the worker cannot be ended without hanging its owner,
+/// see `repair_kernel::verdict`, while the owner, killed at the checkpoint,
+/// exits cleanly with its workers); `pid` otherwise.
+pub fn process_of(o: &crate::flow::Outcome, pid: i32) -> i32 {
+    let worker = repair_kernel::verdict::Reason::from_u32(o.out.reason_code)
+        == Some(repair_kernel::verdict::Reason::DeclineUserWorker);
+    if worker && pid == o.out.pid && o.out.tgid > 0 {
+        o.out.tgid
+    } else {
+        pid
+    }
+}

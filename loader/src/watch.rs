@@ -893,7 +893,7 @@ impl<G: GuestAccess + ?Sized> Watcher<'_, G> {
                 return Ok(());
             }
         }
-        if let Some(pid) = quarantine {
+        if let Some(pid) = quarantine.map(|p| crate::quarantine::process_of(o, p)) {
             match crate::quarantine::quarantine(self.guest, self.session, pid) {
                 Ok(qd) => self.events.emit(&Event {
                     event: "quarantined",

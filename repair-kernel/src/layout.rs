@@ -238,6 +238,17 @@ items! {
     SlubCode2End = UnitRange("mm/slub.c", "2.end"), optional;
     SlubCode3Start = UnitRange("mm/slub.c", "3.start"), optional;
     SlubCode3End = UnitRange("mm/slub.c", "3.end"), optional;
+    // --- threads that are neither user processes nor kernel threads ---
+    // `create_io_thread` (5.12+) sets `kernel_clone_args.io_thread`, which
+    // makes the thread `PF_IO_WORKER`; since 6.4 `user_worker` makes io_uring
+    // and vhost workers `PF_USER_WORKER`. Where a member exists, its flag
+    // means what it says; only their presence is read.
+    KcaIoThread = Offset("kernel_clone_args", "io_thread"), optional;
+    KcaUserWorker = Offset("kernel_clone_args", "user_worker"), optional;
+    // --- PREEMPT_RT: bottom halves are disabled per task
+    // (`task->softirq_disable_cnt`, the RT `softirq_count()`), not in
+    // `preempt_count`; the member exists only with CONFIG_PREEMPT_RT ---
+    TaskSoftirqDisableCnt = Offset("task_struct", "softirq_disable_cnt"), optional;
 }
 
 /// Number of items in the table.

@@ -187,6 +187,7 @@ fn crash_context<M: PhysMem + ?Sized>(
         CrashKind::classify(at_panic_entry, from_oops_end, &out.message[..msg_len])
     };
     let current = percpu::current_task(k, cpu).and_then(|t| TaskInfo::read(k, t));
+    let softirq_disable_cnt = current.as_ref().ok().and_then(|c| task::task_softirq_disable_cnt(k, c.task));
     CrashContext {
         cpu,
         regs,
@@ -201,6 +202,8 @@ fn crash_context<M: PhysMem + ?Sized>(
         panic_cpu: percpu::panic_cpu(k),
         task_list: task::for_each_process(k, input.max_tasks, |_| true),
         corrupt_pages,
+        user_worker_flags: task::user_worker_flags(k),
+        softirq_disable_cnt,
         warning: from_warning.then(|| warn::warning_return(k, &regs)),
     }
 }

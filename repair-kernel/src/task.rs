@@ -11,6 +11,11 @@ pub const PF_IDLE: u32 = 0x0000_0002;
 pub const PF_EXITING: u32 = 0x0000_0004;
 /// `PF_KTHREAD`: a kernel thread.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `PF_IO_WORKER`: an io_uring worker (`create_io_thread`, 5.12+).
+pub const PF_IO_WORKER: u32 = 0x0000_0010;
+/// `PF_USER_WORKER`: a kernel thread cloned from a user thread (io_uring
+/// and vhost workers, 6.4+).
+pub const PF_USER_WORKER: u32 = 0x0000_4000;
 
 /// Iteration cap used when the contract gives none (`PID_MAX_DEFAULT` x 2).
 pub const DEFAULT_MAX_TASKS: u32 = 65536;
@@ -124,6 +129,29 @@ pub fn task_state<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, t: Task) -> Result<u32
 /// `task->flags` (`unsigned int`, `PF_*`).
 pub fn task_flags<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, t: Task) -> Result<u32, Error> {
     k.read_u32(k.member(t.0, Item::TaskFlags)?)
+}
+
+/// The `PF_*` flags that mark a worker thread of a user process on this
+/// kernel: `PF_IO_WORKER` where `kernel_clone_args.io_thread` exists,
+/// `PF_USER_WORKER` where `kernel_clone_args.user_worker` does (the
+/// numbers are defines, not in DWARF; the members say the flags exist).
+pub fn user_worker_flags<M: PhysMem + ?Sized>(k: &Kernel<'_, M>) -> u32 {
+    let mut f = 0;
+    if k.opt(Item::KcaIoThread).is_some() {
+        f |= PF_IO_WORKER;
+    }
+    if k.opt(Item::KcaUserWorker).is_some() {
+        f |= PF_USER_WORKER;
+    }
+    f
+}
+
+/// `task->softirq_disable_cnt` (`int`, PREEMPT_RT only: the task's
+/// bottom-half disable count, RT's `softirq_count()`); `None` where the
+/// kernel has no such member.
+pub fn task_softirq_disable_cnt<M: PhysMem + ?Sized>(k: &Kernel<'_, M>, t: Task) -> Option<Result<u32, Error>> {
+    k.opt(Item::TaskSoftirqDisableCnt)?;
+    Some(k.member(t.0, Item::TaskSoftirqDisableCnt).and_then(|a| k.read_u32(a)))
 }
 
 /// `task->exit_state` (`int`, `EXIT_ZOMBIE` 0x20, `EXIT_DEAD` 0x10).

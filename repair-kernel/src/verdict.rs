@@ -14,7 +14,7 @@ use crate::contract::{Action, CpuState};
 use crate::fmtbuf::FmtBuf;
 use crate::mem::{Error, Gva};
 use crate::percpu::{HARDIRQ_MASK, NMI_MASK, SOFTIRQ_MASK, SOFTIRQ_OFFSET, PREEMPT_MASK};
-use crate::task::{TaskInfo, PF_EXITING, PF_IDLE, PF_KTHREAD};
+use crate::task::{TaskInfo, PF_EXITING, PF_IDLE, PF_IO_WORKER, PF_KTHREAD, PF_USER_WORKER};
 use crate::arch::x86_64::RFLAGS_IF;
 use crate::frame::Frame;
 use crate::warn::WarnError;
@@ -144,6 +144,10 @@ pub enum Reason {
     /// corrupt, and the task that allocated next is its victim, not its
     /// cause (`slab.rs`).
     DeclineSlabCorrupt = 31,
+    /// A worker thread of a user process (`PF_USER_WORKER`, `PF_IO_WORKER`):
+    /// its thread function's exit bookkeeping, which its owner waits on at
+    /// exit, is skipped by `make_task_dead`.
+    DeclineUserWorker = 32,
 }
 
 impl Reason {
@@ -158,6 +162,7 @@ impl Reason {
             25 => DeclineInit, 26 => DeclineKernelThread, 27 => DeclineExiting,
             28 => DeclineTaskListCorrupt, 29 => DeclineCorruptKernel, 30 => DeclineFaulted,
             31 => DeclineSlabCorrupt,
+            32 => DeclineUserWorker,
             _ => return Option::None,
         })
     }
@@ -187,6 +192,7 @@ impl fmt::Display for Reason {
             Reason::DeclineCorruptKernel => "decline: kernel text/rodata corrupt",
             Reason::DeclineFaulted => "decline: repair kernel faulted",
             Reason::DeclineSlabCorrupt => "decline: oops in the slab allocator (heap corrupt)",
+            Reason::DeclineUserWorker => "decline: worker thread of a user process",
         })
     }
 }
@@ -220,6 +226,12 @@ pub struct CrashContext {
     pub task_list: Result<u32, Error>,
     /// Kernel pages still differing from the snapshot after any restore.
     pub corrupt_pages: u32,
+    /// The `PF_*` flags that mark a user process's worker thread on this
+    /// kernel (`task::user_worker_flags`); 0 where it has none.
+    pub user_worker_flags: u32,
+    /// PREEMPT_RT: the crashed task's `softirq_disable_cnt`, or why not;
+    /// `None` where the kernel has no such member (not RT).
+    pub softirq_disable_cnt: Option<Result<u32, Error>>,
     /// The panic was called by `check_panic_on_warn`: the state at the
     /// return into its caller, or why it could not be found. `None` for any
     /// other panic.
@@ -267,6 +279,11 @@ fn decide_warning(ctx: &CrashContext, frame: &Frame, why: &mut FmtBuf<'_>) -> Ve
                 Some(Ok(()))
             } else if cur.flags & PF_KTHREAD != 0 {
                 let _ = write!(why, "; nobody is killed: it fired in kernel thread {} (pid {}), which never returns to user mode", cur.comm_str(), cur.pid);
+                Some(Ok(()))
+            } else if cur.flags & ctx.user_worker_flags != 0 {
+                // An io_uring or vhost worker never returns to user mode
+                // either; its process is not the warning's cause.
+                let _ = write!(why, "; nobody is killed: it fired in {} (pid {}), a worker thread of process {}", cur.comm_str(), cur.pid, cur.tgid);
                 Some(Ok(()))
             } else if cur.flags & PF_EXITING != 0 {
                 let _ = write!(why, "; nobody is killed: pid {} ({}) is already exiting", cur.pid, cur.comm_str());
@@ -355,6 +372,9 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
         let _ = write!(why, "panic with bottom halves disabled (preempt_count={pc:#x}): in_interrupt() is true, so make_task_dead would panic anyway; letting the panic complete");
         return Verdict::decline(Reason::DeclineBhDisabled);
     }
+    if let Some(v) = rt_bottom_halves(ctx, why) {
+        return v;
+    }
     let comm = cur.comm_str();
     if cur.pid == 0 || cur.flags & PF_IDLE != 0 {
         let _ = write!(why, "the crashed task is the idle task of CPU {} (pid {}, {comm}): it cannot exit; letting the panic complete", ctx.cpu, cur.pid);
@@ -367,6 +387,9 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     if cur.flags & PF_KTHREAD != 0 {
         let _ = write!(why, "the crashed task is kernel thread {comm} (pid {}): others may wait on it forever; letting the panic complete", cur.pid);
         return Verdict::decline(Reason::DeclineKernelThread);
+    }
+    if let Some(v) = user_worker(ctx, cur, why) {
+        return v;
     }
     if cur.flags & PF_EXITING != 0 || cur.exit_state != 0 {
         let _ = write!(why, "pid {} ({comm}) crashed while already exiting (flags={:#x}, exit_state={:#x}): a recursive fault, perhaps after an earlier repair; letting the panic complete", cur.pid, cur.flags, cur.exit_state);
@@ -395,6 +418,9 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     if r.rflags & RFLAGS_IF == 0 && !ctx.from_oops_end {
         let _ = write!(why, "; IRQs were off (make_task_dead re-enables them)");
     }
+    if ctx.softirq_disable_cnt.is_some() {
+        let _ = write!(why, "; PREEMPT_RT: a held spinlock (an rt_mutex, not in preempt_count) cannot be ruled out");
+    }
     if let Some(Err(e)) = &ctx.warning {
         let _ = write!(why, "; could not return into the warning instead: {e}");
     }
@@ -404,4 +430,58 @@ pub fn decide(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Verdict {
     resume.rip = rewind.0;
     resume.rdi = SIGKILL;
     Verdict { action: Action::Kill, reason, resume }
+}
+
+/// PREEMPT_RT keeps bottom-half state in the task, not in `preempt_count`:
+/// `softirq_count()` is `current->softirq_disable_cnt & SOFTIRQ_MASK`, and
+/// `make_task_dead`'s `in_interrupt()` reads it. Serving a softirq, or with
+/// bottom halves disabled (the per-CPU `softirq_ctrl.lock` then held by
+/// this task), the kill cannot go through; `None` to go on.
+fn rt_bottom_halves(ctx: &CrashContext, why: &mut FmtBuf<'_>) -> Option<Verdict> {
+    let cnt = match ctx.softirq_disable_cnt? {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = write!(why, "cannot read the crashed task's softirq_disable_cnt (PREEMPT_RT keeps bottom-half state there, not in preempt_count): {e}; letting the panic complete");
+            return Some(Verdict::decline(Reason::DeclineUnreadable));
+        }
+    };
+    if cnt & SOFTIRQ_OFFSET != 0 {
+        let _ = write!(why, "panic in softirq context (PREEMPT_RT: the task's softirq_disable_cnt={cnt:#x}): killing the task cannot unwind the softirq; letting the panic complete");
+        return Some(Verdict::decline(Reason::DeclineSoftirq));
+    }
+    if cnt & SOFTIRQ_MASK != 0 {
+        let _ = write!(why, "panic with bottom halves disabled (PREEMPT_RT: the task's softirq_disable_cnt={cnt:#x}): in_interrupt() is true, so make_task_dead would panic anyway, and the CPU's softirq lock is held; letting the panic complete");
+        return Some(Verdict::decline(Reason::DeclineBhDisabled));
+    }
+    None
+}
+
+/// A worker thread of a user process (io_uring's `iou-wrk-*`/`iou-sqp-*`,
+/// vhost's): not a kernel thread, yet not the process either. The kernel's
+/// own oops path (`make_task_dead` then `do_exit`) skips the thread
+/// function's exit bookkeeping: io_uring's `io_worker_exit` (the worker
+/// stays on its io-wq's lists with a dangling task pointer, the in-flight
+/// request never completes, `worker_refs` never drops) and vhost's
+/// `complete(&vtsk->exited)`; the SQPOLL thread's unlock of `sqd->lock`,
+/// which it holds while it runs (`io_sq_thread_stop` takes it).
+/// The owner then never finishes its exit
+/// (`io_uring_cancel_generic` waits on the request, `io_wq_exit_workers`
+/// wakes the freed task and waits on `worker_done`; `vhost_task_stop`
+/// waits on `exited`), and killing the owner as well ends the same way.
+/// Declined; `None` for any other task.
+fn user_worker(ctx: &CrashContext, cur: &TaskInfo, why: &mut FmtBuf<'_>) -> Option<Verdict> {
+    let f = cur.flags & ctx.user_worker_flags;
+    if f == 0 {
+        return None;
+    }
+    let (kind, exit) = if f & PF_IO_WORKER != 0 {
+        // io-wq's workers and the SQPOLL thread (`io_sq_thread`, which
+        // runs holding `sqd->lock`, taken by its owner's exit) alike.
+        ("an io_uring thread (PF_IO_WORKER)", "its exit bookkeeping (io_worker_exit; SQPOLL's unlock of sqd->lock)")
+    } else {
+        debug_assert!(f & PF_USER_WORKER != 0);
+        ("a user worker (PF_USER_WORKER)", "its thread function's exit")
+    };
+    let _ = write!(why, "{} (pid {}) is {kind} of process {}: killing it skips {exit}, so that process could never finish exiting; letting the panic complete", cur.comm_str(), cur.pid, cur.tgid);
+    Some(Verdict::decline(Reason::DeclineUserWorker))
 }

@@ -181,7 +181,7 @@ fn read_only_run_decides_but_writes_nothing() {
 
 #[test]
 fn explanations_fit_and_codes_have_words() {
-    for v in [0, 1, 2, 3, 4, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30] {
+    for v in [0, 1, 2, 3, 4, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32] {
         let r = Reason::from_u32(v).unwrap();
         assert_eq!(r as u32, v);
         assert!(!r.to_string().is_empty());
@@ -243,6 +243,73 @@ fn without_preempt_count_the_verdict_says_what_it_cannot_rule_out() {
     g.layout.set(Item::SymPreemptSchedule, KBASE_LINK + 0x7_0000);
     let out = g.run();
     assert!(!str_of(&out.reason).contains("CONFIG_PREEMPT_COUNT"), "{}", str_of(&out.reason));
+}
+
+/// `task_struct.softirq_disable_cnt` in the scene's layout (PREEMPT_RT).
+const T_SOFTIRQ_DISABLE_CNT: u64 = 0x5c0;
+
+#[test]
+fn user_workers_are_declined_where_the_kernel_has_them() {
+    // An io_uring worker of the crasher (6.4+: PF_IO_WORKER|PF_USER_WORKER,
+    // the flags of create_io_thread's thread).
+    let worker = |g: &mut Guest| {
+        let t = g.add_task(TaskSpec { pid: 74, tgid: 73, comm: "iou-wrk-73", flags: 0x0040_4150, state: 0 });
+        g.set_percpu(0, PCPU_CURRENT_TASK, t);
+        g.crash_direct(t, "sysrq triggered crash", &[]);
+    };
+    let mut g = scene();
+    worker(&mut g);
+    g.layout.set(Item::KcaIoThread, 0x40);
+    g.layout.set(Item::KcaUserWorker, 0x40);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineUserWorker);
+    let why = str_of(&out.reason);
+    assert!(why.starts_with("iou-wrk-73 (pid 74) is an io_uring thread (PF_IO_WORKER) of process 73"), "{why}");
+    assert!(why.contains("io_worker_exit"), "{why}");
+    // A vhost worker: PF_USER_WORKER only.
+    let mut g = scene();
+    let t = g.add_task(TaskSpec { pid: 80, tgid: 79, comm: "vhost-79", flags: 0x0040_4040, state: 0 });
+    g.set_percpu(0, PCPU_CURRENT_TASK, t);
+    g.crash_direct(t, "sysrq triggered crash", &[]);
+    g.layout.set(Item::KcaIoThread, 0x40);
+    g.layout.set(Item::KcaUserWorker, 0x40);
+    let out = g.run();
+    check(&out, Action::Decline, Reason::DeclineUserWorker);
+    assert!(str_of(&out.reason).contains("PF_USER_WORKER"), "{}", str_of(&out.reason));
+    // A kernel whose kernel_clone_args has neither member gives the bits no
+    // meaning: the task is a process, as before.
+    let mut g = scene();
+    worker(&mut g);
+    check(&g.run(), Action::Kill, Reason::KillDirectPanic);
+}
+
+#[test]
+fn preempt_rt_bottom_halves_come_from_the_task_and_the_kill_says_what_it_cannot_rule_out() {
+    let rt_scene = |cnt: u32| {
+        let mut g = scene();
+        g.layout.set(Item::TaskSoftirqDisableCnt, T_SOFTIRQ_DISABLE_CNT);
+        let t = g.tasks[4];
+        g.w32(t + T_SOFTIRQ_DISABLE_CNT, cnt);
+        g
+    };
+    let out = rt_scene(0).run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    let why = str_of(&out.reason);
+    assert!(why.contains("PREEMPT_RT: a held spinlock (an rt_mutex, not in preempt_count) cannot be ruled out"), "{why}");
+    // Bottom halves disabled (local_bh_disable: SOFTIRQ_DISABLE_OFFSET),
+    // with preempt_count clean as RT leaves it.
+    let out = rt_scene(0x200).run();
+    check(&out, Action::Decline, Reason::DeclineBhDisabled);
+    assert!(str_of(&out.reason).contains("softirq_disable_cnt=0x200"), "{}", str_of(&out.reason));
+    // Serving a softirq.
+    check(&rt_scene(0x100).run(), Action::Decline, Reason::DeclineSoftirq);
+    // Not RT: the same bits mean nothing and no RT note is written.
+    let mut g = scene();
+    let t = g.tasks[4];
+    g.w32(t + T_SOFTIRQ_DISABLE_CNT, 0x200);
+    let out = g.run();
+    check(&out, Action::Kill, Reason::KillDirectPanic);
+    assert!(!str_of(&out.reason).contains("PREEMPT_RT"), "{}", str_of(&out.reason));
 }
 
 // --- a warning made fatal by panic_on_warn (repair_kernel::warn) ---------
@@ -358,4 +425,18 @@ fn without_the_sigpending_bit_the_warning_resumes_and_nobody_is_killed() {
     check(&out, Action::ResumeWarning, Reason::WarningResumed);
     assert_eq!(g.r64(t + T_PENDING), 0);
     assert!(str_of(&out.reason).contains("SIGKILL could not be made pending"), "{}", str_of(&out.reason));
+}
+
+#[test]
+fn a_warning_in_a_user_worker_resumes_with_nobody_killed() {
+    let mut g = warning_scene();
+    // PF_IO_WORKER (0x10) on the warning task, on a kernel that has it.
+    g.layout.set(Item::KcaIoThread, 0x40);
+    let t = g.tasks[4];
+    let flags = g.r64(t + T_FLAGS) as u32;
+    g.w32(t + T_FLAGS, flags | 0x10);
+    let out = g.run();
+    check(&out, Action::ResumeWarning, Reason::WarningResumed);
+    assert_eq!(g.r64(t + T_PENDING), 0);
+    assert!(str_of(&out.reason).contains("a worker thread of process"), "{}", str_of(&out.reason));
 }

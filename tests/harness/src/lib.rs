@@ -125,6 +125,10 @@ pub struct GuestConfig {
     /// with `rdinit=/sbin/init` instead of the busybox one.
     /// [`GuestConfig::distro`].
     pub distro: bool,
+    /// Host files put into the guest's initramfs at the given absolute
+    /// paths (their directories must exist there, as `/bin` does), as an
+    /// extra cpio archive after the kit's. [`GuestConfig::with_file`].
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl GuestConfig {
@@ -147,7 +151,16 @@ impl GuestConfig {
             gdb_tcp: false,
             no_gdb: false,
             distro: false,
+            files: Vec::new(),
         }
+    }
+
+    /// Puts the host file `host` into the guest at `guest_path` (an
+    /// executable such as a test's static program; mode 0755):
+    /// [`GuestConfig::files`].
+    pub fn with_file(mut self, host: impl Into<PathBuf>, guest_path: &str) -> Self {
+        self.files.push((host.into(), guest_path.to_string()));
+        self
     }
 
     /// The kit's Debian 13 guest: systemd as pid 1 from
@@ -366,6 +379,10 @@ impl Guest {
                 &format!("unix:{},server=on,wait=off", dir.path().join("qmp.sock").display()),
             ])
             .args(["-device", "pvpanic"]);
+        let initrd = match initrd {
+            Some(base) if !cfg.files.is_empty() => Some(initrd_with_files(&base, &cfg.files, dir.path())?),
+            other => other,
+        };
         if let Some(initrd) = &initrd {
             cmd.arg("-initrd").arg(initrd);
         }
@@ -900,6 +917,36 @@ pub(crate) fn announced_pid(console: &str, id: u64) -> Option<u32> {
 pub struct CrashHandle {
     pub id: u64,
     pub pid: u32,
+}
+
+/// `base` followed by a `newc` cpio archive of `files`, written in `dir`:
+/// the kernel unpacks concatenated archives in turn, compressed or not.
+fn initrd_with_files(base: &Path, files: &[(PathBuf, String)], dir: &Path) -> Result<PathBuf> {
+    fn entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
+        let name = name.trim_start_matches('/');
+        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    let mut out = std::fs::read(base)?;
+    // The kernel looks for the next archive's magic on a 4-byte boundary.
+    out.resize(out.len().next_multiple_of(4), 0);
+    for (i, (host, guest)) in files.iter().enumerate() {
+        let data = std::fs::read(host)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", host.display())))?;
+        entry(&mut out, 0x7000_0000 + i as u32, 0o100755, guest, &data);
+    }
+    entry(&mut out, 0, 0, "TRAILER!!!", &[]);
+    let path = dir.join("initrd.cpio");
+    std::fs::write(&path, out)?;
+    Ok(path)
 }
 
 #[cfg(test)]
