@@ -27,15 +27,8 @@ const STAGE_BASE: u64 = 448 << 20;
 const STAGE_SIZE: u64 = 32 << 20;
 
 fn system_map_symbol(name: &str) -> u64 {
-    let path = Kit::locate().unwrap().system_map(Kernel::Lkdtm).unwrap();
-    let text = std::fs::read_to_string(path).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
-            (n == name).then(|| u64::from_str_radix(a, 16).ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("{name} not in System.map"))
+    let kit = Kit::locate().unwrap();
+    kit.symbol(Kernel::Lkdtm, name).unwrap().unwrap_or_else(|| panic!("{name} not in System.map"))
 }
 
 type Backend = WithRam<GdbGuest, RamFile>;

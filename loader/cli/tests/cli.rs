@@ -4,29 +4,9 @@ mod support;
 
 use harness::{Guest, GuestConfig, Kernel};
 use std::process::Stdio;
-use support::{bin, image_file, start_watch, wait_exit};
+use support::{bin, image_file, start_watch, wait_armed, wait_exit};
 use std::time::{Duration, Instant};
 
-/// Waits until the child's stderr says its trap is armed; the rest of
-/// stderr is collected in the background and returned by the handle.
-fn wait_armed(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("trap armed") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(120)).expect("the trap was never armed");
-    h
-}
 
 #[test]
 fn watch_repairs_crashes_and_reports_each_as_json() {

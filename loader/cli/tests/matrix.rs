@@ -9,21 +9,8 @@ use harness::{Guest, GuestConfig, Kernel, Kit, Series};
 use loader::access::{GuestAccess, Gva, VcpuId};
 use std::process::Stdio;
 use std::time::Duration;
-use support::{start_watch, wait_event};
+use support::{start_watch, symbol, wait_armed, wait_event};
 
-/// A link-time symbol address from the series' System.map.
-fn symbol(kernel: Kernel, name: &str) -> u64 {
-    let path = Kit::locate().unwrap().system_map(kernel).unwrap();
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
-            (n == name).then(|| u64::from_str_radix(a, 16).ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("{name} is not in {}", path.display()))
-}
 
 /// The stock kernels have no LKDTM, so the BUG-style oops and the kernel
 /// spinner are made the way the design's fault injection does it: through
@@ -235,26 +222,6 @@ fn diagnosis_is_the_guests(series: Series) {
     assert!(p.call_trace.iter().any(|f| f == "sysrq_handle_crash"), "{series}: {:?}", p.call_trace);
 }
 
-/// Waits until the child's stderr says its trap is armed; the rest of
-/// stderr is collected in the background and returned by the handle.
-fn wait_armed(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("trap armed") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(180)).expect("the trap was never armed");
-    h
-}
 
 #[test]
 fn v5_10_repairs() {

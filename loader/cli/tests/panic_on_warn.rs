@@ -17,7 +17,10 @@
 //! past the lock if the first had left it held. On the 6.1 LKDTM kernel
 //! (no `vpanic`: the trap is `panic`'s first byte) a plain WARN().
 
+mod support;
+
 use harness::{Guest, GuestConfig, Kernel};
+use support::symbol;
 use loader::access::GuestAccess;
 use loader::flow::{Mode, Session};
 use loader::gdb::GdbGuest;
@@ -102,19 +105,6 @@ fn a_warning_is_resumed_from_panics_first_byte_on_6_1() {
     still_healthy(&mut guest);
 }
 
-/// A link-time symbol address from the kernel's System.map.
-fn symbol(kernel: Kernel, name: &str) -> u64 {
-    let path = harness::Kit::locate().unwrap().system_map(kernel).unwrap();
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
-            (n == name).then(|| u64::from_str_radix(a, 16).ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("{name} is not in {}", path.display()))
-}
 
 /// `struct bug_entry` as pahole reads the vmlinux's DWARF: its size and the
 /// offsets of `bug_addr_disp`, `format_disp` (7.x: relative, like the

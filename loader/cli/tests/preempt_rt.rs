@@ -11,7 +11,7 @@ mod support;
 use harness::{Guest, GuestConfig, Kernel, Kit, Series};
 use std::process::Stdio;
 use std::time::Duration;
-use support::{start_watch, wait_event};
+use support::{start_watch, wait_armed, wait_event};
 
 const KERNEL: Kernel = Kernel::Matrix(Series::V6_12Rt);
 const LONG: Duration = Duration::from_secs(240);
@@ -88,23 +88,3 @@ fn the_diagnosis_on_preempt_rt_is_the_guests_own_report() {
     assert!(p.call_trace.iter().any(|f| f == "sysrq_handle_crash"), "{:?}", p.call_trace);
 }
 
-/// Waits until the child's stderr says its trap is armed; the rest of
-/// stderr is collected in the background and returned by the handle.
-fn wait_armed(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("trap armed") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(300)).expect("the trap was never armed");
-    h
-}

@@ -140,6 +140,17 @@ impl Kit {
         self.file(&format!("{}/System.map", k.dir_name()))
     }
 
+    /// A link-time symbol address from the kernel's System.map; `None` when
+    /// the map does not name it.
+    pub fn symbol(&self, k: Kernel, name: &str) -> Result<Option<u64>> {
+        let text = std::fs::read_to_string(self.system_map(k)?)?;
+        Ok(text.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
+            (n == name).then(|| u64::from_str_radix(a, 16).ok()).flatten()
+        }))
+    }
+
     /// The kernel's `.config`.
     pub fn config(&self, k: Kernel) -> Result<PathBuf> {
         self.file(&format!("{}/config", k.dir_name()))

@@ -102,3 +102,32 @@ pub fn qmp2(guest: &Guest) -> loader::qmp::Qmp {
     let addr = guest.qmp2_addr().expect("the guest was booted with_second_qmp");
     loader::qmp::Qmp::connect(&addr.parse().unwrap()).unwrap()
 }
+
+/// Waits until the child's stderr says its trap is armed; the rest of
+/// stderr is collected in the background and returned by the handle.
+pub fn wait_armed(child: &mut Child) -> std::thread::JoinHandle<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("trap armed") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(300)).expect("the trap was never armed");
+    h
+}
+
+/// A link-time symbol address from the kit kernel's System.map.
+pub fn symbol(kernel: Kernel, name: &str) -> u64 {
+    let kit = harness::Kit::locate().unwrap();
+    kit.symbol(kernel, name)
+        .unwrap_or_else(|e| panic!("{kernel:?}: System.map: {e}"))
+        .unwrap_or_else(|| panic!("{name} is not in the System.map of {kernel:?}"))
+}
