@@ -861,6 +861,9 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
     use repair_kernel::verdict::Reason;
     let vcpu = VcpuId(cpu);
     let panic = session.panic_addr()?;
+    if let Some(why) = another_cpu_stuck_irqs_off(g, cpu)? {
+        return Ok(HangRepair::Skipped(why));
+    }
     let mut last = String::from("no attempt");
     for attempt in 0..5 {
         if attempt > 0 {
@@ -921,6 +924,68 @@ pub fn repair_hang<G: crate::access::GuestAccess + ?Sized>(
     }
     g.resume()?;
     Ok(HangRepair::Skipped(last))
+}
+
+/// Rounds of [`another_cpu_stuck_irqs_off`], and the guest's run time
+/// between them.
+const STUCK_ROUNDS: usize = 3;
+const STUCK_GAP: Duration = Duration::from_millis(20);
+/// How far from where it was first seen a vCPU may be found and still
+/// count as stuck there (a `cpu_relax()` loop is a few bytes, a handler's
+/// spin a few dozen).
+const STUCK_RIP_SLACK: u64 = 256;
+
+/// Why a spin on `cpu` is not to be acted on: another vCPU sits in the
+/// kernel with interrupts off at the same place in each of a few pauses
+/// [`STUCK_GAP`] apart (a CPU stuck in an interrupt handler: LKDTM's
+/// SMP_CALL_LOCKUP, whose caller then spins waiting for the IPI's
+/// completion). The spinner most likely waits on that CPU, and killing it
+/// cannot end the hang: the kernel's own course is left to run. Such a CPU
+/// may be running the idle task, which the sampler never reports. Leaves
+/// the guest running.
+fn another_cpu_stuck_irqs_off<G: crate::access::GuestAccess + ?Sized>(
+    g: &mut G,
+    cpu: u32,
+) -> Result<Option<String>, crate::flow::FlowError> {
+    let vcpus = g.vcpus()?;
+    let mut stuck: Option<Vec<(u32, u64)>> = None;
+    for round in 0..STUCK_ROUNDS {
+        if round > 0 {
+            std::thread::sleep(STUCK_GAP);
+        }
+        g.pause()?;
+        let mut now = Vec::new();
+        let mut read = || -> Result<(), crate::flow::FlowError> {
+            for v in vcpus.iter().filter(|v| v.0 != cpu) {
+                let r = g.get_regs(*v)?;
+                if r.cs & 3 == 0 && r.rflags & repair_kernel::arch::x86_64::RFLAGS_IF == 0 {
+                    now.push((v.0, r.rip));
+                }
+            }
+            Ok(())
+        };
+        let read = read();
+        g.resume()?;
+        read?;
+        stuck = Some(match stuck {
+            None => now,
+            Some(before) => before
+                .into_iter()
+                .filter(|&(c, rip)| now.iter().any(|&(c2, rip2)| c2 == c && rip2.abs_diff(rip) <= STUCK_RIP_SLACK))
+                .collect(),
+        });
+        if stuck.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(None);
+        }
+    }
+    Ok(stuck.and_then(|s| s.first().copied()).map(|(other, rip)| {
+        format!(
+            "CPU {other} sits in the kernel with interrupts off at rip {rip:#x} across {STUCK_ROUNDS} pauses {} ms apart \
+             (stuck in an interrupt handler or an IRQs-off loop): the spin on CPU {cpu} most likely waits on it (an IPI's \
+             completion, a lock it holds), and killing the spinning task cannot end the hang",
+            STUCK_GAP.as_millis()
+        )
+    }))
 }
 
 /// Runs `sampler` on its own thread every `cfg.period` until `stop`,

@@ -140,3 +140,28 @@ fn uninterruptible_bursts_are_never_acted_on() {
     assert!(rep.certain.is_empty(), "acted on: {:?}", rep.certain);
     assert_eq!((rep.acted, rep.traps), (0, 0));
 }
+
+/// SMP_CALL_LOCKUP (the 6.12 LKDTM kernel): the target CPU loops in the
+/// IPI's handler with interrupts off (over whatever it ran, often the idle
+/// task, which the sampler never reports), and the caller spins waiting for
+/// the call to complete, preemption off. Killing the caller cannot end the
+/// hang (and left it half-exited: `repair failed` in an earlier catalogue);
+/// the spin is declined, naming the stuck CPU, and nobody is killed. The
+/// hang is real by the guest's own account: its soft-lockup watchdog.
+#[test]
+fn a_spin_waiting_on_a_cpu_stuck_with_interrupts_off_is_not_killed() {
+    let cfg = CampaignConfig {
+        kernel: harness::Kernel::Lkdtm612,
+        types: vec!["SMP_CALL_LOCKUP".into()],
+        hang: HangConfig::default().with_kill_after(Duration::from_secs(3)),
+        hang_wait: Duration::from_secs(90),
+        type_timeout: Duration::from_secs(30),
+        ..CampaignConfig::default()
+    };
+    let rep = campaign::run(&cfg, "catalogue_hang test").expect("campaign");
+    eprintln!("{}", campaign::markdown(&rep));
+    let t = &rep.types[0];
+    assert_eq!(t.class, Class::HangDeclined, "{:?} {:?} {:?}", t.reason, t.notes, t.console);
+    assert_ne!(t.action.as_deref(), Some("kill"), "{:?}", t.reason);
+    assert!(t.notes.iter().all(|n| !n.contains("killed")), "{:?}", t.notes);
+}
