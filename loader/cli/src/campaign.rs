@@ -1271,6 +1271,7 @@ pub fn side_by_side(reports: &[(String, serde_json::Value)]) -> String {
         "rolled back + quarantined",
         "declined for good after one rollback",
         "hang: declined, not rolled back",
+        "declined, not rolled back",
     ];
     for c in classes.iter().copied().chain(std::iter::once("other")) {
         let _ = write!(s, "| {c} |");
