@@ -357,10 +357,13 @@ pub enum Left {
 }
 
 impl GdbGuest {
-    /// Connects with a 5 s request timeout. QEMU stops the guest when a
-    /// debugger connects; [`GuestAccess::resume`] lets it go on.
+    /// Connects with a 15 s request timeout: QEMU answers from its main
+    /// loop, which a loaded host (many TCG guests on few cores) starves for
+    /// seconds at a time; one loaded CI run saw a libvirt guest's stub miss
+    /// 5 s on the connect handshake, again and again. QEMU stops the guest
+    /// when a debugger connects; [`GuestAccess::resume`] lets it go on.
     pub fn connect(ep: Endpoint) -> Result<Self, AccessError> {
-        Self::connect_timeout(ep, Duration::from_secs(5))
+        Self::connect_timeout(ep, Duration::from_secs(15))
     }
 
     pub fn connect_timeout(ep: Endpoint, timeout: Duration) -> Result<Self, AccessError> {
