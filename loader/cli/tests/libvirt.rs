@@ -191,15 +191,53 @@ fn libvirt_hook_arms_a_domain_that_opts_in_and_stops_with_it() {
 }
 
 /// Starts `repair-guest daemon --libvirt` with these arguments.
-fn start_daemon(dir: &Path, extra: &[&str]) -> Child {
-    bin()
-        .args(["daemon", "--libvirt", "--connect", "qemu:///system", "--scan-secs", "5", "--events-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(std::fs::File::create(dir.join("daemon.jsonl")).unwrap())
-        .stderr(std::fs::File::create(dir.join("daemon.stderr")).unwrap())
-        .spawn()
-        .unwrap()
+fn start_daemon(dir: &Path, extra: &[&str]) -> Daemon {
+    Daemon(
+        bin()
+            .args(["daemon", "--libvirt", "--connect", "qemu:///system", "--scan-secs", "5", "--events-dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(std::fs::File::create(dir.join("daemon.jsonl")).unwrap())
+            .stderr(std::fs::File::create(dir.join("daemon.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A daemon, stopped when the test ends whether it passed or not: one left
+/// running (a failed test's) watches every opted-in domain of later tests
+/// and runs, and its watcher holds their gdbstubs (every later run of the
+/// three-domain test failed so, with "has a client already").
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            kill(self.0.id(), libc::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
 }
 
 #[test]
@@ -233,7 +271,7 @@ fn daemon_watches_three_domains_and_drops_one_destroyed() {
     );
     let events: Vec<PathBuf> = names.iter().map(|n| logs.path().join(format!("{n}.events"))).collect();
     for e in &events {
-        wait_event(e, "\"attached\"", 1, Duration::from_secs(180), Some(&mut daemon));
+        wait_event(e, "\"attached\"", 1, Duration::from_secs(180), Some(&mut *daemon));
     }
     // A domain that did not opt in is not watched.
     assert!(std::fs::read_dir(logs.path()).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "events")).count() == 3);
@@ -241,12 +279,12 @@ fn daemon_watches_three_domains_and_drops_one_destroyed() {
     // Guest 0 destroyed midway: its watcher ends, the daemon drops it.
     guests[0].destroy().unwrap();
     let d = logs.path().join("daemon.jsonl");
-    wait_event(&d, &format!("\"guest\":\"{}\",\"message\":\"the guest is gone", names[0]), 1, Duration::from_secs(90), Some(&mut daemon));
+    wait_event(&d, &format!("\"guest\":\"{}\",\"message\":\"the guest is gone", names[0]), 1, Duration::from_secs(90), Some(&mut *daemon));
 
     // The other two are still protected.
     for (g, e) in guests.iter_mut().zip(&events).skip(1) {
         crash_repaired(g);
-        wait_event(e, "\"repaired\"", 1, Duration::from_secs(30), Some(&mut daemon));
+        wait_event(e, "\"repaired\"", 1, Duration::from_secs(30), Some(&mut *daemon));
         assert_running(g);
     }
     let text = std::fs::read_to_string(&d).unwrap();
@@ -380,11 +418,11 @@ fn cost_of_watching_eight_guests() {
         let mut d = start_daemon(logs.path(), &args);
         for nm in &names {
             let e = logs.path().join(format!("{nm}.events"));
-            wait_event(&e, "\"attached\"", round, Duration::from_secs(600), Some(&mut d));
+            wait_event(&e, "\"attached\"", round, Duration::from_secs(600), Some(&mut *d));
         }
         d
     };
-    let stop_daemon = |mut d: Child| {
+    let stop_daemon = |mut d: Daemon| {
         kill(d.id(), libc::SIGTERM);
         assert!(wait_exit(&mut d, 120).success());
     };
@@ -491,27 +529,29 @@ fn daemon_watches_a_socket_directory() {
     }
     let image = image_file(Kernel::Debian, dir.path());
     std::fs::create_dir_all(&logs).unwrap();
-    let mut daemon = bin()
-        .args(["daemon", "--sockets"])
-        .arg(&socks)
-        .arg("--image")
-        .arg(&image)
-        .args(["--hangs", "--scan-secs", "2", "--events-dir"])
-        .arg(&logs)
-        .stdout(std::fs::File::create(logs.join("daemon.jsonl")).unwrap())
-        .stderr(std::fs::File::create(logs.join("daemon.stderr")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = Daemon(
+        bin()
+            .args(["daemon", "--sockets"])
+            .arg(&socks)
+            .arg("--image")
+            .arg(&image)
+            .args(["--hangs", "--scan-secs", "2", "--events-dir"])
+            .arg(&logs)
+            .stdout(std::fs::File::create(logs.join("daemon.jsonl")).unwrap())
+            .stderr(std::fs::File::create(logs.join("daemon.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     for i in 0..2 {
-        wait_event(&logs.join(format!("g{i}.events")), "\"attached\"", 1, Duration::from_secs(120), Some(&mut daemon));
+        wait_event(&logs.join(format!("g{i}.events")), "\"attached\"", 1, Duration::from_secs(120), Some(&mut *daemon));
     }
     // g0's QEMU goes: dropped.
     guests.remove(0);
-    wait_event(&logs.join("daemon.jsonl"), "\"guest\":\"g0\",\"message\":\"the guest is gone", 1, Duration::from_secs(60), Some(&mut daemon));
+    wait_event(&logs.join("daemon.jsonl"), "\"guest\":\"g0\",\"message\":\"the guest is gone", 1, Duration::from_secs(60), Some(&mut *daemon));
     let g = &mut guests[0];
     let crash = g.crash("sysrq-c").unwrap();
     assert_eq!(g.wait_crash_exit(&crash, Duration::from_secs(120)).unwrap(), 137);
-    wait_event(&logs.join("g1.events"), "\"repaired\"", 1, Duration::from_secs(30), Some(&mut daemon));
+    wait_event(&logs.join("g1.events"), "\"repaired\"", 1, Duration::from_secs(30), Some(&mut *daemon));
     kill(daemon.id(), libc::SIGTERM);
     assert!(wait_exit(&mut daemon, 90).success());
     wait_event(&logs.join("g1.events"), "\"detached\"", 1, Duration::from_secs(10), None);
