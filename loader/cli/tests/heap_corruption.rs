@@ -97,15 +97,6 @@ fn after_write_after_free_a_fault_in_the_allocator_is_declined_not_killed() {
     assert!(o.reason().contains(&func) || o.reason().contains("mm/slub.c"), "{}", o.reason());
 }
 
-/// The event lines of one kind, parsed.
-fn lines_of(events: &std::path::Path, what: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(events)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(what))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn with_checkpoints_the_heaps_victim_is_rolled_back_and_not_quarantined() {

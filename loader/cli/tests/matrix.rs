@@ -7,9 +7,8 @@ mod support;
 
 use harness::{Guest, GuestConfig, Kernel, Kit, Series};
 use loader::access::{GuestAccess, Gva, VcpuId};
-use std::process::Stdio;
 use std::time::Duration;
-use support::{start_watch, symbol, wait_armed, wait_event};
+use support::{start_watch, symbol, wait_event};
 
 
 /// The stock kernels have no LKDTM, so the BUG-style oops and the kernel
@@ -194,18 +193,7 @@ fn diagnosis_is_the_guests(series: Series) {
     let mut cfg = GuestConfig::new(kernel);
     cfg.boot_timeout = Duration::from_secs(300); // a loaded host
     let mut guest = Guest::boot(&cfg).unwrap_or_else(|e| panic!("{series}: {e}"));
-    let image = support::image_file(kernel, guest.dir());
-    let vmlinux = Kit::locate().unwrap().vmlinux(kernel).unwrap();
-    let mut diag = support::bin()
-        .args(["diagnose", "--json", "--wait-crash", "120", "--gdb", &guest.gdb_addr(), "--image"])
-        .arg(&image)
-        .arg("--vmlinux")
-        .arg(&vmlinux)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = wait_armed(&mut diag);
+    let (diag, stderr) = support::spawn_diagnose(&guest, kernel, 120);
     let crash = guest.crash("sysrq-c").unwrap();
     let out = diag.wait_with_output().unwrap();
     assert!(out.status.success(), "{series}: {}", stderr.join().unwrap());

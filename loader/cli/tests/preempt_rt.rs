@@ -9,9 +9,8 @@
 mod support;
 
 use harness::{Guest, GuestConfig, Kernel, Kit, Series};
-use std::process::Stdio;
 use std::time::Duration;
-use support::{start_watch, wait_armed, wait_event};
+use support::{start_watch, wait_event};
 
 const KERNEL: Kernel = Kernel::Matrix(Series::V6_12Rt);
 const LONG: Duration = Duration::from_secs(240);
@@ -59,18 +58,7 @@ fn a_sysrq_c_child_is_repaired_on_preempt_rt_and_the_reason_says_what_it_cannot_
 #[test]
 fn the_diagnosis_on_preempt_rt_is_the_guests_own_report() {
     let mut guest = boot(GuestConfig::new(KERNEL));
-    let image = support::image_file(KERNEL, guest.dir());
-    let vmlinux = Kit::locate().unwrap().vmlinux(KERNEL).unwrap();
-    let mut diag = support::bin()
-        .args(["diagnose", "--json", "--wait-crash", "240", "--gdb", &guest.gdb_addr(), "--image"])
-        .arg(&image)
-        .arg("--vmlinux")
-        .arg(&vmlinux)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = wait_armed(&mut diag);
+    let (diag, stderr) = support::spawn_diagnose(&guest, KERNEL, 240);
     let crash = guest.crash("sysrq-c").unwrap();
     let out = diag.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr.join().unwrap());

@@ -26,15 +26,6 @@ fn count(events: &std::path::Path, what: &str) -> usize {
     std::fs::read_to_string(events).unwrap_or_default().lines().filter(|l| l.contains(what)).count()
 }
 
-/// The event lines of one kind.
-fn lines_of(events: &std::path::Path, what: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(events)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(what))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Waits for `n` events containing `what`; on a timeout, fails with the
 /// events, the watcher's stderr and the guest's console tail.

@@ -131,3 +131,32 @@ pub fn symbol(kernel: Kernel, name: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{kernel:?}: System.map: {e}"))
         .unwrap_or_else(|| panic!("{name} is not in the System.map of {kernel:?}"))
 }
+
+/// The event lines of one kind, parsed.
+pub fn lines_of(events: &std::path::Path, what: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(events)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `diagnose --json --wait-crash SECS` on `guest` with the kit kernel's
+/// image and vmlinux, armed (its stderr's "trap armed" seen): the child and
+/// the handle of the rest of its stderr.
+pub fn spawn_diagnose(guest: &Guest, kernel: Kernel, wait_secs: u32) -> (Child, std::thread::JoinHandle<String>) {
+    let image = image_file(kernel, guest.dir());
+    let vmlinux = harness::Kit::locate().unwrap().vmlinux(kernel).unwrap();
+    let mut diag = bin()
+        .args(["diagnose", "--json", "--wait-crash", &wait_secs.to_string(), "--gdb", &guest.gdb_addr(), "--image"])
+        .arg(&image)
+        .arg("--vmlinux")
+        .arg(&vmlinux)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = wait_armed(&mut diag);
+    (diag, stderr)
+}
